@@ -1,0 +1,71 @@
+"""Which implementation runs the fused losses.
+
+CUDA tensors -> Triton kernels, CPU tensors -> the C++ ops of ``advent_fast._C``, anything else
+(or a CPU build without the extension) -> the naive reference, with a one-time warning.
+``ADVENT_FAST_BACKEND=triton|cpp|reference`` or :func:`set_backend` force one; forcing ``triton``
+on CPU tensors needs ``TRITON_INTERPRET=1`` (how CI runs the kernels).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+BACKENDS = ("triton", "cpp", "reference")
+ENV_VAR = "ADVENT_FAST_BACKEND"
+
+_forced: Optional[str] = None
+_warned: set = set()
+
+
+def _check_name(name: str, what: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force a backend for every later call (``None`` restores the automatic choice)."""
+    global _forced
+    _forced = None if name is None else _check_name(name, "backend")
+
+
+def cpp_available() -> bool:
+    try:
+        importlib.import_module("advent_fast._C")
+    except ImportError:
+        return False
+    return True
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def get_backend(device: torch.device) -> str:
+    """The backend that runs tensors on ``device`` now."""
+    forced = _forced or os.environ.get(ENV_VAR) or None
+    if forced is not None:
+        name = _check_name(forced, ENV_VAR if _forced is None else "backend")
+        if name == "cpp" and device.type != "cpu":
+            raise ValueError(f"the cpp backend runs CPU tensors only, got a tensor on {device}")
+        if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the triton backend runs CPU tensors only under TRITON_INTERPRET=1 "
+                             "(set it before triton is imported)")
+        return name
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu":
+        if cpp_available():
+            return "cpp"
+        _warn_once("cpp", "advent_fast._C is not built: CPU losses fall back to the naive reference "
+                          "(install with `pip install --no-build-isolation -e .`)")
+        return "reference"
+    _warn_once(device.type, f"no fused advent_fast kernels for {device.type} tensors: "
+                            "using the naive reference")
+    return "reference"

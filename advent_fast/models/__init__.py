@@ -1,0 +1,40 @@
+"""Segmentation networks, discriminator, and weight/checkpoint loading."""
+from .deeplabv2 import (
+    ARCHS,
+    GROUPINGS,
+    ASPPHead,
+    DeepLabV2ResNet101,
+    DeepLabV2Small,
+    DeepLabV2VGG16,
+    ReleaseSGD,
+    SegmentationModel,
+    build_model,
+)
+from .discriminator import FCDiscriminator
+from .weights import (
+    CHECKPOINT_FORMAT,
+    checkpoint_dict,
+    load_init_weights,
+    load_model_state,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+
+__all__ = [
+    "ARCHS",
+    "ASPPHead",
+    "CHECKPOINT_FORMAT",
+    "DeepLabV2ResNet101",
+    "DeepLabV2Small",
+    "DeepLabV2VGG16",
+    "FCDiscriminator",
+    "GROUPINGS",
+    "ReleaseSGD",
+    "SegmentationModel",
+    "build_model",
+    "checkpoint_dict",
+    "load_init_weights",
+    "load_model_state",
+    "model_from_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,374 @@
+"""DeepLab-V2 segmentation networks: the release ResNet-101, a VGG-16 and a small CPU variant.
+
+All three return ``(aux, main)`` logits at output stride 8 (``aux`` is None for single-level
+models) and share the release's BatchNorm semantics: affine parameters frozen, layers in train
+mode (batch statistics every forward, running statistics updated). ``freeze_bn=True`` is a
+named deviation that keeps BatchNorm in eval mode even under ``model.train()``.
+Also here: ``build_model`` (by arch name) and ``ReleaseSGD``, the optimiser update that the
+release's repeated-tensor parameter group implies.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+ASPP_DILATIONS = (6, 12, 18, 24)
+GROUPINGS = ("release", "clean")
+
+
+class ASPPHead(nn.Module):
+    """ASPP-L classifier: parallel 3x3 convs (dilation = padding), outputs summed.
+
+    ADVENT sums all four branches (AdaptSegNet's head returned after the second one).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, dilations: Sequence[int] = ASPP_DILATIONS):
+        super().__init__()
+        self.conv2d_list = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, kernel_size=3, padding=d, dilation=d, bias=True)
+            for d in dilations
+        )
+        for conv in self.conv2d_list:
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2d_list[0](x)
+        for conv in self.conv2d_list[1:]:
+            out = out + conv(x)
+        return out
+
+
+def frozen_batchnorm(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm whose affine parameters never train (release: requires_grad False)."""
+    bn = nn.BatchNorm2d(channels)
+    for p in bn.parameters():
+        p.requires_grad = False
+    return bn
+
+
+class SegmentationModel(nn.Module):
+    """Common behaviour: BN mode handling, model meta data and optimiser parameter groups.
+
+    Subclasses set ``arch`` and implement ``backbone_roots`` and ``heads``.
+    """
+
+    arch: str
+
+    def __init__(self, num_classes: int, multi_level: bool, freeze_bn: bool):
+        super().__init__()
+        self.num_classes = num_classes
+        self.multi_level = multi_level
+        self.freeze_bn = freeze_bn
+
+    def meta(self) -> dict:
+        """What a checkpoint needs to rebuild this model."""
+        return {"arch": self.arch, "num_classes": self.num_classes, "multi_level": self.multi_level}
+
+    def train(self, mode: bool = True) -> "SegmentationModel":
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def backbone_roots(self) -> list[nn.Module]:
+        """Top-level backbone modules, trained at the base lr."""
+        raise NotImplementedError
+
+    def heads(self) -> list[nn.Module]:
+        """Classifier heads (aux first when present), trained at 10x the base lr."""
+        raise NotImplementedError
+
+    def release_backbone_entries(self) -> Iterator[nn.Parameter]:
+        """The release's 1x group, repeats included; only the ResNet-101 has one."""
+        raise ValueError(
+            f"grouping='release' reproduces a quirk of the ResNet-101 release code; "
+            f"{self.arch} has no release counterpart, use grouping='clean'"
+        )
+
+    def optim_parameters(self, lr: float, grouping: str = "release") -> list[dict]:
+        """SGD parameter groups: ``[backbone at lr, heads at 10 * lr]``.
+
+        ``grouping="clean"`` lists each trainable backbone tensor once.
+        ``grouping="release"`` lists the release's 1x group verbatim, duplicates included
+        (ResNet-101: 314 entries for 104 tensors). torch 2.13's SGD accepts duplicates within a
+        group only with a UserWarning, announces an error for later versions, and does not
+        update them the way torch 0.4.1 did (the single-tensor and foreach paths even disagree);
+        use :class:`ReleaseSGD` for the release's update.
+        """
+        if grouping == "release":
+            backbone = list(self.release_backbone_entries())
+        elif grouping == "clean":
+            backbone = [p for root in self.backbone_roots() for p in root.parameters() if p.requires_grad]
+        else:
+            raise ValueError(f"unknown grouping {grouping!r}; expected one of {GROUPINGS}")
+        head_params = [p for head in self.heads() for p in head.parameters()]
+        return [{"params": backbone, "lr": lr}, {"params": head_params, "lr": 10 * lr}]
+
+
+def _init_release_style(model: nn.Module) -> None:
+    """Release init: every conv weight N(0, 0.01), BN weight 1 and bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Bottleneck(nn.Module):
+    """Caffe-style ResNet bottleneck: stride on the first 1x1 conv, 3x3 padding = dilation."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, dilation: int = 1,
+                 downsample: Optional[nn.Module] = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, planes, kernel_size=1, stride=stride, bias=False)
+        self.bn1 = frozen_batchnorm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = frozen_batchnorm(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = frozen_batchnorm(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + residual)
+
+
+def _resnet_layer(in_channels: int, planes: int, blocks: int, stride: int, dilation: int) -> nn.Sequential:
+    # The release gives every layer a projection shortcut (layer1 changes width, layer2 strides,
+    # layer3/4 are dilated), so all four carry `downsample` weights.
+    out_channels = planes * Bottleneck.expansion
+    downsample = nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+        frozen_batchnorm(out_channels),
+    )
+    layers = [Bottleneck(in_channels, planes, stride, dilation, downsample)]
+    layers += [Bottleneck(out_channels, planes, dilation=dilation) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
+class DeepLabV2ResNet101(SegmentationModel):
+    """The release ``ResNetMulti``: dilated ResNet-101, ASPP heads on layer3 (aux) and layer4 (main).
+
+    State-dict names and shapes match released checkpoints (44,601,560 parameters for 19 classes).
+    """
+
+    arch = "deeplabv2_r101"
+
+    def __init__(self, num_classes: int, multi_level: bool = True, freeze_bn: bool = False):
+        super().__init__(num_classes, multi_level, freeze_bn)
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = frozen_batchnorm(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+        self.layer1 = _resnet_layer(64, 64, 3, stride=1, dilation=1)
+        self.layer2 = _resnet_layer(256, 128, 4, stride=2, dilation=1)
+        self.layer3 = _resnet_layer(512, 256, 23, stride=1, dilation=2)
+        self.layer4 = _resnet_layer(1024, 512, 3, stride=1, dilation=4)
+        if multi_level:
+            self.layer5 = ASPPHead(1024, num_classes)
+        self.layer6 = ASPPHead(2048, num_classes)
+        _init_release_style(self)
+        self.train()
+
+    def forward(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        aux = self.layer5(x) if self.multi_level else None
+        return aux, self.layer6(self.layer4(x))
+
+    def backbone_roots(self) -> list[nn.Module]:
+        return [self.conv1, self.bn1, self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def heads(self) -> list[nn.Module]:
+        return [self.layer5, self.layer6] if self.multi_level else [self.layer6]
+
+    def release_backbone_entries(self) -> Iterator[nn.Parameter]:
+        """The release's ``get_1x_lr_params_no_scale``: for each root, every sub-module's
+        ``parameters()``, so a tensor is yielded once per enclosing module (conv1 once, block
+        convs 3 times, shortcut convs 4 times: 314 entries for 104 tensors)."""
+        for root in self.backbone_roots():
+            for module in root.modules():
+                for p in module.parameters():
+                    if p.requires_grad:
+                        yield p
+
+
+# VGG-16 conv widths up to conv4_3, "M" = 2x2 max-pool (pool4 removed); conv5 follows with
+# dilation 2 (pool5 removed), so the output stride stays 8.
+_VGG16_CONVS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512)
+_VGG16_DILATED_CONVS = (512, 512, 512)
+
+
+class DeepLabV2VGG16(SegmentationModel):
+    """DeepLab-V2 VGG-16 (AdaptSegNet layout): conv1-conv4 + dilated conv5, fc6/fc7 as dilated
+    3x3 convs, one ASPP head. Names follow AdaptSegNet: ``features.N``, ``classifier``."""
+
+    arch = "deeplabv2_vgg16"
+
+    def __init__(self, num_classes: int, multi_level: bool = False, freeze_bn: bool = False):
+        if multi_level:
+            raise ValueError("deeplabv2_vgg16 is single-level; use multi_level=False")
+        super().__init__(num_classes, multi_level=False, freeze_bn=freeze_bn)
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for item in _VGG16_CONVS:
+            if item == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(in_channels, item, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+                in_channels = item
+        for width in _VGG16_DILATED_CONVS:
+            layers += [nn.Conv2d(in_channels, width, kernel_size=3, padding=2, dilation=2), nn.ReLU(inplace=True)]
+            in_channels = width
+        layers += [
+            nn.Conv2d(512, 1024, kernel_size=3, padding=4, dilation=4), nn.ReLU(inplace=True),  # fc6
+            nn.Conv2d(1024, 1024, kernel_size=3, padding=4, dilation=4), nn.ReLU(inplace=True),  # fc7
+        ]
+        self.features = nn.Sequential(*layers)
+        self.classifier = ASPPHead(1024, num_classes)
+        self.train()
+
+    def forward(self, x: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, self.classifier(self.features(x))
+
+    def backbone_roots(self) -> list[nn.Module]:
+        return [self.features]
+
+    def heads(self) -> list[nn.Module]:
+        return [self.classifier]
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=dilation,
+                  dilation=dilation, bias=False),
+        frozen_batchnorm(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DeepLabV2Small(SegmentationModel):
+    """A small stand-in for quick CPU runs: three stride-2 stages and a dilated stage (output
+    stride 8), with the ResNet-101 model's head layout (``layer5`` aux on the third stage,
+    ``layer6`` main on the last) and the same BatchNorm semantics."""
+
+    arch = "deeplabv2_small"
+
+    def __init__(self, num_classes: int, multi_level: bool = True, freeze_bn: bool = False, width: int = 16):
+        super().__init__(num_classes, multi_level, freeze_bn)
+        self.width = width
+        self.stage1 = _conv_bn_relu(3, width, stride=2)
+        self.stage2 = nn.Sequential(_conv_bn_relu(width, 2 * width, stride=2),
+                                    _conv_bn_relu(2 * width, 2 * width))
+        self.stage3 = nn.Sequential(_conv_bn_relu(2 * width, 4 * width, stride=2),
+                                    _conv_bn_relu(4 * width, 4 * width))
+        self.stage4 = nn.Sequential(_conv_bn_relu(4 * width, 8 * width, dilation=2),
+                                    _conv_bn_relu(8 * width, 8 * width, dilation=2))
+        if multi_level:
+            self.layer5 = ASPPHead(4 * width, num_classes)
+        self.layer6 = ASPPHead(8 * width, num_classes)
+        _init_release_style(self)
+        self.train()
+
+    def meta(self) -> dict:
+        return {**super().meta(), "width": self.width}
+
+    def forward(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        x = self.stage3(self.stage2(self.stage1(x)))
+        aux = self.layer5(x) if self.multi_level else None
+        return aux, self.layer6(self.stage4(x))
+
+    def backbone_roots(self) -> list[nn.Module]:
+        return [self.stage1, self.stage2, self.stage3, self.stage4]
+
+    def heads(self) -> list[nn.Module]:
+        return [self.layer5, self.layer6] if self.multi_level else [self.layer6]
+
+
+_MODELS = {m.arch: m for m in (DeepLabV2ResNet101, DeepLabV2VGG16, DeepLabV2Small)}
+ARCHS = tuple(_MODELS)
+
+
+def build_model(arch: str, num_classes: int, multi_level: bool = True, freeze_bn: bool = False,
+                **options) -> SegmentationModel:
+    """A freshly initialised model; ``options`` go to the constructor (``width`` for the small one).
+
+    deeplabv2_vgg16 is single-level: it needs ``multi_level=False``.
+    """
+    if arch not in _MODELS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    return _MODELS[arch](num_classes, multi_level=multi_level, freeze_bn=freeze_bn, **options)
+
+
+class ReleaseSGD(torch.optim.Optimizer):
+    """SGD with momentum and weight decay as torch 0.4.1 applied it to the release's groups.
+
+    A tensor listed k times in a group was updated k times per step, in sequence, and 0.4.1
+    added the weight decay IN PLACE to the gradient each time, so with g = grad, buf = momentum
+    buffer (zero at start), each of the k passes does::
+
+        g = g + weight_decay * p;  buf = momentum * buf + g;  p = p - lr * buf
+
+    Updates of different tensors do not interact, so this equals the release's pass over its
+    314-entry list. Duplicates are counted at construction (the group keeps each tensor once and
+    a ``multiplicity`` list beside ``params``); with multiplicity 1 everywhere this is exactly
+    ``torch.optim.SGD(momentum=m, weight_decay=wd)``. Unlike 0.4.1, ``p.grad`` is left untouched.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(_count_duplicates(param_group))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            entries = [(p, k) for p, k in zip(group["params"], group["multiplicity"]) if p.grad is not None]
+            if entries:
+                self._update(entries, group["lr"], group["momentum"], group["weight_decay"])
+        return loss
+
+    def _update(self, entries, lr: float, momentum: float, weight_decay: float) -> None:
+        params = [p for p, _ in entries]
+        grads = [p.grad.clone() for p in params]
+        if momentum != 0:
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        # Pass r updates the tensors listed more than r times; foreach keeps it a few launches.
+        for r in range(max(k for _, k in entries)):
+            live = [i for i, (_, k) in enumerate(entries) if k > r]
+            p_live, g_live = [params[i] for i in live], [grads[i] for i in live]
+            if weight_decay != 0:
+                torch._foreach_add_(g_live, p_live, alpha=weight_decay)
+            direction = g_live
+            if momentum != 0:
+                direction = [self.state[p]["momentum_buffer"] for p in p_live]
+                torch._foreach_mul_(direction, momentum)
+                torch._foreach_add_(direction, g_live)
+            torch._foreach_add_(p_live, direction, alpha=-lr)
+
+
+def _count_duplicates(group: dict) -> dict:
+    params = group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    counts = Counter(id(p) for p in params)
+    unique = list({id(p): p for p in params}.values())
+    return {**group, "params": unique, "multiplicity": [counts[id(p)] for p in unique]}

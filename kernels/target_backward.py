@@ -1,0 +1,143 @@
+"""Fused target backward: one kernel, reads the logits (+ grad_info, + the saved entropy map when
+ranking) once and writes grad_x once. Upstream scalar gradients, thresholds, counts and class means are
+device tensors read inside the kernel: no host synchronisation.
+
+Per pixel, with p, plogp recomputed from the logits (softmax_entropy.py):
+  w    = grad_emap[n, s] + grad_ent / (N S)                      (MinEnt)
+                         + grad_ent / (N K_n) * keep_ns          (ranked; keep from the saved E and t)
+  h_c  = grad_cp / (N S) * [mu prior_c - m_nc > 0]               (class prior hinge)
+  q_c  = p_c dL/dp_c = -(grad_info_c + w) (plogp_c + p_c) / log C - p_c h_c
+  grad_x_c = q_c - p_c sum_j q_j                                 (softmax backward)
+q goes through the guarded plogp, never p * log p, so a -inf logit (p = 0) gets an exact 0 gradient.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .entropy_ranking import rank_key
+from .softmax_entropy import NUM_WARPS, block_sizes, softmax_entropy
+
+
+@triton.jit
+def _target_bwd_kernel(
+    x_ptr,  # (N, C, S) logits, any strides
+    grad_x_ptr,  # (N, C, S) out, x.dtype
+    grad_info_ptr,  # (N, C, S) any strides and float dtype
+    grad_emap_ptr,  # (N, S) float32 contiguous
+    grad_ent_ptr,  # () float32
+    grad_cp_ptr,  # () float32
+    emap_ptr,  # (N, S) float32 saved entropy map (ranked)
+    thresh_ptr,  # (N,) float32 saved thresholds t_n (ranked)
+    kept_ptr,  # (N,) float32 saved kept counts K_n (ranked)
+    cmean_ptr,  # (N, C) float32 saved class means m_nc
+    prior_ptr,  # (C,) float32
+    S,
+    C,
+    inv_log_c,
+    inv_num_pixels,  # 1 / (N S)
+    inv_num_images,  # 1 / N
+    mu,
+    stride_xn,
+    stride_xc,
+    stride_xs,
+    stride_gxn,
+    stride_gxc,
+    stride_gxs,
+    stride_gin,
+    stride_gic,
+    stride_gis,
+    HAS_GRAD_INFO: tl.constexpr,
+    HAS_GRAD_EMAP: tl.constexpr,
+    ENT_MODE: tl.constexpr,  # 0: no grad_ent, 1: MinEnt mean, 2: ranked
+    HAS_GRAD_CP: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    block = tl.program_id(0)
+    n = tl.program_id(1)
+    offs_s = block * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, BLOCK_C)
+    s_valid = offs_s < S
+    c_valid = offs_c < C
+    mask = s_valid[:, None] & c_valid[None, :]
+    n64 = n.to(tl.int64)
+    x = tl.load(
+        x_ptr + n64 * stride_xn + offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    x = tl.where(c_valid[None, :], x, float("-inf"))
+    p, plogp, _ = softmax_entropy(x, inv_log_c)
+
+    # w: the gradient reaching E of each pixel
+    w = tl.zeros([BLOCK_S], dtype=tl.float32)
+    if HAS_GRAD_EMAP:
+        w += tl.load(grad_emap_ptr + n64 * S + offs_s, mask=s_valid, other=0.0)
+    if ENT_MODE == 1:
+        w += tl.load(grad_ent_ptr) * inv_num_pixels
+    if ENT_MODE == 2:
+        # the same selection as the forward: key(E) >= key(t) <=> E >= t or isnan(E)
+        ent = tl.load(emap_ptr + n64 * S + offs_s, mask=s_valid, other=0.0)
+        keep = rank_key(ent) >= rank_key(tl.load(thresh_ptr + n))
+        w += tl.where(keep, tl.load(grad_ent_ptr) * inv_num_images / tl.load(kept_ptr + n), 0.0)
+    g = w[:, None]
+    if HAS_GRAD_INFO:
+        grad_info = tl.load(
+            grad_info_ptr + n64 * stride_gin + offs_s[:, None] * stride_gis + offs_c[None, :] * stride_gic,
+            mask=mask,
+            other=0.0,
+        ).to(tl.float32)
+        g = g + grad_info
+    q = -g * (plogp + p) * inv_log_c
+    if HAS_GRAD_CP:
+        target = mu * tl.load(prior_ptr + offs_c, mask=c_valid, other=0.0)
+        class_mean = tl.load(cmean_ptr + n * C + offs_c, mask=c_valid, other=0.0)
+        h = tl.where(target - class_mean > 0.0, tl.load(grad_cp_ptr) * inv_num_pixels, 0.0)
+        q -= p * h[None, :]
+    grad_x = q - p * tl.sum(q, axis=1)[:, None]
+    tl.store(
+        grad_x_ptr + n64 * stride_gxn + offs_s[:, None] * stride_gxs + offs_c[None, :] * stride_gxc,
+        grad_x.to(grad_x_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+def target_backward(x, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean, prior, mu):
+    """Contract backward (docs/backend_contract.md) -> grad_x, with x's dtype and (when dense) layout."""
+    N, C, S = x.shape
+    block_s, block_c = block_sizes(C)
+    grad_x = torch.empty_like(x)
+    has_grad_info = grad_info is not None
+    ent_mode = 0 if grad_ent is None else (1 if thresh is None else 2)
+    _target_bwd_kernel[(triton.cdiv(S, block_s), N)](
+        x,
+        grad_x,
+        grad_info,
+        grad_emap,
+        grad_ent,
+        grad_cp,
+        emap if ent_mode == 2 else None,
+        thresh if ent_mode == 2 else None,
+        kept if ent_mode == 2 else None,
+        cmean if grad_cp is not None else None,
+        prior if grad_cp is not None else None,
+        S,
+        C,
+        1.0 / math.log(C),
+        1.0 / (N * S),
+        1.0 / N,
+        mu,
+        *x.stride(),
+        *grad_x.stride(),
+        *(grad_info.stride() if has_grad_info else (0, 0, 0)),
+        HAS_GRAD_INFO=has_grad_info,
+        HAS_GRAD_EMAP=grad_emap is not None,
+        ENT_MODE=ent_mode,
+        HAS_GRAD_CP=grad_cp is not None,
+        BLOCK_S=block_s,
+        BLOCK_C=block_c,
+        num_warps=NUM_WARPS,
+    )
+    return grad_x

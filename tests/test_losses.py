@@ -1,0 +1,312 @@
+"""Public fused losses against the naive reference, per backend (C++ and Triton interpreter).
+
+The reference is ``advent_fast.reference`` evaluated in float64 on the same (dtype-rounded)
+logits; values and gradients (random upstream gradients) must agree within per-dtype tolerances.
+"""
+import math
+
+import pytest
+import torch
+
+import advent_fast as af
+from advent_fast import reference as ref
+from advent_fast.backend import cpp_available
+
+BACKENDS = [
+    pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="advent_fast._C not built")),
+    "triton",
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (value tolerance of outputs stored in the dtype, relative gradient tolerance)
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3e-2)}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    af.set_backend(request.param)
+    yield request.param
+    af.set_backend(None)
+
+
+def make_logits(shape, dtype=torch.float32, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+
+def make_prior(c, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(c, generator=g) ** 3
+    return p / p.sum()
+
+
+def run_both(fn_fused, fn_ref, logits, upstream_seed=3):
+    """Values and logits-gradients of a fused op and its float64 reference."""
+    x = logits.detach().clone().requires_grad_(True)
+    x64 = logits.detach().double().requires_grad_(True)
+    out, out64 = fn_fused(x), fn_ref(x64)
+    g = torch.Generator().manual_seed(upstream_seed)
+    up = torch.randn(out64.shape, generator=g, dtype=torch.float64)
+    (out.double() * up).sum().backward()
+    (out64 * up).sum().backward()
+    return out, out64, x.grad, x64.grad
+
+
+def assert_close_rel(actual, expected, rtol, name):
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = (actual.double() - expected).abs().max()
+    assert err <= rtol * scale, f"{name}: max error {err:.3g} > {rtol} x {scale:.3g}"
+
+
+CASES = {
+    "entropy_loss": (af.entropy_loss, ref.entropy_loss),
+    "entropy_loss_er": (lambda x: af.entropy_loss(x, top_k=0.3), lambda x: ref.entropy_loss(x, top_k=0.3)),
+    "entropy_map": (af.entropy_map, ref.entropy_map),
+    "self_information": (af.self_information, ref.self_information),
+    "class_prior": (lambda x: af.class_prior_loss(x, make_prior(x.shape[1]).to(x.device)),
+                    lambda x: ref.class_prior_loss(x, make_prior(x.shape[1]).double())),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_values_and_gradients(backend, case, dtype):
+    fused, naive = CASES[case]
+    logits = make_logits((2, 19, 7, 9), dtype)
+    out, out64, grad, grad64 = run_both(fused, naive, logits)
+    vtol, gtol = TOL[dtype]
+    expected_dtype = dtype if case == "self_information" else torch.float32
+    assert out.dtype == expected_dtype
+    assert out.shape == out64.shape
+    # Outputs stored in fp32 (losses, entropy map) are exact to fp32 whatever the logits' dtype.
+    assert_close_rel(out, out64, 1e-5 if out.dtype == torch.float32 else vtol, case)
+    assert grad.dtype == dtype
+    assert_close_rel(grad, grad64, gtol, case + " grad")
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 5, 3), (2, 16, 33, 1), (1, 21, 3, 37), (2, 19, 11), (1, 19, 2, 3, 5)],
+                         ids=str)
+def test_shapes_and_class_counts(backend, shape):
+    logits = make_logits(shape)
+    prior = make_prior(shape[1])
+    for fused, naive in [(lambda x: af.entropy_loss(x, 0.5), lambda x: ref.entropy_loss(x, 0.5)),
+                         (af.self_information, ref.self_information),
+                         (lambda x: af.class_prior_loss(x, prior, 0.9),
+                          lambda x: ref.class_prior_loss(x, prior.double(), 0.9))]:
+        out, out64, grad, grad64 = run_both(fused, naive, logits)
+        assert_close_rel(out, out64, 1e-5, str(shape))
+        assert_close_rel(grad, grad64, 1e-4, f"{shape} grad")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
+def test_memory_layouts(backend, layout):
+    base = make_logits((2, 19, 12, 10))
+    if layout == "channels_last":
+        logits = base.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        logits = make_logits((3, 23, 14, 12))[::2, 2:21, 1:13:1, ::1]  # strided batch and classes
+    else:
+        logits = base.transpose(2, 3)  # spatial dims that cannot flatten into one stride
+    assert not logits.is_contiguous()
+    for case in ("entropy_loss_er", "self_information", "class_prior"):
+        fused, naive = CASES[case]
+        out, out64, grad, grad64 = run_both(fused, naive, logits)
+        assert_close_rel(out, out64, 1e-5, f"{layout} {case}")
+        assert_close_rel(grad, grad64, 1e-4, f"{layout} {case} grad")
+    if layout == "channels_last":
+        x = logits.detach().requires_grad_(True)
+        info = af.self_information(x)
+        info.sum().backward()
+        assert info.is_contiguous(memory_format=torch.channels_last)
+        assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_masked_classes_give_finite_results_and_zero_gradient(backend):
+    logits = make_logits((2, 19, 5, 7))
+    logits[:, 3] = -math.inf
+    logits[0, 7, 2] = -math.inf
+    x = logits.clone().requires_grad_(True)
+    res = af.target_losses(x, self_information=True, entropy=True, top_k=0.4, prior=make_prior(19))
+    (res.self_information.sum() + res.entropy_loss + res.class_prior_loss).backward()
+    assert torch.isfinite(res.self_information).all()
+    assert res.self_information[:, 3].eq(0).all()
+    assert torch.isfinite(res.entropy_loss) and torch.isfinite(res.class_prior_loss)
+    assert torch.isfinite(x.grad).all()
+    assert x.grad[:, 3].eq(0).all() and x.grad[0, 7, 2].eq(0).all()
+    expected = ref.entropy_loss(logits.double(), top_k=0.4)
+    assert abs(res.entropy_loss.item() - expected.item()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_large_logits_are_stable(backend, dtype):
+    logits = (make_logits((1, 19, 6, 6), scale=1.0).sign() * 1e4).to(dtype)
+    logits += make_logits((1, 19, 6, 6), scale=1.0).to(dtype)  # break exact ties
+    out, out64, grad, grad64 = run_both(af.entropy_loss, ref.entropy_loss, logits)
+    assert torch.isfinite(out) and torch.isfinite(grad).all()
+    assert_close_rel(out, out64, 1e-5, "large logits")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_logits_propagate(backend, bad):
+    logits = make_logits((2, 19, 4, 5))
+    logits[1, 4, 2, 3] = bad
+    prior = make_prior(19)
+    res = af.target_losses(logits, self_information=True, entropy=True, prior=prior, entropy_map=True)
+    assert not torch.isfinite(res.entropy_loss)
+    assert not torch.isfinite(res.class_prior_loss)
+    assert not torch.isfinite(res.entropy_map[1, 2, 3])
+    assert torch.isfinite(res.entropy_map[0]).all()  # other images untouched
+    assert not torch.isfinite(af.entropy_loss(logits, top_k=0.1))
+    assert not torch.isfinite(af.entropy_loss(logits, top_k=1.0))
+
+
+def test_empty_inputs_return_documented_results(backend):
+    for shape in [(0, 19, 4, 4), (2, 19, 0, 4)]:
+        x = torch.zeros(shape, requires_grad=True)
+        res = af.target_losses(x, self_information=True, entropy=True, prior=make_prior(19), entropy_map=True)
+        assert res.self_information.shape == shape
+        assert res.entropy_map.shape == (shape[0],) + shape[2:]
+        assert torch.isnan(res.entropy_loss) and torch.isnan(res.class_prior_loss)
+        res.entropy_loss.backward()
+        assert x.grad.shape == shape
+
+
+def test_ranking_edge_cases(backend):
+    logits = make_logits((2, 19, 6, 7))
+    plain = af.entropy_loss(logits)
+    assert torch.allclose(af.entropy_loss(logits, top_k=1.0), plain, rtol=1e-6, atol=0)
+    # k = 1: the largest entropy of each image.
+    emap = ref.entropy_map(logits.double()).flatten(1)
+    smallest_ratio = 1.0 / emap.shape[1]
+    expected = emap.max(dim=1).values.mean()
+    assert abs(af.entropy_loss(logits, top_k=smallest_ratio).item() - expected.item()) < 1e-5
+    # Ties at the threshold are all kept: image of 42 pixels, two entropy levels.
+    tied = torch.zeros(1, 19, 6, 7)
+    tied[:, 0, :3] = 5.0  # 21 confident pixels (low entropy), 21 uniform pixels (max entropy)
+    for ratio, expected_loss in [(0.1, 1.0), (0.5, 1.0)]:
+        assert abs(af.entropy_loss(tied, top_k=ratio).item() - expected_loss) < 1e-6
+    low = ref.entropy_map(tied.double())[0, 0, 0].item()
+    assert abs(af.entropy_loss(tied, top_k=0.51).item() - (21 + 21 * low) / 42) < 1e-6
+
+
+def test_class_prior_hinges(backend):
+    logits = make_logits((2, 5, 4, 4))
+    mean_p = torch.softmax(logits.double(), 1).flatten(2).mean(2)
+    inactive = torch.zeros(5)  # mu * prior = 0 below every class mean: loss 0, gradient 0
+    x = logits.clone().requires_grad_(True)
+    loss = af.class_prior_loss(x, inactive)
+    loss.backward()
+    assert loss.item() == 0 and x.grad.abs().max() == 0
+    # Hinges of classes 0 and 2 active in every image, the others never. (With every hinge active
+    # the gradient would vanish: the class means always sum to 1.)
+    partly = torch.zeros(5)
+    partly[[0, 2]] = (mean_p.max(0).values[[0, 2]] * 1.5 / 0.5).float()
+    out, out64, grad, grad64 = run_both(lambda x: af.class_prior_loss(x, partly),
+                                        lambda x: ref.class_prior_loss(x, partly.double()), logits)
+    assert out.item() > 0 and grad.abs().max() > 0
+    assert_close_rel(out, out64, 1e-5, "active")
+    assert_close_rel(grad, grad64, 1e-4, "active grad")
+
+
+def test_fused_call_equals_separate_ops(backend):
+    logits = make_logits((2, 19, 5, 6))
+    prior = make_prior(19)
+    res = af.target_losses(logits, self_information=True, entropy=True, top_k=0.3, prior=prior,
+                           entropy_map=True)
+    torch.testing.assert_close(res.self_information, af.self_information(logits), rtol=0, atol=0)
+    torch.testing.assert_close(res.entropy_loss, af.entropy_loss(logits, top_k=0.3), rtol=0, atol=0)
+    torch.testing.assert_close(res.class_prior_loss, af.class_prior_loss(logits, prior), rtol=0, atol=0)
+    torch.testing.assert_close(res.entropy_map, af.entropy_map(logits), rtol=0, atol=0)
+    torch.testing.assert_close(res.entropy_map, res.self_information.float().sum(1), rtol=1e-6, atol=1e-6)
+    assert af.target_losses(logits, self_information=False) == (None, None, None, None)
+
+
+def test_opcheck(backend):
+    x = make_logits((2, 19, 4, 5)).reshape(2, 19, 20).requires_grad_(True)
+    prior = make_prior(19)
+    torch.library.opcheck(torch.ops.advent_fast.target_forward.default,
+                          (x, prior, 6, 0.5, True, True, True, True))
+    torch.library.opcheck(torch.ops.advent_fast.target_forward.default,
+                          (x, None, 0, 0.5, False, False, True, False))
+    info, emap, ent, cp, thresh, kept, cmean = torch.ops.advent_fast.target_forward(
+        x.detach(), prior, 6, 0.5, True, True, True, True)
+    torch.library.opcheck(torch.ops.advent_fast.target_backward.default,
+                          (x.detach(), torch.randn_like(info), torch.randn_like(emap), torch.tensor(1.0),
+                           torch.tensor(2.0), emap, thresh, kept, cmean, prior, 0.5))
+
+
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    prior = make_prior(19)
+
+    def step(x):
+        res = af.target_losses(x, self_information=True, entropy=True, top_k=0.3, prior=prior)
+        return res.self_information.float().mean() + res.entropy_loss + res.class_prior_loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    logits = make_logits((1, 19, 4, 6))
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    compiled(x1).backward()
+    step(x2).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: af.entropy_loss(torch.randn(19, 8)), ValueError, "logits must have shape"),
+    (lambda: af.entropy_loss(torch.zeros(1, 19, 4, 4, dtype=torch.int64)), TypeError, "logits must be float"),
+    (lambda: af.entropy_loss(torch.randn(1, 19, 4, 4).double()), TypeError, "logits must be float"),
+    (lambda: af.entropy_loss(torch.randn(1, 1, 4, 4)), ValueError, "C >= 2"),
+    (lambda: af.entropy_loss([1.0, 2.0]), TypeError, "logits must be a torch.Tensor"),
+    (lambda: af.entropy_loss(torch.randn(1, 19, 4, 4), top_k=0.0), ValueError, "top_k"),
+    (lambda: af.entropy_loss(torch.randn(1, 19, 4, 4), top_k=1.5), ValueError, "top_k"),
+    (lambda: af.entropy_loss(torch.randn(1, 19, 4, 4), top_k=math.nan), ValueError, "top_k"),
+    (lambda: af.entropy_loss(torch.randn(1, 19, 4, 4), top_k="0.3"), TypeError, "top_k"),
+    (lambda: af.class_prior_loss(torch.randn(1, 19, 4, 4), torch.ones(16) / 16), ValueError, "prior must have shape"),
+    (lambda: af.class_prior_loss(torch.randn(1, 3, 4, 4), [0.5, -0.1, 0.6]), ValueError, "non-negative"),
+    (lambda: af.class_prior_loss(torch.randn(1, 3, 4, 4), [0.5, math.nan, 0.5]), ValueError, "finite"),
+    (lambda: af.class_prior_loss(torch.randn(1, 3, 4, 4), None), ValueError, "prior"),
+    (lambda: af.class_prior_loss(torch.randn(1, 3, 4, 4), [0.2, 0.3, 0.5], mu=math.inf), ValueError, "mu"),
+    (lambda: af.class_prior_loss(torch.randn(1, 3, 4, 4), torch.ones(3, device="meta")), ValueError, "prior is on"),
+])
+def test_bad_input_raises(backend, call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_backend_selection(monkeypatch):
+    af.set_backend(None)
+    monkeypatch.delenv("ADVENT_FAST_BACKEND", raising=False)
+    assert af.get_backend(torch.device("cpu")) == ("cpp" if cpp_available() else "reference")
+    assert af.get_backend(torch.device("cuda")) == "triton"
+    monkeypatch.setenv("ADVENT_FAST_BACKEND", "reference")
+    assert af.get_backend(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("ADVENT_FAST_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="ADVENT_FAST_BACKEND"):
+        af.get_backend(torch.device("cpu"))
+    af.set_backend("triton")  # the setter wins over the environment
+    try:
+        assert af.get_backend(torch.device("cpu")) == "triton"
+        with pytest.raises(ValueError, match="backend"):
+            af.set_backend("cuda")
+    finally:
+        af.set_backend(None)
+    monkeypatch.setenv("ADVENT_FAST_BACKEND", "cpp")
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        af.get_backend(torch.device("cuda"))
+
+
+def test_reference_backend_is_the_naive_code():
+    af.set_backend("reference")
+    try:
+        logits = make_logits((1, 19, 4, 4))
+        assert torch.equal(af.entropy_loss(logits), ref.entropy_loss(logits))
+        assert torch.equal(af.self_information(logits), ref.self_information(logits))
+    finally:
+        af.set_backend(None)
+
+
+def test_ranked_pixel_count_is_exact():
+    assert ref.ranked_pixel_count(0.3, 10) == 3  # 0.3 * 10 == 3.0000000000000004 in floats
+    assert ref.ranked_pixel_count(1.0, 7) == 7
+    assert ref.ranked_pixel_count(1e-9, 7) == 1
+    assert ref.ranked_pixel_count(0.5, 7) == 4

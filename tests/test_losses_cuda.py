@@ -1,0 +1,93 @@
+"""The Triton kernels on a real GPU: values, gradients, no host sync, CUDA-graph capture.
+
+Skipped without CUDA. Run with ``TRITON_INTERPRET=0`` (conftest.py defaults it to 1), e.g. by
+``benchmarks/run_gpu.sh``.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+import advent_fast as af
+from advent_fast import reference as ref
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs a CUDA GPU and TRITON_INTERPRET=0",
+)
+DTYPES = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3e-2)}
+
+
+def prior_for(c, device="cuda"):
+    p = torch.linspace(1, 3, c, device=device) ** 3
+    return p / p.sum()
+
+
+def losses(mod, x, prior):
+    """All outputs of one module (fused or reference) as a flat list."""
+    return [mod.entropy_loss(x), mod.entropy_loss(x, 0.3), mod.entropy_map(x).float(),
+            mod.self_information(x), mod.class_prior_loss(x, prior, 0.8)]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("shape", [(2, 19, 65, 129), (1, 16, 91, 161), (3, 2, 17, 300)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_against_reference(dtype, shape, layout):
+    torch.manual_seed(0)
+    logits = (torch.randn(shape, device="cuda") * 4).to(dtype)
+    logits[:, 1, :3] = -math.inf
+    if layout == "channels_last":
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    prior = prior_for(shape[1])
+    x = logits.detach().requires_grad_(True)
+    x64 = logits.detach().double().requires_grad_(True)
+    outs, outs64 = losses(af, x, prior), losses(ref, x64, prior.double())
+    ups = [torch.randn(o.shape, device="cuda", dtype=torch.float64) for o in outs64]
+    sum((o.double() * u).sum() for o, u in zip(outs, ups)).backward()
+    sum((o * u).sum() for o, u in zip(outs64, ups)).backward()
+    vtol, gtol = DTYPES[dtype]
+    for i, (o, o64) in enumerate(zip(outs, outs64)):
+        tol = vtol if o.dtype != torch.float32 else 1e-5
+        err = (o.double() - o64).abs().max().item()
+        assert err <= tol * max(o64.abs().max().item(), 1e-30), f"output {i}: {err}"
+    err = (x.grad.double() - x64.grad).abs().max().item()
+    assert err <= gtol * x64.grad.abs().max().item()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_no_host_sync_and_graph_capture():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 19, 64, 128, device="cuda")
+    prior = prior_for(19)
+    x = logits.clone().requires_grad_(True)
+
+    def step():
+        res = af.target_losses(x, self_information=True, entropy=True, top_k=0.3, prior=prior)
+        (res.self_information.mean() + res.entropy_loss + res.class_prior_loss).backward()
+        return res.entropy_loss
+
+    step()  # compile the kernels outside the checks
+    x.grad = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = step().clone()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eager_grad = x.grad.clone()
+
+    x.grad = torch.zeros_like(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad.zero_()
+    with torch.cuda.graph(graph):
+        captured = step()
+    x.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, eager_grad, rtol=0, atol=0)

@@ -1,0 +1,434 @@
+"""Models: release state-dict layout, shapes, BatchNorm semantics, optimiser groups, loading.
+
+Release facts are hard-coded here (computed once from the release state-dict manifest); the
+tests never read it. ResNet-101 is built on the "meta" device (shapes, no data) wherever values
+are not needed.
+"""
+import hashlib
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from advent_fast.models import (
+    ARCHS,
+    ASPPHead,
+    DeepLabV2ResNet101,
+    DeepLabV2Small,
+    DeepLabV2VGG16,
+    FCDiscriminator,
+    ReleaseSGD,
+    build_model,
+    checkpoint_dict,
+    load_init_weights,
+    load_model_state,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+
+# sha256 of the "name:d0xd1x..." lines (scalars: "name:") of the release ResNetMulti (C=19).
+R101_ENTRIES = 640
+R101_SORTED_SHA256 = "76fc2a12a9a9d47abc9066d3fcccaf88b040b6abb49937d59aa2ec11153f4bab"
+R101_ORDERED_SHA256 = "7b2bbb3075ed4ec2870a56e6aef60175cd5740e04ae8376db49c8e321bbcc2b6"
+R101_PARAMS = 44_601_560
+R101_FROZEN_BN_PARAMS = 105_344
+DISCRIMINATOR_KEYS = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias",
+                      "6.weight", "6.bias", "8.weight", "8.bias"]
+DISCRIMINATOR_SORTED_SHA256 = "2756d4965fbbece8069da86a712ce9ff918a6a6414c78f4d7df21b02770c3ed3"
+DISCRIMINATOR_PARAMS = 2_781_121
+
+
+def layout_sha256(state_dict, ordered=False):
+    lines = [f"{k}:{'x'.join(map(str, v.shape))}" for k, v in state_dict.items()]
+    return hashlib.sha256("\n".join(lines if ordered else sorted(lines)).encode()).hexdigest()
+
+
+def stride8(size):
+    """conv1 7x7/2 pad 3, maxpool 3x3/2 pad 1 ceil_mode, layer2's 1x1 stride 2."""
+    size = (size - 1) // 2 + 1
+    size = math.ceil((size - 1) / 2) + 1
+    return (size - 1) // 2 + 1
+
+
+@pytest.fixture(scope="module")
+def meta_r101():
+    with torch.device("meta"):
+        return DeepLabV2ResNet101(19)
+
+
+@pytest.fixture(scope="module")
+def r101():
+    torch.manual_seed(0)
+    return DeepLabV2ResNet101(19)
+
+
+def backbone_items(model):
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(("layer5.", "layer6."))}
+
+
+def head_items(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("layer5.", "layer6."))}
+
+
+def assert_same_tensors(actual, expected):
+    assert actual.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(actual[k], expected[k]), k
+
+
+# ---- architecture ---------------------------------------------------------------------------
+
+def test_r101_state_dict_matches_release_layout(meta_r101):
+    sd = meta_r101.state_dict()
+    assert len(sd) == R101_ENTRIES
+    assert layout_sha256(sd) == R101_SORTED_SHA256
+    assert layout_sha256(sd, ordered=True) == R101_ORDERED_SHA256
+
+
+def test_r101_parameter_counts(meta_r101):
+    params = list(meta_r101.parameters())
+    assert sum(p.numel() for p in params) == R101_PARAMS
+    frozen = [p for p in params if not p.requires_grad]
+    assert sum(p.numel() for p in frozen) == R101_FROZEN_BN_PARAMS
+    bn_params = {id(p) for m in meta_r101.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    assert {id(p) for p in frozen} == bn_params
+
+
+def test_r101_is_caffe_style_and_dilated(meta_r101):
+    m = meta_r101
+    assert (m.conv1.kernel_size, m.conv1.stride) == ((7, 7), (2, 2))
+    assert m.maxpool.ceil_mode and m.maxpool.kernel_size == 3 and m.maxpool.stride == 2
+    assert [len(layer) for layer in (m.layer1, m.layer2, m.layer3, m.layer4)] == [3, 4, 23, 3]
+    assert m.layer2[0].conv1.stride == (2, 2) and m.layer2[0].conv2.stride == (1, 1)
+    for layer, dilation in ((m.layer1, 1), (m.layer2, 1), (m.layer3, 2), (m.layer4, 4)):
+        for block in layer:
+            assert block.conv2.dilation == (dilation, dilation) and block.conv2.padding == (dilation, dilation)
+    for head in (m.layer5, m.layer6):
+        assert [(c.dilation[0], c.padding[0]) for c in head.conv2d_list] == [(6, 6), (12, 12), (18, 18), (24, 24)]
+
+
+def test_r101_release_output_sizes_shape_only(meta_r101):
+    assert (stride8(720), stride8(1280)) == (91, 161)
+    assert (stride8(512), stride8(1024)) == (65, 129)
+    for h, w in ((720, 1280), (512, 1024)):
+        aux, main = meta_r101(torch.empty(1, 3, h, w, device="meta"))
+        assert aux.shape == main.shape == (1, 19, stride8(h), stride8(w))
+
+
+def test_r101_forward_uses_batch_statistics_and_updates_running_stats(r101):
+    bn = r101.layer3[5].bn2
+    before = bn.running_mean.clone()
+    # 24x40: the ceil-mode max-pool gives 7x11 (floor would give 6x10), layer2 then 4x6.
+    aux, main = r101(torch.randn(1, 3, 24, 40))
+    assert aux.shape == main.shape == (1, 19, stride8(24), stride8(40)) == (1, 19, 4, 6)
+    assert all(m.training for m in r101.modules())
+    assert int(r101.bn1.num_batches_tracked) == 1
+    assert not torch.equal(bn.running_mean, before)
+
+
+def test_single_level_r101_has_no_aux_head():
+    with torch.device("meta"):
+        model = DeepLabV2ResNet101(19, multi_level=False)
+        aux, main = model(torch.empty(1, 3, 65, 129))
+    assert aux is None and main.shape == (1, 19, 9, 17)
+    assert not any(k.startswith("layer5.") for k in model.state_dict())
+    assert sum(p.numel() for p in model.parameters()) == R101_PARAMS - 4 * (19 * 1024 * 9 + 19)
+
+
+def test_aspp_head_sums_all_four_branches():
+    torch.manual_seed(0)
+    head = ASPPHead(8, 3)
+    x = torch.randn(2, 8, 30, 30)
+    expected = sum(conv(x) for conv in head.conv2d_list)
+    torch.testing.assert_close(head(x), expected)
+    big = ASPPHead(1024, 19)
+    assert abs(float(big.conv2d_list[0].weight.detach().std()) - 0.01) < 5e-4
+
+
+def test_vgg16_layout_and_output_stride():
+    model = DeepLabV2VGG16(19, multi_level=False)
+    convs = {i: m for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)}
+    assert list(convs) == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 23, 25, 27, 29, 31]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.features) == 3
+    assert all(convs[i].dilation == (2, 2) and convs[i].padding == (2, 2) for i in (23, 25, 27))
+    assert (convs[29].in_channels, convs[29].out_channels, convs[29].dilation) == (512, 1024, (4, 4))
+    assert (convs[31].in_channels, convs[31].out_channels, convs[31].dilation) == (1024, 1024, (4, 4))
+    with torch.no_grad():
+        aux, main = model(torch.randn(1, 3, 64, 128))
+    assert aux is None and main.shape == (1, 19, 8, 16)
+
+
+def test_small_model_shapes_and_release_bn_semantics():
+    model = DeepLabV2Small(19)
+    bn_params = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()]
+    assert bn_params and not any(p.requires_grad for p in bn_params)
+    bn = model.stage1[1]
+    before = bn.running_mean.clone()
+    aux, main = model(torch.randn(1, 3, 128, 256))
+    assert aux.shape == main.shape == (1, 19, 16, 32)
+    assert not torch.equal(bn.running_mean, before)
+    assert model(torch.randn(1, 3, 128, 256))[0] is not None
+    assert DeepLabV2Small(19, multi_level=False)(torch.randn(1, 3, 64, 64))[0] is None
+
+
+def test_freeze_bn_keeps_batchnorm_in_eval_mode_under_train():
+    torch.manual_seed(0)
+    model = DeepLabV2Small(19, freeze_bn=True).train()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert model.training and not any(bn.training for bn in bns)
+    stats = [bn.running_mean.clone() for bn in bns]
+    x = torch.randn(1, 3, 64, 128)
+    _, main = model(x)
+    assert all(torch.equal(bn.running_mean, s) for bn, s in zip(bns, stats))
+    assert all(int(bn.num_batches_tracked) == 0 for bn in bns)
+    torch.testing.assert_close(main, model.eval()(x)[1])
+
+
+def test_discriminator_layout():
+    d = FCDiscriminator(19)
+    assert list(d.state_dict()) == DISCRIMINATOR_KEYS
+    assert layout_sha256(d.state_dict()) == DISCRIMINATOR_SORTED_SHA256
+    assert sum(p.numel() for p in d.parameters()) == DISCRIMINATOR_PARAMS
+    convs = [m for m in d if isinstance(m, nn.Conv2d)]
+    assert all((c.kernel_size, c.stride, c.padding) == ((4, 4), (2, 2), (1, 1)) for c in convs)
+    assert [m.negative_slope for m in d if isinstance(m, nn.LeakyReLU)] == [0.2] * 4
+    assert isinstance(d[-1], nn.Conv2d)
+    assert d(torch.empty(1, 19, 512, 1024, device="meta")).shape == (1, 1, 16, 32)
+
+
+def test_build_model_and_unknown_arch():
+    assert set(ARCHS) == {"deeplabv2_r101", "deeplabv2_vgg16", "deeplabv2_small"}
+    assert isinstance(build_model("deeplabv2_small", 7, multi_level=False, width=8), DeepLabV2Small)
+    with torch.device("meta"):
+        assert isinstance(build_model("deeplabv2_r101", 19), DeepLabV2ResNet101)
+        assert isinstance(build_model("deeplabv2_vgg16", 19, multi_level=False), DeepLabV2VGG16)
+        with pytest.raises(ValueError, match="single-level"):
+            build_model("deeplabv2_vgg16", 19)
+    with pytest.raises(ValueError) as err:
+        build_model("deeplabv3", 19)
+    assert all(arch in str(err.value) for arch in ARCHS)
+
+
+# ---- optimiser groups -----------------------------------------------------------------------
+
+def release_1x_generator(model):
+    """The release's get_1x_lr_params_no_scale, written out independently."""
+    for root in (model.conv1, model.bn1, model.layer1, model.layer2, model.layer3, model.layer4):
+        for module in root.modules():
+            for p in module.parameters():
+                if p.requires_grad:
+                    yield p
+
+
+def test_release_grouping_repeats_backbone_tensors_like_the_release(meta_r101):
+    backbone, heads = meta_r101.optim_parameters(2.5e-4, grouping="release")
+    entries = backbone["params"]
+    assert len(entries) == 314 and len({id(p) for p in entries}) == 104
+    assert [id(p) for p in entries] == [id(p) for p in release_1x_generator(meta_r101)]
+    assert all(p.requires_grad for p in entries)
+    counts = {id(p): 0 for p in entries}
+    for p in entries:
+        counts[id(p)] += 1
+    assert counts[id(meta_r101.conv1.weight)] == 1
+    assert counts[id(meta_r101.layer3[7].conv2.weight)] == 3
+    assert counts[id(meta_r101.layer2[0].downsample[0].weight)] == 4
+    assert backbone["lr"] == 2.5e-4 and heads["lr"] == pytest.approx(2.5e-3)
+    head_ids = [id(p) for p in (*meta_r101.layer5.parameters(), *meta_r101.layer6.parameters())]
+    assert [id(p) for p in heads["params"]] == head_ids
+
+
+def test_clean_grouping_lists_each_trainable_tensor_once(meta_r101):
+    backbone, heads = meta_r101.optim_parameters(1.0, grouping="clean")
+    ids = [id(p) for p in backbone["params"]]
+    assert len(ids) == len(set(ids)) == 104
+    assert set(ids) == {id(p) for p in release_1x_generator(meta_r101)}
+    assert len(heads["params"]) == 16 and heads["lr"] == 10.0
+    with pytest.raises(ValueError, match="grouping"):
+        meta_r101.optim_parameters(1.0, grouping="fancy")
+
+
+def test_release_grouping_only_for_r101():
+    model = DeepLabV2Small(19)
+    with pytest.raises(ValueError, match="clean"):
+        model.optim_parameters(1.0, grouping="release")
+    backbone, heads = model.optim_parameters(1.0, grouping="clean")
+    assert len(backbone["params"]) == 7 and len(heads["params"]) == 16
+
+
+def sgd_041_reference(params0, entry_order, grads_per_step, lr, momentum, weight_decay):
+    """torch 0.4.1 SGD.step over one group listing tensors with repeats (weight decay added
+    in place to the gradient, zero-initialised momentum buffer)."""
+    params = [p.clone() for p in params0]
+    bufs = [torch.zeros_like(p) for p in params]
+    for grads in grads_per_step:
+        grads = [g.clone() for g in grads]
+        for i in entry_order:
+            grads[i].add_(params[i], alpha=weight_decay)
+            bufs[i].mul_(momentum).add_(grads[i])
+            params[i].add_(bufs[i], alpha=-lr)
+    return params
+
+
+def test_release_sgd_matches_torch_041_on_repeated_entries():
+    torch.manual_seed(0)
+    a, b = (nn.Parameter(torch.randn(n, dtype=torch.float64)) for n in (5, 3))
+    start = [a.detach().clone(), b.detach().clone()]
+    order = [0, 1, 0, 0, 1, 0]
+    grads = [[torch.randn(5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)] for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no duplicate-parameter warning: repeats are counted
+        opt = ReleaseSGD([{"params": [(a, b)[i] for i in order], "lr": 0.1}], lr=0.1,
+                         momentum=0.9, weight_decay=0.05)
+    assert opt.param_groups[0]["multiplicity"] == [4, 2]
+    for ga, gb in grads:
+        a.grad, b.grad = ga.clone(), gb.clone()
+        opt.step()
+    expected = sgd_041_reference(start, order, grads, 0.1, 0.9, 0.05)
+    torch.testing.assert_close(a.detach(), expected[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.detach(), expected[1], rtol=0, atol=1e-12)
+
+
+def test_release_sgd_equals_torch_sgd_without_repeats():
+    torch.manual_seed(0)
+    model = DeepLabV2Small(5, width=4)
+    twin = DeepLabV2Small(5, width=4)
+    twin.load_state_dict(model.state_dict())
+    ours = ReleaseSGD(model.optim_parameters(0.01, "clean"), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    ref = torch.optim.SGD(twin.optim_parameters(0.01, "clean"), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(1, 3, 32, 32)
+    for _ in range(2):
+        for net, opt in ((model, ours), (twin, ref)):
+            opt.zero_grad()
+            aux, main = net(x)
+            (aux.square().mean() + main.square().mean()).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+# ---- init weights and checkpoints ----------------------------------------------------------
+
+def test_load_caffe_init_strips_scale_and_skips_its_layer5(r101, tmp_path):
+    source = backbone_items(r101)
+    caffe = {f"Scale.{k}": v for k, v in source.items() if not k.endswith("num_batches_tracked")}
+    caffe["Scale.layer5.conv2d_list.0.weight"] = torch.zeros(21, 2048, 3, 3)  # its own classifier
+    caffe["Scale.layer5.conv2d_list.0.bias"] = torch.zeros(21)
+    path = tmp_path / "DeepLab_resnet_pretrained_imagenet.pth"
+    torch.save(caffe, path)
+
+    torch.manual_seed(1)
+    model = DeepLabV2ResNet101(19)
+    heads = head_items(model)
+    loaded = load_init_weights(model, path)
+    assert len(loaded) == R101_ENTRIES - 16 - 104  # no heads, no num_batches_tracked
+    state = model.state_dict()
+    assert all(torch.equal(state[k[len("Scale."):]], v) for k, v in caffe.items() if ".layer5." not in k)
+    assert_same_tensors(head_items(model), heads)
+
+    torchvision_style = {k: v * 2 for k, v in source.items()}
+    torchvision_style["fc.weight"] = torch.zeros(1000, 2048)
+    torchvision_style["fc.bias"] = torch.zeros(1000)
+    torch.save(torchvision_style, path.with_name("resnet101.pth"))
+    load_init_weights(model, path.with_name("resnet101.pth"))
+    assert_same_tensors(backbone_items(model), {k: v * 2 for k, v in source.items()})
+    assert_same_tensors(head_items(model), heads)
+
+
+def test_load_torchvision_vgg16_init(tmp_path):
+    torch.manual_seed(0)
+    model = DeepLabV2VGG16(19, multi_level=False)
+    ours_to_torchvision = {i: i if i < 23 else i + 1 for i in range(29)}
+    torchvision_vgg = {f"features.{ours_to_torchvision[i]}.{name}": torch.randn_like(t)
+                       for i, m in enumerate(model.features[:29]) if isinstance(m, nn.Conv2d)
+                       for name, t in m.state_dict().items()}
+    torchvision_vgg.update({f"classifier.{i}.weight": torch.zeros(2, 2) for i in (0, 3, 6)})
+    torch.save(torchvision_vgg, tmp_path / "vgg16.pth")
+    fc6, head = model.features[29].weight.clone(), model.classifier.conv2d_list[0].weight.clone()
+    load_init_weights(model, tmp_path / "vgg16.pth")
+    assert torch.equal(model.features[23].weight, torchvision_vgg["features.24.weight"])  # conv5_1
+    assert torch.equal(model.features[0].bias, torchvision_vgg["features.0.bias"])
+    assert torch.equal(model.features[29].weight, fc6)
+    assert torch.equal(model.classifier.conv2d_list[0].weight, head)
+
+
+def test_init_weights_errors(meta_r101, tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load_init_weights(meta_r101, tmp_path / "nope.pth")
+    assert "DeepLab_resnet_pretrained_imagenet.pth" in str(err.value)
+    assert "github.com/valeoai/ADVENT" in str(err.value) and "download.pytorch.org" in str(err.value)
+
+    bad = {"fc.weight": torch.zeros(1000, 2048), "layer1.0.conv1.weight": torch.zeros(64, 64, 3, 3)}
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"layer1\.0\.conv1\.weight: \(64, 64, 3, 3\) vs \(64, 64, 1, 1\)") as err:
+        load_init_weights(meta_r101, tmp_path / "bad.pth")
+    assert "missing" in str(err.value)
+
+    with torch.device("meta"):
+        vgg = DeepLabV2VGG16(19, multi_level=False)
+    with pytest.raises(ValueError, match="torchvision_resnet101 file; deeplabv2_vgg16 takes torchvision_vgg16"):
+        load_init_weights(vgg, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="no ImageNet"):
+        load_init_weights(DeepLabV2Small(19), tmp_path / "bad.pth")
+
+
+def test_release_plain_state_dict_loads_strictly(r101, tmp_path):
+    path = tmp_path / "gta2cityscapes_advent.pth"
+    torch.save(r101.state_dict(), path)
+    model, meta = model_from_checkpoint(path)
+    assert meta == {"arch": "deeplabv2_r101", "num_classes": 19, "multi_level": True}
+    assert isinstance(model, DeepLabV2ResNet101)
+    assert_same_tensors(model.state_dict(), r101.state_dict())
+
+
+def test_release_plain_state_dict_inference_and_mismatch(r101):
+    sd = r101.state_dict()
+    sixteen = dict(sd)
+    for i in range(4):
+        sixteen[f"layer6.conv2d_list.{i}.weight"] = torch.zeros(16, 2048, 3, 3)
+        sixteen[f"layer6.conv2d_list.{i}.bias"] = torch.zeros(16)
+    with pytest.raises(ValueError, match=r"num_classes=16.*num_classes=19"):
+        model_from_checkpoint(sixteen, num_classes=19)
+    with pytest.raises(ValueError, match=r"deeplabv2_r101.*deeplabv2_small"):
+        model_from_checkpoint(sd, arch="deeplabv2_small")
+    single = {k: v for k, v in sd.items() if not k.startswith("layer5.")}
+    model, meta = model_from_checkpoint(single)
+    assert meta["multi_level"] is False and not model.multi_level
+
+
+def test_project_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = DeepLabV2Small(7, width=8)
+    model(torch.randn(1, 3, 32, 32))  # move the running stats off their defaults
+    path = tmp_path / "snapshot.pth"
+    save_checkpoint(path, model, iteration=42)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "advent_fast/1" and raw["iteration"] == 42
+    assert raw["meta"] == {"arch": "deeplabv2_small", "num_classes": 7, "multi_level": True, "width": 8}
+    restored, meta = model_from_checkpoint(path, arch="deeplabv2_small", num_classes=7)
+    assert meta == raw["meta"]
+    assert_same_tensors(restored.state_dict(), model.state_dict())
+
+    with pytest.raises(ValueError, match=r"arch='deeplabv2_small'.*arch='deeplabv2_r101'"):
+        model_from_checkpoint(path, arch="deeplabv2_r101")
+    with pytest.raises(ValueError, match=r"num_classes=7.*num_classes=19"):
+        model_from_checkpoint(raw, num_classes=19)
+    with pytest.raises(ValueError, match="reserved"):
+        checkpoint_dict(model, model=1)
+    with pytest.raises(ValueError, match="format"):
+        model_from_checkpoint({**raw, "format": "other/2"})
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        model_from_checkpoint(tmp_path / "missing.pth")
+
+
+def test_load_model_state_is_strict_with_a_clear_error():
+    model = DeepLabV2Small(7, width=8)
+    sd = model.state_dict()
+    missing = {k: v for k, v in sd.items() if k != "layer6.conv2d_list.3.bias"}
+    with pytest.raises(ValueError, match=r"1 missing \(e\.g\. layer6\.conv2d_list\.3\.bias\)"):
+        load_model_state(model, missing)
+    with pytest.raises(ValueError, match=r"1 unexpected \(e\.g\. extra\.weight\)"):
+        load_model_state(model, {**sd, "extra.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"stage1\.0\.weight: \(8, 3, 3, 1\) vs \(8, 3, 3, 3\)"):
+        load_model_state(model, {**sd, "stage1.0.weight": torch.zeros(8, 3, 3, 1)})
