@@ -15,6 +15,7 @@ from .losses import (
     self_information,
     target_losses,
 )
+from .upsampled import upsampled_cross_entropy, upsampled_target_losses
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,6 @@ __all__ = [
     "self_information",
     "set_backend",
     "target_losses",
+    "upsampled_cross_entropy",
+    "upsampled_target_losses",
 ]

@@ -1,0 +1,334 @@
+"""Losses on bilinearly upsampled logits, without the full-resolution logits or their gradient.
+
+The release upsamples the model's 1/8-resolution logits to the image size with
+``F.interpolate(x, size, mode="bilinear", align_corners=True)`` and computes the losses there. These
+functions take the low-resolution logits and give the same values and gradients:
+
+- :func:`upsampled_cross_entropy` (source): ``F.cross_entropy(F.interpolate(x.float(), ...), labels,
+  ignore_index=...)``, mean over the non-ignored pixels.
+- :func:`upsampled_target_losses` (target): :func:`advent_fast.target_losses` of the upsampled logits.
+
+On the Triton backend (``advent_fast.get_backend(device) == "triton"``) the kernels of
+``kernels/upsampled_*.py`` interpolate inside the loss kernels and gather the gradient onto the
+low-resolution logits (no atomics; ``kernels/bilinear.py``). They run as the custom ops
+``advent_fast::upsampled_cross_entropy_{forward,backward}`` and
+``advent_fast::upsampled_target_{forward,backward}``. On every other backend, for empty batches, and
+for axes too long for the kernels' exact index math (low-res x full-res size >= 2**22 on one axis),
+the functions interpolate and call the ordinary losses instead: the same results, with the
+full-resolution memory.
+
+Non-finite logits behave as with ``F.interpolate`` first: the kernels use ATen's float32 index and
+weight formulas and multiply all four taps, so a -inf logit whose tap weight is exactly 0 gives NaN
+(0 * -inf) exactly where ``F.interpolate`` does, and a NaN reaches every pixel it touches.
+One difference for float16 / bfloat16 logits: the kernels interpolate in float32, whereas
+``F.interpolate`` on such logits rounds the upsampled values to their dtype first (the kernels are
+the more exact; :func:`upsampled_cross_entropy`'s definition interpolates in float32 anyway).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import get_backend
+from .losses import PriorLike, _check_prior, _check_top_k, target_losses
+from .reference import TargetLosses, ranked_pixel_count
+
+__all__ = ["upsampled_cross_entropy", "upsampled_target_losses"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)
+# cell_start (kernels/bilinear.py) is exact while low-res size x full-res size < 2**23 on an axis; a
+# factor 2 of margin
+MAX_AXIS_PRODUCT = 2**22
+SizeLike = Union[int, Sequence[int], torch.Size]
+
+
+def _interpolate(logits: Tensor, size: Tuple[int, int]) -> Tensor:
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+
+def _use_kernels(logits: Tensor, size: Tuple[int, int]) -> bool:
+    (h, w), (H, W) = logits.shape[2:], size
+    return (get_backend(logits.device) == "triton" and logits.shape[0] > 0
+            and h * H < MAX_AXIS_PRODUCT and w * W < MAX_AXIS_PRODUCT)
+
+
+def _kernels():
+    """The Triton launchers; only the Triton backend runs these ops (the public functions fall back)."""
+    from .kernels import upsampled_cross_entropy, upsampled_target
+
+    return upsampled_cross_entropy, upsampled_target
+
+
+def _check_triton(x: Tensor) -> None:
+    if get_backend(x.device) != "triton":
+        raise RuntimeError(
+            "the advent_fast::upsampled_* ops run the Triton kernels only (CUDA tensors, or CPU tensors with "
+            "the triton backend under TRITON_INTERPRET=1); the public functions fall back by themselves")
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: source cross-entropy
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("advent_fast::upsampled_cross_entropy_forward", mutates_args=())
+def _ce_forward(x: Tensor, labels: Tensor, ignore_index: int, want_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (loss, count of non-ignored pixels, (4, N, h, w, C) float32 tap partials of the unscaled
+    gradient, or an empty tensor unless want_grad)."""
+    _check_triton(x)
+    ce, _ = _kernels()
+    return ce.upsampled_cross_entropy_forward(x, labels, ignore_index, want_grad)
+
+
+@_ce_forward.register_fake
+def _(x, labels, ignore_index, want_grad):
+    n, c, h, w = x.shape
+    f32 = dict(dtype=torch.float32)
+    parts = x.new_empty((4, n, h, w, c), **f32) if want_grad else x.new_empty(0, **f32)
+    return x.new_empty((), **f32), x.new_empty((), **f32), parts
+
+
+@torch.library.custom_op("advent_fast::upsampled_cross_entropy_backward", mutates_args=())
+def _ce_backward(x: Tensor, parts: Tensor, count: Tensor, grad_loss: Tensor) -> Tensor:
+    """grad_x = gather(parts) * grad_loss / count (0 when count == 0), in x's dtype and layout."""
+    _check_triton(x)
+    ce, _ = _kernels()
+    return ce.upsampled_cross_entropy_backward(x, parts, count, grad_loss)
+
+
+@_ce_backward.register_fake
+def _(x, parts, count, grad_loss):
+    return torch.empty_like(x)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    x, _, _, want_grad = inputs
+    _, count, parts = output
+    ctx.want_grad = want_grad
+    ctx.save_for_backward(x, parts, count)
+
+
+def _ce_autograd(ctx, grad_loss, _grad_count, _grad_parts):
+    if not ctx.want_grad:
+        raise RuntimeError("advent_fast::upsampled_cross_entropy_forward was called with want_grad=False: "
+                           "it saved no gradient to backpropagate")
+    x, parts, count = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None
+    return _ce_backward(x, parts, count, grad_loss.float()), None, None, None
+
+
+_ce_forward.register_autograd(_ce_autograd, setup_context=_ce_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: target losses (docs/backend_contract.md on the upsampled logits)
+# ----------------------------------------------------------------------------------------------
+ForwardOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+@torch.library.custom_op("advent_fast::upsampled_target_forward", mutates_args=())
+def _target_forward(x: Tensor, out_h: int, out_w: int, prior: Optional[Tensor], k: int, mu: float,
+                    want_info: bool, want_emap: bool, want_ent: bool, want_cp: bool) -> ForwardOut:
+    """-> (info, emap, ent, cp, thresh, kept, cmean) of the contract, info (N, C, out_h, out_w) and
+    emap (N, out_h, out_w)."""
+    _check_triton(x)
+    _, target = _kernels()
+    return tuple(target.upsampled_target_forward(x, out_h, out_w, prior, k, mu, want_info, want_emap,
+                                                 want_ent, want_cp))
+
+
+@_target_forward.register_fake
+def _(x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent, want_cp):
+    n, c = x.shape[:2]
+    f32 = dict(dtype=torch.float32)
+    none = x.new_empty(0, **f32)
+    ranked = want_ent and k > 0
+    return (
+        _kernels()[1].full_resolution_like(x, out_h, out_w) if want_info else x.new_empty(0),
+        x.new_empty((n, out_h, out_w), **f32) if (want_emap or ranked) else none.clone(),
+        x.new_empty((), **f32) if want_ent else none.clone(),
+        x.new_empty((), **f32) if want_cp else none.clone(),
+        x.new_empty((n,), **f32) if ranked else none.clone(),
+        x.new_empty((n,), **f32) if ranked else none.clone(),
+        x.new_empty((n, c), **f32) if want_cp else none.clone(),
+    )
+
+
+@torch.library.custom_op("advent_fast::upsampled_target_backward", mutates_args=())
+def _target_backward(x: Tensor, out_h: int, out_w: int, grad_info: Optional[Tensor],
+                     grad_emap: Optional[Tensor], grad_ent: Optional[Tensor], grad_cp: Optional[Tensor],
+                     emap: Optional[Tensor], thresh: Optional[Tensor], kept: Optional[Tensor],
+                     cmean: Optional[Tensor], prior: Optional[Tensor], mu: float) -> Tensor:
+    _check_triton(x)
+    _, target = _kernels()
+    return target.upsampled_target_backward(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, emap,
+                                            thresh, kept, cmean, prior, mu)
+
+
+@_target_backward.register_fake
+def _(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean, prior, mu):
+    return torch.empty_like(x)
+
+
+def _target_setup_context(ctx, inputs, output):
+    x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent, want_cp = inputs
+    _, emap, _, _, thresh, kept, cmean = output
+    ranked = want_ent and k > 0
+    ctx.flags = (want_info, want_emap, want_ent, want_cp)
+    ctx.args = (out_h, out_w, mu)
+    ctx.save_for_backward(x, prior if want_cp else None, emap if ranked else None,
+                          thresh if ranked else None, kept if ranked else None,
+                          cmean if want_cp else None)
+
+
+def _grad_or_none(grad: Optional[Tensor], wanted: bool) -> Optional[Tensor]:
+    # Autograd hands zeros (or None) for outputs the loss did not use; an unrequested output
+    # is an empty placeholder whose gradient carries nothing. grad_info keeps its strides.
+    if not wanted or grad is None:
+        return None
+    return grad.float().contiguous() if grad.dim() < 4 else grad
+
+
+def _target_autograd(ctx, g_info, g_emap, g_ent, g_cp, _g_thresh, _g_kept, _g_cmean):
+    want_info, want_emap, want_ent, want_cp = ctx.flags
+    out_h, out_w, mu = ctx.args
+    x, prior, emap, thresh, kept, cmean = ctx.saved_tensors
+    grad_x = _target_backward(
+        x, out_h, out_w, _grad_or_none(g_info, want_info), _grad_or_none(g_emap, want_emap),
+        _grad_or_none(g_ent, want_ent), _grad_or_none(g_cp, want_cp), emap, thresh, kept, cmean, prior, mu,
+    )
+    return (grad_x,) + (None,) * 9
+
+
+_target_forward.register_autograd(_target_autograd, setup_context=_target_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+def _check_logits(logits: Tensor) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 4:
+        raise ValueError(f"logits must have shape (N, C, h, w), got shape {tuple(logits.shape)}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits must have C >= 2 classes on dim 1, got shape {tuple(logits.shape)}")
+    if logits.shape[2] < 1 or logits.shape[3] < 1:
+        raise ValueError(f"logits must have a non-empty (h, w), got shape {tuple(logits.shape)}")
+
+
+def _check_size(size: SizeLike) -> Tuple[int, int]:
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        size = (size, size)
+    try:
+        out_h, out_w = size
+    except (TypeError, ValueError):
+        raise TypeError(f"size must be an int or a pair (H, W) of ints, got {size!r}") from None
+    for value in (out_h, out_w):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"size must be an int or a pair (H, W) of ints, got {size!r}")
+        if value < 1:
+            raise ValueError(f"size must be positive, got {tuple(size)}")
+    return int(out_h), int(out_w)
+
+
+def _check_labels(labels: Tensor, logits: Tensor, ignore_index: int) -> None:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be int64, int32 or uint8, got {labels.dtype}")
+    if labels.dim() != 3:
+        raise ValueError(f"labels must have shape (N, H, W), got shape {tuple(labels.shape)}")
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels have {labels.shape[0]} images but logits have {logits.shape[0]}")
+    if labels.shape[1] < 1 or labels.shape[2] < 1:
+        raise ValueError(f"labels must have a non-empty (H, W), got shape {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    # The value check reads the labels: host tensors only, so device labels cost no sync (there, an
+    # out-of-range label makes the Triton loss NaN; the fallback path raises torch's device assert).
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        num_classes = logits.shape[1]
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            raise ValueError(f"labels must be in [0, {num_classes}) or ignore_index={ignore_index}, got "
+                             f"{sorted(set(labels[bad].tolist()))[:8]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def upsampled_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """Cross-entropy of the logits upsampled to the labels' size, float32 scalar.
+
+    Equals ``F.cross_entropy(F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear",
+    align_corners=True), labels, ignore_index=ignore_index)``: the mean over non-ignored pixels, NaN when
+    every pixel is ignored (with a zero gradient, as torch).
+
+    Args:
+        logits: (N, C, h, w) float32/float16/bfloat16, any strides.
+        labels: (N, H, W) int64, int32 or uint8 class indices in [0, C), or ``ignore_index``. CPU labels
+            are checked on the host (ValueError); on CUDA an out-of-range label makes the loss NaN
+            (checking there would need a host synchronisation).
+        ignore_index: label of the pixels that do not count.
+    """
+    _check_logits(logits)
+    _check_labels(labels, logits, ignore_index)
+    size = (labels.shape[1], labels.shape[2])
+    if not _use_kernels(logits, size):
+        return F.cross_entropy(_interpolate(logits.float(), size), labels.long(), ignore_index=int(ignore_index))
+    want_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _, _ = _ce_forward(logits, labels, int(ignore_index), want_grad)
+    return loss
+
+
+def upsampled_target_losses(
+    logits: Tensor,
+    size: SizeLike,
+    *,
+    self_information: bool = True,
+    entropy: bool = False,
+    top_k: Optional[float] = None,
+    prior: Optional[PriorLike] = None,
+    mu: float = 0.5,
+    entropy_map: bool = False,
+) -> TargetLosses:
+    """:func:`advent_fast.target_losses` of ``F.interpolate(logits, size, mode="bilinear",
+    align_corners=True)``, from the low-resolution logits.
+
+    Args:
+        logits: (N, C, h, w) float32/float16/bfloat16, any strides.
+        size: (H, W) (or one int for both) of the upsampled logits.
+        self_information, entropy, top_k, prior, mu, entropy_map: as in :func:`advent_fast.target_losses`,
+            on the upsampled logits (ranking over each image's H * W pixels).
+    Returns:
+        :class:`TargetLosses`: self_information (N, C, H, W) in the logits' dtype (channels_last when the
+        logits are), entropy_map (N, H, W) float32, scalar losses float32; fields not asked for are None.
+    """
+    _check_logits(logits)
+    out_h, out_w = _check_size(size)
+    _check_top_k(top_k)
+    if prior is not None:
+        prior = _check_prior(prior, logits, mu)
+    if not _use_kernels(logits, (out_h, out_w)):
+        return target_losses(_interpolate(logits, (out_h, out_w)), self_information=self_information,
+                             entropy=entropy, top_k=top_k, prior=prior, mu=mu, entropy_map=entropy_map)
+    if not (self_information or entropy or entropy_map or prior is not None):
+        return TargetLosses(None, None, None, None)
+    k = ranked_pixel_count(top_k, out_h * out_w) if (entropy and top_k is not None) else 0
+    info, emap, ent, cp, _, _, _ = _target_forward(
+        logits, out_h, out_w, prior, k, float(mu), self_information, entropy_map, entropy, prior is not None)
+    return TargetLosses(
+        info if self_information else None,
+        ent if entropy else None,
+        cp if prior is not None else None,
+        emap if entropy_map else None,
+    )
