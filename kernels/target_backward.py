@@ -21,6 +21,88 @@ from .softmax_entropy import NUM_WARPS, block_sizes, softmax_entropy
 
 
 @triton.jit
+def target_grad_constants(
+    grad_ent_ptr,
+    grad_cp_ptr,
+    thresh_ptr,
+    kept_ptr,
+    cmean_ptr,
+    prior_ptr,
+    n,
+    C,
+    offs_c,
+    c_valid,
+    inv_num_pixels,
+    inv_num_images,
+    mu,
+    ENT_MODE: tl.constexpr,
+    HAS_GRAD_CP: tl.constexpr,
+):
+    """The per-pixel gradient's pieces that do not depend on the pixel, for image n (the pointers as in
+    _target_bwd_kernel) -> (w_all, thresh_key, w_kept, hinge_grad), 0 where their term is off:
+    w_all = grad_ent / (N S) (MinEnt); thresh_key = key(t_n), w_kept = grad_ent / (N K_n) (ranked);
+    hinge_grad = h_nc (class prior).
+    """
+    w_all = 0.0
+    thresh_key = 0
+    w_kept = 0.0
+    hinge_grad = 0.0
+    if ENT_MODE == 1:
+        w_all = tl.load(grad_ent_ptr) * inv_num_pixels
+    if ENT_MODE == 2:
+        thresh_key = rank_key(tl.load(thresh_ptr + n))
+        w_kept = tl.load(grad_ent_ptr) * inv_num_images / tl.load(kept_ptr + n)
+    if HAS_GRAD_CP:
+        target = mu * tl.load(prior_ptr + offs_c, mask=c_valid, other=0.0)
+        class_mean = tl.load(cmean_ptr + n * C + offs_c, mask=c_valid, other=0.0)
+        hinge_grad = tl.where(target - class_mean > 0.0, tl.load(grad_cp_ptr) * inv_num_pixels, 0.0)
+    return w_all, thresh_key, w_kept, hinge_grad
+
+
+@triton.jit
+def target_pixel_grad(
+    p,  # [PIXELS, BLOCK_C] softmax of the pixels (softmax_entropy)
+    plogp,  # [PIXELS, BLOCK_C] guarded p log p (softmax_entropy)
+    grad_info_ptr,  # grad_info of the pixels at info_offset + info_offs
+    info_offset,
+    info_offs,  # [PIXELS, BLOCK_C]
+    mask,  # [PIXELS, BLOCK_C] valid pixels and classes
+    grad_emap_ptr,  # grad_emap, and emap_ptr the saved entropy map, of the pixels at map_offset + map_offs
+    emap_ptr,
+    map_offset,
+    map_offs,  # [PIXELS]
+    pix_ok,  # [PIXELS] valid pixels
+    w_all,  # target_grad_constants
+    thresh_key,
+    w_kept,
+    hinge_grad,
+    inv_log_c,
+    HAS_GRAD_INFO: tl.constexpr,
+    HAS_GRAD_EMAP: tl.constexpr,
+    ENT_MODE: tl.constexpr,  # 0: no grad_ent, 1: MinEnt mean, 2: ranked
+    HAS_GRAD_CP: tl.constexpr,
+    PIXELS: tl.constexpr,
+):
+    """The gradient of the target losses with respect to the logits of PIXELS pixels (module docstring)."""
+    # w: the gradient reaching E of each pixel
+    w = tl.zeros([PIXELS], dtype=tl.float32) + w_all
+    if HAS_GRAD_EMAP:
+        w += tl.load(grad_emap_ptr + map_offset + map_offs, mask=pix_ok, other=0.0)
+    if ENT_MODE == 2:
+        # the same selection as the forward: key(E) >= key(t) <=> E >= t or isnan(E)
+        ent = tl.load(emap_ptr + map_offset + map_offs, mask=pix_ok, other=0.0)
+        w += tl.where(rank_key(ent) >= thresh_key, w_kept, 0.0)
+    g = w[:, None]
+    if HAS_GRAD_INFO:
+        g = g + tl.load(grad_info_ptr + info_offset + info_offs, mask=mask, other=0.0).to(tl.float32)
+    # q = p dL/dp through the guarded plogp (a -inf logit: exact 0), then the softmax backward
+    q = -g * (plogp + p) * inv_log_c
+    if HAS_GRAD_CP:
+        q -= p * hinge_grad[None, :]
+    return q - p * tl.sum(q, axis=1)[:, None]
+
+
+@triton.jit
 def _target_bwd_kernel(
     x_ptr,  # (N, C, S) logits, any strides
     grad_x_ptr,  # (N, C, S) out, x.dtype
@@ -70,33 +152,13 @@ def _target_bwd_kernel(
     ).to(tl.float32)
     x = tl.where(c_valid[None, :], x, float("-inf"))
     p, plogp, _ = softmax_entropy(x, inv_log_c)
-
-    # w: the gradient reaching E of each pixel
-    w = tl.zeros([BLOCK_S], dtype=tl.float32)
-    if HAS_GRAD_EMAP:
-        w += tl.load(grad_emap_ptr + n64 * S + offs_s, mask=s_valid, other=0.0)
-    if ENT_MODE == 1:
-        w += tl.load(grad_ent_ptr) * inv_num_pixels
-    if ENT_MODE == 2:
-        # the same selection as the forward: key(E) >= key(t) <=> E >= t or isnan(E)
-        ent = tl.load(emap_ptr + n64 * S + offs_s, mask=s_valid, other=0.0)
-        keep = rank_key(ent) >= rank_key(tl.load(thresh_ptr + n))
-        w += tl.where(keep, tl.load(grad_ent_ptr) * inv_num_images / tl.load(kept_ptr + n), 0.0)
-    g = w[:, None]
-    if HAS_GRAD_INFO:
-        grad_info = tl.load(
-            grad_info_ptr + n64 * stride_gin + offs_s[:, None] * stride_gis + offs_c[None, :] * stride_gic,
-            mask=mask,
-            other=0.0,
-        ).to(tl.float32)
-        g = g + grad_info
-    q = -g * (plogp + p) * inv_log_c
-    if HAS_GRAD_CP:
-        target = mu * tl.load(prior_ptr + offs_c, mask=c_valid, other=0.0)
-        class_mean = tl.load(cmean_ptr + n * C + offs_c, mask=c_valid, other=0.0)
-        h = tl.where(target - class_mean > 0.0, tl.load(grad_cp_ptr) * inv_num_pixels, 0.0)
-        q -= p * h[None, :]
-    grad_x = q - p * tl.sum(q, axis=1)[:, None]
+    w_all, thresh_key, w_kept, hinge_grad = target_grad_constants(
+        grad_ent_ptr, grad_cp_ptr, thresh_ptr, kept_ptr, cmean_ptr, prior_ptr, n, C, offs_c, c_valid,
+        inv_num_pixels, inv_num_images, mu, ENT_MODE, HAS_GRAD_CP)
+    grad_x = target_pixel_grad(
+        p, plogp, grad_info_ptr, n64 * stride_gin, offs_s[:, None] * stride_gis + offs_c[None, :] * stride_gic,
+        mask, grad_emap_ptr, emap_ptr, n64 * S, offs_s, s_valid, w_all, thresh_key, w_kept, hinge_grad,
+        inv_log_c, HAS_GRAD_INFO, HAS_GRAD_EMAP, ENT_MODE, HAS_GRAD_CP, BLOCK_S)
     tl.store(
         grad_x_ptr + n64 * stride_gxn + offs_s[:, None] * stride_gxs + offs_c[None, :] * stride_gxc,
         grad_x.to(grad_x_ptr.dtype.element_ty),

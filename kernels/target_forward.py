@@ -150,6 +150,11 @@ def _target_finish_kernel(
         tl.store(cp_ptr, cp_sum / N)
 
 
+def empty_f32_if(wanted, shape, device):
+    """An empty float32 tensor of that shape if wanted, else None (the kernels get a None pointer)."""
+    return torch.empty(shape, dtype=torch.float32, device=device) if wanted else None
+
+
 def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     """Contract forward (docs/backend_contract.md) -> (info, emap, ent, cp, thresh, kept, cmean).
 
@@ -158,20 +163,16 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     """
     N, C, S = x.shape
     device = x.device
-    f32 = torch.float32
     ranked = want_ent and k > 0
     want_ent_sum = want_ent and not ranked
     block_s, block_c = block_sizes(C)
     num_blocks = triton.cdiv(S, block_s)
     programs = programs_per_image(num_blocks, N)
 
-    def maybe(wanted, shape):
-        return torch.empty(shape, dtype=f32, device=device) if wanted else None
-
     info = torch.empty_like(x) if want_info else None
-    emap = maybe(want_emap or ranked, (N, S))
-    ent_part = maybe(want_ent_sum, (N, programs))
-    cls_part = maybe(want_cp, (N, programs, block_c))
+    emap = empty_f32_if(want_emap or ranked, (N, S), device)
+    ent_part = empty_f32_if(want_ent_sum, (N, programs), device)
+    cls_part = empty_f32_if(want_cp, (N, programs, block_c), device)
     _target_fwd_kernel[(programs, N)](
         x,
         info,
@@ -192,14 +193,29 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
         BLOCK_C=block_c,
         num_warps=NUM_WARPS,
     )
+    return finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_ent, want_cp, S, programs,
+                                 block_s, block_c, NUM_WARPS)
 
-    ent, cp = maybe(want_ent, ()), maybe(want_cp, ())
-    thresh, kept = maybe(ranked, (N,)), maybe(ranked, (N,))
-    cmean = maybe(want_cp, (N, C))
+
+def finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_ent, want_cp, num_pixels,
+                          num_parts, block_p, block_c, num_warps):
+    """What follows a target forward's main kernel -> (info, emap, ent, cp, thresh, kept, cmean).
+
+    Ranking (want_ent and k > 0) runs its passes over emap, (N, num_pixels) once flattened; then the
+    finishing kernel reduces ent_part (N, num_parts) and cls_part (N, num_parts, block_c), the main
+    kernel's partial sums, reading block_p rows of block_c at a time. Outputs not asked for, info
+    included, come back as fresh empty tensors (info: x.dtype, the others float32).
+    """
+    N, C = x.shape[:2]
+    device = x.device
+    ranked = want_ent and k > 0
+    ent, cp = empty_f32_if(want_ent, (), device), empty_f32_if(want_cp, (), device)
+    thresh, kept = empty_f32_if(ranked, (N,), device), empty_f32_if(ranked, (N,), device)
+    cmean = empty_f32_if(want_cp, (N, C), device)
     if want_ent or want_cp:
         hist = None
         if ranked:
-            hist, ent_part = rank_entropy(emap, k)
+            hist, ent_part = rank_entropy(emap.view(N, num_pixels), k)
         _target_finish_kernel[(1,)](
             ent_part,
             cls_part,
@@ -212,18 +228,18 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
             kept,
             N,
             C,
-            S,
+            num_pixels,
             ent_part.shape[1] if want_ent else 0,
-            programs,
+            num_parts,
             k,
             mu,
             ENT_MODE=(2 if ranked else 1) if want_ent else 0,
             WANT_CP=want_cp,
-            BLOCK_P=block_s,
+            BLOCK_P=block_p,
             BLOCK_C=block_c,
-            num_warps=NUM_WARPS,
+            num_warps=num_warps,
         )
     if info is None:
         info = torch.empty(0, dtype=x.dtype, device=device)
     outputs = (info, emap, ent, cp, thresh, kept, cmean)
-    return tuple(torch.empty(0, dtype=f32, device=device) if t is None else t for t in outputs)
+    return tuple(torch.empty(0, dtype=torch.float32, device=device) if t is None else t for t in outputs)

@@ -32,9 +32,9 @@ from .bilinear import (
     combine_taps,
     store_tap_partials,
 )
-from .entropy_ranking import rank_entropy, rank_key
 from .softmax_entropy import softmax_entropy
-from .target_forward import _target_finish_kernel
+from .target_backward import target_grad_constants, target_pixel_grad
+from .target_forward import empty_f32_if, finish_target_forward
 
 
 @triton.jit
@@ -171,17 +171,9 @@ def _upsampled_target_bwd_kernel(
     x_img = x_ptr + n64 * stride_xn
     map_offset = n64 * H * W  # of grad_emap and emap
 
-    # the per-pixel gradient's pieces that do not depend on the pixel
-    w_const = 0.0
-    if ENT_MODE == 1:
-        w_const = tl.load(grad_ent_ptr) * inv_num_pixels
-    if ENT_MODE == 2:
-        thresh_key = rank_key(tl.load(thresh_ptr + n))
-        w_kept = tl.load(grad_ent_ptr) * inv_num_images / tl.load(kept_ptr + n)
-    if HAS_GRAD_CP:
-        target = mu * tl.load(prior_ptr + offs_c, mask=c_valid, other=0.0)
-        class_mean = tl.load(cmean_ptr + n * C + offs_c, mask=c_valid, other=0.0)
-        hinge_grad = tl.where(target - class_mean > 0.0, tl.load(grad_cp_ptr) * inv_num_pixels, 0.0)
+    w_all, thresh_key, w_kept, hinge_grad = target_grad_constants(
+        grad_ent_ptr, grad_cp_ptr, thresh_ptr, kept_ptr, cmean_ptr, prior_ptr, n, C, offs_c, c_valid,
+        inv_num_pixels, inv_num_images, mu, ENT_MODE, HAS_GRAD_CP)
 
     a00 = tl.zeros([BLOCK_CELLS, BLOCK_C], dtype=tl.float32)
     a01 = tl.zeros([BLOCK_CELLS, BLOCK_C], dtype=tl.float32)
@@ -203,24 +195,12 @@ def _upsampled_target_bwd_kernel(
             wy0 = 1.0 - wy1
             u = tl.where(c_valid[None, :], wy0 * top + wy1 * bottom, float("-inf"))
             p, plogp, _ = softmax_entropy(u, inv_log_c)
-            # w: the gradient reaching E of each pixel
-            w_pix = tl.zeros([LANES], dtype=tl.float32) + w_const
-            if HAS_GRAD_EMAP:
-                w_pix += tl.load(grad_emap_ptr + map_offset + i * W + j, mask=pix_ok, other=0.0)
-            if ENT_MODE == 2:
-                # the forward's selection: key(E) >= key(t) <=> E >= t or isnan(E)
-                ent = tl.load(emap_ptr + map_offset + i * W + j, mask=pix_ok, other=0.0)
-                w_pix += tl.where(rank_key(ent) >= thresh_key, w_kept, 0.0)
-            g = w_pix[:, None]
-            if HAS_GRAD_INFO:
-                grad_info_ptrs = grad_info_ptr + n64 * stride_gin + offs_c[None, :] * stride_gic + i * stride_gih
-                grad_info_ptrs += j[:, None] * stride_giw
-                g = g + tl.load(grad_info_ptrs, mask=mask, other=0.0).to(tl.float32)
-            # q = p dL/dp through the guarded plogp (a -inf logit: exact 0), then the softmax backward
-            q = -g * (plogp + p) * inv_log_c
-            if HAS_GRAD_CP:
-                q -= p * hinge_grad[None, :]
-            grad = tl.where(pix_ok[:, None], q - p * tl.sum(q, axis=1)[:, None], 0.0)
+            grad = target_pixel_grad(
+                p, plogp, grad_info_ptr, n64 * stride_gin,
+                offs_c[None, :] * stride_gic + i * stride_gih + j[:, None] * stride_giw, mask, grad_emap_ptr,
+                emap_ptr, map_offset, i * W + j, pix_ok, w_all, thresh_key, w_kept, hinge_grad, inv_log_c,
+                HAS_GRAD_INFO, HAS_GRAD_EMAP, ENT_MODE, HAS_GRAD_CP, LANES)
+            grad = tl.where(pix_ok[:, None], grad, 0.0)
             t_top += wy0 * grad
             t_bottom += wy1 * grad
         a00, a01, a10, a11 = accumulate_taps(a00, a01, a10, a11, t_top, t_bottom, wx0, wx1, BLOCK_CELLS, SPAN,
@@ -243,19 +223,15 @@ def upsampled_target_forward(x, out_h, out_w, prior, k, mu, want_info, want_emap
     """
     N, C, h, w = x.shape
     device = x.device
-    f32 = torch.float32
     ranked = want_ent and k > 0
     want_ent_sum = want_ent and not ranked
     grid, meta = _launch_shape(x, out_h, out_w)
     programs = grid[0] * grid[1]  # per image
 
-    def maybe(wanted, shape):
-        return torch.empty(shape, dtype=f32, device=device) if wanted else None
-
     info = full_resolution_like(x, out_h, out_w) if want_info else None
-    emap = maybe(want_emap or ranked, (N, out_h, out_w))
-    ent_part = maybe(want_ent_sum, (N, programs))
-    cls_part = maybe(want_cp, (N, programs, meta["BLOCK_C"]))
+    emap = empty_f32_if(want_emap or ranked, (N, out_h, out_w), device)
+    ent_part = empty_f32_if(want_ent_sum, (N, programs), device)
+    cls_part = empty_f32_if(want_cp, (N, programs, meta["BLOCK_C"]), device)
     _upsampled_target_fwd_kernel[grid](
         x,
         info,
@@ -278,41 +254,9 @@ def upsampled_target_forward(x, out_h, out_w, prior, k, mu, want_info, want_emap
         WANT_CLASS_SUM=want_cp,
         **meta,
     )
-
-    ent, cp = maybe(want_ent, ()), maybe(want_cp, ())
-    thresh, kept = maybe(ranked, (N,)), maybe(ranked, (N,))
-    cmean = maybe(want_cp, (N, C))
-    if want_ent or want_cp:
-        hist = None
-        if ranked:
-            hist, ent_part = rank_entropy(emap.view(N, out_h * out_w), k)
-        _target_finish_kernel[(1,)](
-            ent_part,
-            cls_part,
-            hist,
-            prior if want_cp else None,
-            ent,
-            cp,
-            cmean,
-            thresh,
-            kept,
-            N,
-            C,
-            out_h * out_w,
-            ent_part.shape[1] if want_ent else 0,
-            programs,
-            k,
-            mu,
-            ENT_MODE=(2 if ranked else 1) if want_ent else 0,
-            WANT_CP=want_cp,
-            BLOCK_P=max(1, meta["BLOCK_CELLS"] * meta["SPAN"]),
-            BLOCK_C=meta["BLOCK_C"],
-            num_warps=CELL_NUM_WARPS,
-        )
-    if info is None:
-        info = torch.empty(0, dtype=x.dtype, device=device)
-    outputs = (info, emap, ent, cp, thresh, kept, cmean)
-    return tuple(torch.empty(0, dtype=f32, device=device) if t is None else t for t in outputs)
+    return finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_ent, want_cp, out_h * out_w,
+                                 programs, max(1, meta["BLOCK_CELLS"] * meta["SPAN"]), meta["BLOCK_C"],
+                                 CELL_NUM_WARPS)
 
 
 def upsampled_target_backward(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept,
