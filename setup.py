@@ -19,7 +19,7 @@ def cpu_extension():
     return CppExtension(
         name="advent_fast._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
         extra_link_args=["-fopenmp"],
     )
 

@@ -55,7 +55,8 @@ ADVENT_INLINE float exp_nonpositive(float y) {
 }
 
 // log(x) for a positive normal x or NaN (a softmax denominator, in [1, C]).
-// x = m 2^e with m in [sqrt(1/2), sqrt(2)), log x = log(m) + e ln2, log(m) by a polynomial in m - 1.
+// x = m 2^e with m in [sqrt(1/2), sqrt(2)), log x = log(m) + e ln2, log(m) by a polynomial in
+// m - 1.
 ADVENT_INLINE float log_positive(float x) {
   const uint32_t bits = float_to_bits(x);
   float exponent = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);

@@ -1,6 +1,7 @@
 // Block kernels of the fused target losses. Math (per pixel, natural log, L = log C):
 //   y_c = x_c - max_j x_j,  p_c = exp(y_c) / sum_j exp(y_j),  lp_c = y_c - log(sum_j exp(y_j))
-//   I_c = -p_c lp_c / L (0 where p_c = 0),  E = sum_c I_c = (log sum_j exp(y_j) - sum_c p_c y_c) / L
+//   I_c = -p_c lp_c / L (0 where p_c = 0),
+//   E = sum_c I_c = (log sum_j exp(y_j) - sum_c p_c y_c) / L
 // Backward, with w = dL/dE, g_c = dL/dI_c and h_c from the class prior (dL/dp_c = -h_c):
 //   q_c = p_c dL/dp_c = -p_c ((g_c + w) (lp_c + 1) / L + h_c),  dL/dx_c = q_c - p_c sum_j q_j
 //
@@ -20,7 +21,8 @@
 // entry points get AVX2+FMA and AVX-512 clones picked at load time (GCC function multiversioning).
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
     defined(__linux__)
-#define ADVENT_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define ADVENT_ISA_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define ADVENT_ISA_CLONES
 #endif
@@ -194,12 +196,12 @@ struct BlockBuffers {
   std::vector<float> exps;     // exp(y_c)
   std::vector<float> work;     // I_c (forward); dL/dI_c -> q_c -> dL/dx_c (backward)
   std::vector<float> staging;  // 16-bit channels_last data converted to fp32, pixel-major
-  float max_logit[kBlock];
-  float log_sum[kBlock];        // log sum_c exp(y_c): log p_c = y_c - log_sum
-  float inv_sum[kBlock];        // 1 / sum_c exp(y_c): p_c = exp(y_c) * inv_sum
+  float max_logit[kBlock];        // max_c x_c
+  float log_sum[kBlock];          // log sum_c exp(y_c): log p_c = y_c - log_sum
+  float inv_sum[kBlock];          // 1 / sum_c exp(y_c): p_c = exp(y_c) * inv_sum
   float sum_exp_shifted[kBlock];  // sum_c exp(y_c) y_c
-  float pixel[kBlock];          // E (forward), dL/dE (backward)
-  float q_sum[kBlock];          // sum_c q_c (backward)
+  float pixel[kBlock];            // E (forward), dL/dE (backward)
+  float q_sum[kBlock];            // sum_c q_c (backward)
 };
 
 // The softmax of a block, left unnormalised: buffers.shifted <- y, buffers.exps <- exp(y), and
@@ -210,7 +212,9 @@ ADVENT_INLINE void softmax_block(int64_t num_classes, BlockBuffers& b) {
   for (int64_t c = 1; c < num_classes; ++c) {
     const float* row = b.shifted.data() + c * kBlock;
     // A NaN logit may be skipped here: it still makes its own exp, hence the sum, NaN.
-    for (int64_t j = 0; j < kBlock; ++j) b.max_logit[j] = row[j] > b.max_logit[j] ? row[j] : b.max_logit[j];
+    for (int64_t j = 0; j < kBlock; ++j) {
+      b.max_logit[j] = row[j] > b.max_logit[j] ? row[j] : b.max_logit[j];
+    }
   }
   float sum_exp[kBlock];
   for (int64_t j = 0; j < kBlock; ++j) sum_exp[j] = 0.0f;
@@ -218,16 +222,19 @@ ADVENT_INLINE void softmax_block(int64_t num_classes, BlockBuffers& b) {
   for (int64_t c = 0; c < num_classes; ++c) {
     float* row = b.shifted.data() + c * kBlock;
     float* erow = b.exps.data() + c * kBlock;
+    // -inf - -inf (an all -inf pixel) and +inf - +inf give NaN, as a naive softmax does; the
+    // clamp (which keeps NaN) makes a -inf logit's y finite and its exp 0. (A loop of its own:
+    // fused with the exp, GCC turns the clamp into masked exp code, which is slower.)
     for (int64_t j = 0; j < kBlock; ++j) {
-      // -inf - -inf (an all -inf pixel) and +inf - +inf give NaN, as a naive softmax does; the
-      // clamp (which keeps NaN) makes a -inf logit's y finite and its exp 0.
       const float diff = row[j] - b.max_logit[j];
-      const float y = diff < kMinShiftedLogit ? kMinShiftedLogit : diff;
+      row[j] = diff < kMinShiftedLogit ? kMinShiftedLogit : diff;
+    }
+    for (int64_t j = 0; j < kBlock; ++j) {
+      const float y = row[j];
       const float e = exp_nonpositive(y);
-      row[j] = y;
       erow[j] = e;
       sum_exp[j] += e;
-      if (kWithEntropy) b.sum_exp_shifted[j] += e * y;
+      if constexpr (kWithEntropy) b.sum_exp_shifted[j] += e * y;
     }
   }
   // sum_exp >= 1 (the max term is exp(0)), so its log and reciprocal are safe.
@@ -240,12 +247,14 @@ ADVENT_INLINE void softmax_block(int64_t num_classes, BlockBuffers& b) {
 }  // namespace
 
 ADVENT_ISA_CLONES
-void forward_chunks(const ForwardArgs& args, int64_t chunk_begin, int64_t chunk_end, double* partials) {
+void forward_chunks(const ForwardArgs& args, int64_t chunk_begin, int64_t chunk_end,
+                    double* partials) {
   const Problem& shape = args.shape;
   const int64_t num_classes = shape.num_classes;
   const int64_t width = forward_partials_width(shape);
   const float inv_log_c = static_cast<float>(1.0 / std::log(static_cast<double>(num_classes)));
   const bool want_info = args.info.data != nullptr;
+  const bool want_entropy = args.sum_entropy || args.entropy_map != nullptr;
   BlockBuffers b(num_classes);
   // Per-lane running sums over the blocks of a chunk (at most 16 terms each: fp32 is enough),
   // reduced to a double per chunk.
@@ -262,34 +271,45 @@ void forward_chunks(const ForwardArgs& args, int64_t chunk_begin, int64_t chunk_
     for (int64_t first = chunk_first; first < chunk_last; first += kBlock) {
       const int64_t count = std::min(kBlock, chunk_last - first);
       load_block(args.logits, n, first, num_classes, count, b.staging.data(), b.shifted.data());
-      softmax_block<true>(num_classes, b);
-      // E L = -sum_c p_c (y_c - log_sum) = log_sum - inv_sum sum_c exp(y_c) y_c (sum_c p_c = 1).
-      // Both terms are >= 0, so E >= +0 without cancellation (and never -0).
-      for (int64_t j = 0; j < kBlock; ++j) {
-        b.pixel[j] = (b.log_sum[j] - b.inv_sum[j] * b.sum_exp_shifted[j]) * inv_log_c;
+      if (want_entropy) {
+        softmax_block<true>(num_classes, b);
+        // E L = -sum_c p_c (y_c - log_sum) = log_sum - inv_sum sum_c exp(y_c) y_c (sum_c p_c = 1).
+        // Both terms are >= 0, so E >= +0 without cancellation (and never -0).
+        for (int64_t j = 0; j < kBlock; ++j) {
+          b.pixel[j] = (b.log_sum[j] - b.inv_sum[j] * b.sum_exp_shifted[j]) * inv_log_c;
+        }
+      } else {
+        softmax_block<false>(num_classes, b);
       }
       if (want_info || args.sum_class_probs) {
+        // I_c = -p_c log p_c / L = exp(y_c) (-inv_sum / L) (y_c - log_sum); p_c = 0 gives
+        // 0 * finite (see kMinShiftedLogit).
+        float info_scale[kBlock];
+        for (int64_t j = 0; j < kBlock; ++j) info_scale[j] = -b.inv_sum[j] * inv_log_c;
         for (int64_t c = 0; c < num_classes; ++c) {
           const float* yrow = b.shifted.data() + c * kBlock;
           const float* erow = b.exps.data() + c * kBlock;
-          float* irow = b.work.data() + c * kBlock;
-          float* sums = class_lane_sum.data() + c * kBlock;
           if (want_info) {
-            // I_c = -p_c log p_c / L; p_c = 0 gives 0 * finite (see kMinShiftedLogit).
+            float* irow = b.work.data() + c * kBlock;
             for (int64_t j = 0; j < kBlock; ++j) {
-              irow[j] = -(erow[j] * b.inv_sum[j]) * (yrow[j] - b.log_sum[j]) * inv_log_c;
+              irow[j] = erow[j] * info_scale[j] * (yrow[j] - b.log_sum[j]);
             }
           }
           if (args.sum_class_probs) {
+            float* sums = class_lane_sum.data() + c * kBlock;
             for (int64_t j = 0; j < count; ++j) sums[j] += erow[j] * b.inv_sum[j];
           }
         }
       }
-      if (want_info) store_block(b.work.data(), n, first, num_classes, count, b.staging.data(), args.info);
+      if (want_info) {
+        store_block(b.work.data(), n, first, num_classes, count, b.staging.data(), args.info);
+      }
       if (args.entropy_map != nullptr) {
         std::copy(b.pixel, b.pixel + count, args.entropy_map + n * shape.num_pixels + first);
       }
-      for (int64_t j = 0; j < count; ++j) entropy_lane_sum[j] += b.pixel[j];
+      if (args.sum_entropy) {
+        for (int64_t j = 0; j < count; ++j) entropy_lane_sum[j] += b.pixel[j];
+      }
     }
 
     double* out = partials + (chunk - chunk_begin) * width;
@@ -350,8 +370,16 @@ void backward_chunks(const BackwardArgs& args, int64_t chunk_begin, int64_t chun
         }
       }
 
-      // q_c = p_c a_c, a_c = -(g_c + w) (log p_c + 1) / L - h_c. log p_c is finite even for a
-      // masked class (see kMinShiftedLogit), so p_c = 0 gives q_c = 0 and an exact zero gradient.
+      // q_c = p_c a_c with a_c = -(g_c + w) (log p_c + 1) / L - h_c
+      //     = exp(y_c) inv_sum ((g_c k + w k) (y_c + 1 - log_sum) - h_c),  k = -1 / L.
+      // log p_c is finite even for a masked class (see kMinShiftedLogit), so p_c = 0 gives q_c = 0
+      // and an exact zero gradient.
+      float scaled_weight[kBlock];
+      float one_minus_log_sum[kBlock];
+      for (int64_t j = 0; j < kBlock; ++j) {
+        scaled_weight[j] = weight[j] * neg_inv_log_c;
+        one_minus_log_sum[j] = 1.0f - b.log_sum[j];
+      }
       std::fill(b.q_sum, b.q_sum + kBlock, 0.0f);
       for (int64_t c = 0; c < num_classes; ++c) {
         const float* yrow = b.shifted.data() + c * kBlock;
@@ -359,14 +387,15 @@ void backward_chunks(const BackwardArgs& args, int64_t chunk_begin, int64_t chun
         float* grow = b.work.data() + c * kBlock;
         const float h = class_grad != nullptr ? class_grad[c] : 0.0f;
         for (int64_t j = 0; j < kBlock; ++j) {
-          const float upstream = (has_grad_info ? grow[j] : 0.0f) + weight[j];
-          const float log_p_plus_1 = yrow[j] - b.log_sum[j] + 1.0f;
-          const float q = erow[j] * b.inv_sum[j] * (upstream * log_p_plus_1 * neg_inv_log_c - h);
+          const float upstream =
+              has_grad_info ? grow[j] * neg_inv_log_c + scaled_weight[j] : scaled_weight[j];
+          const float q =
+              erow[j] * b.inv_sum[j] * (upstream * (yrow[j] + one_minus_log_sum[j]) - h);
           grow[j] = q;
           b.q_sum[j] += q;
         }
       }
-      // dL/dx_c = q_c - p_c sum_j q_j
+      // dL/dx_c = q_c - p_c sum_j q_j = q_c - exp(y_c) (inv_sum sum_j q_j)
       for (int64_t j = 0; j < kBlock; ++j) b.q_sum[j] *= b.inv_sum[j];
       for (int64_t c = 0; c < num_classes; ++c) {
         const float* erow = b.exps.data() + c * kBlock;

@@ -34,7 +34,7 @@ struct Problem {
 struct ForwardArgs {
   Problem shape;
   StridedView logits;
-  StridedView info;             // I (N, C, S) to write, or data == nullptr
+  StridedView info;              // I (N, C, S) to write, or data == nullptr
   float* entropy_map = nullptr;  // E (N, S) contiguous to write, or nullptr
   bool sum_entropy = false;      // partials[0] = sum of E over the chunk
   bool sum_class_probs = false;  // partials[1 + c] = sum of p_c over the chunk
@@ -43,24 +43,28 @@ struct ForwardArgs {
 // Per chunk, 1 + C doubles of partial sums (entries not asked for are left untouched).
 inline int64_t forward_partials_width(const Problem& shape) { return 1 + shape.num_classes; }
 
-// Chunks [chunk_begin, chunk_end): writes info / entropy_map and partials[(chunk - chunk_begin) * width + i].
-void forward_chunks(const ForwardArgs& args, int64_t chunk_begin, int64_t chunk_end, double* partials);
+// Chunks [chunk_begin, chunk_end): writes info / entropy_map and the partial sums of chunk i at
+// partials[(i - chunk_begin) * forward_partials_width(shape)].
+void forward_chunks(const ForwardArgs& args, int64_t chunk_begin, int64_t chunk_end,
+                    double* partials);
 
 struct BackwardArgs {
   Problem shape;
   StridedView logits;
-  StridedView grad_info;                // dL/dI (N, C, S), or data == nullptr
-  StridedView grad_logits;              // written
+  StridedView grad_info;                    // dL/dI (N, C, S), or data == nullptr
+  StridedView grad_logits;                  // dL/dx (N, C, S), written
   const float* grad_entropy_map = nullptr;  // dL/dE (N, S) contiguous, or nullptr
-  float uniform_pixel_weight = 0.0f;    // dL/dE_ns shared by every pixel (the plain MinEnt mean)
+  float uniform_pixel_weight = 0.0f;        // dL/dE_ns of every pixel (the plain MinEnt mean)
   // Entropy ranking: pixel (n, s) gets kept_pixel_weight[n] when entropy_map[n, s] >= threshold[n]
   // or is NaN. All three (N, S) / (N,) / (N,) contiguous, or all nullptr.
   const float* entropy_map = nullptr;
   const float* threshold = nullptr;
   const float* kept_pixel_weight = nullptr;
-  const float* class_prob_grad = nullptr;  // h (N, C): dL/dp_c = -h_nc from the class prior, or nullptr
+  // h (N, C): dL/dp_c = -h_nc from the class prior, or nullptr.
+  const float* class_prob_grad = nullptr;
 };
 
+// Chunks [chunk_begin, chunk_end): writes grad_logits.
 void backward_chunks(const BackwardArgs& args, int64_t chunk_begin, int64_t chunk_end);
 
 }  // namespace advent_fast

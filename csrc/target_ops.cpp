@@ -11,7 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -67,6 +67,49 @@ int64_t chunk_grain(const Problem& shape) {
   return std::max<int64_t>(1, 65536 / (kChunkPixels * shape.num_classes));
 }
 
+// Order-preserving map between non-NaN floats and uint32 keys (a larger float, a larger key;
+// -0 sorts just below +0, which compare equal: either selects the same pixels).
+uint32_t order_key(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+float key_to_float(uint32_t key) {
+  const uint32_t bits = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// The rank-th largest (1-based) of the keys, exactly, by MSB-first radix selection: per digit
+// (11, 11, 10 bits), histogram the candidates, find the digit of the rank-th largest, keep only
+// the candidates with that digit. Three passes over shrinking data instead of nth_element's
+// branchy partitions. Reorders `keys`.
+float kth_largest(std::vector<uint32_t>& keys, int64_t rank) {
+  constexpr int kShifts[] = {21, 10, 0};
+  constexpr uint32_t kDigitMasks[] = {0x7FF, 0x7FF, 0x3FF};
+  uint32_t* candidates = keys.data();
+  int64_t count = static_cast<int64_t>(keys.size());
+  for (int round = 0; round < 3; ++round) {
+    const int shift = kShifts[round];
+    const uint32_t mask = kDigitMasks[round];
+    int64_t histogram[2048] = {};
+    for (int64_t i = 0; i < count; ++i) ++histogram[(candidates[i] >> shift) & mask];
+    uint32_t digit = mask;
+    while (histogram[digit] < rank) {
+      rank -= histogram[digit];
+      --digit;
+    }
+    int64_t kept = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      if (((candidates[i] >> shift) & mask) == digit) candidates[kept++] = candidates[i];
+    }
+    count = kept;
+  }
+  return key_to_float(candidates[0]);  // all remaining candidates hold the same key
+}
+
 // Entropy ranking of one image: t = k-th largest E (NaN counts as the largest), the kept pixels
 // (E >= t or NaN), their count and the sum of their E.
 struct RankedImage {
@@ -75,23 +118,20 @@ struct RankedImage {
   double kept_sum;
 };
 
-RankedImage rank_image(const float* entropy, int64_t num_pixels, int64_t k, std::vector<float>& finite) {
-  // nth_element needs a strict weak order, which NaN breaks: count NaNs, select among the rest.
-  finite.clear();
+RankedImage rank_image(const float* entropy, int64_t num_pixels, int64_t k,
+                       std::vector<uint32_t>& keys) {
+  // NaN has no place in an order: count the NaNs, select among the rest.
+  keys.clear();
   int64_t nan_count = 0;
   for (int64_t s = 0; s < num_pixels; ++s) {
     if (std::isnan(entropy[s])) {
       ++nan_count;
     } else {
-      finite.push_back(entropy[s]);
+      keys.push_back(order_key(entropy[s]));
     }
   }
-  float threshold = std::numeric_limits<float>::quiet_NaN();
-  if (k > nan_count) {
-    const auto kth = finite.begin() + (k - nan_count - 1);
-    std::nth_element(finite.begin(), kth, finite.end(), std::greater<float>());
-    threshold = *kth;
-  }
+  const float threshold =
+      k > nan_count ? kth_largest(keys, k - nan_count) : std::numeric_limits<float>::quiet_NaN();
   RankedImage ranked{threshold, 0, 0.0};
   for (int64_t s = 0; s < num_pixels; ++s) {
     if (entropy[s] >= threshold || std::isnan(entropy[s])) {
@@ -122,7 +162,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> target_forwar
   const auto float_options = x.options().dtype(at::kFloat);
   // Each output is its own tensor, even when unused: custom ops may not return aliases.
   const auto unused = [&] { return at::empty({0}, float_options); };
-  Tensor info = want_info ? at::empty_like(x) : unused();
+  Tensor info = want_info ? at::empty_like(x) : at::empty({0}, x.options());
   Tensor emap = (want_emap || ranking) ? at::empty({N, S}, float_options) : unused();
 
   ForwardArgs args;
@@ -156,7 +196,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> target_forwar
     std::vector<double> image_loss(N);
     const float* entropy = emap.data_ptr<float>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch;
+      std::vector<uint32_t> scratch;
       scratch.reserve(S);
       for (int64_t n = begin; n < end; ++n) {
         const RankedImage r = rank_image(entropy + n * S, S, k, scratch);
@@ -191,7 +231,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> target_forwar
 }
 
 Tensor target_backward_cpu(const Tensor& x, const std::optional<Tensor>& grad_info,
-                           const std::optional<Tensor>& grad_emap, const std::optional<Tensor>& grad_ent,
+                           const std::optional<Tensor>& grad_emap,
+                           const std::optional<Tensor>& grad_ent,
                            const std::optional<Tensor>& grad_cp, const std::optional<Tensor>& emap,
                            const std::optional<Tensor>& thresh, const std::optional<Tensor>& kept,
                            const std::optional<Tensor>& cmean, const std::optional<Tensor>& prior,
@@ -232,7 +273,8 @@ Tensor target_backward_cpu(const Tensor& x, const std::optional<Tensor>& grad_in
       const Tensor kept_f = contiguous_float(*kept_t);
       kept_weight.resize(N);
       for (int64_t n = 0; n < N; ++n) {
-        kept_weight[n] = static_cast<float>(grad / (static_cast<double>(N) * kept_f.data_ptr<float>()[n]));
+        const double kept_count = kept_f.data_ptr<float>()[n];
+        kept_weight[n] = static_cast<float>(grad / (static_cast<double>(N) * kept_count));
       }
       args.entropy_map = emap_f.data_ptr<float>();
       args.threshold = thresh_f.data_ptr<float>();

@@ -38,7 +38,8 @@ def make_logits(n, c, h, w, dtype=torch.float32, scale=3.0, seed=0, layout="cont
         x = x4.contiguous(memory_format=torch.channels_last).reshape(n, c, h * w)
         assert x.stride() == (h * w * c, 1, c)
     elif layout == "classes_padded":  # classes contiguous, pixel stride > C
-        x = torch.cat([x4, x4[:, :3]], 1).permute(0, 2, 3, 1).contiguous().reshape(n, h * w, c + 3)[..., :c]
+        padded = torch.cat([x4, x4[:, :3]], 1).permute(0, 2, 3, 1).contiguous()
+        x = padded.reshape(n, h * w, c + 3)[..., :c]
         x = x.transpose(1, 2)
         assert x.stride(1) == 1 and x.stride(2) == c + 3
     elif layout == "strided":  # neither classes nor pixels contiguous
@@ -156,8 +157,9 @@ def test_non_contiguous_views(layout, dtype):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "classes_padded"])
 def test_half_outputs_are_fp32_results_rounded_to_nearest_even(dtype, layout):
     # The kernel works in fp32: on 16-bit logits it computes what it computes on the same values in
-    # fp32, then rounds like torch's .to(dtype) (subnormal fp16 values included).
-    x = make_logits(2, 19, 21, 33, dtype, layout=layout, seed=16)
+    # fp32, then rounds like torch's .to(dtype) (subnormal fp16 values included). 1.2M outputs
+    # hold exact rounding ties (about 1 in 2^16 for bf16), which round to even.
+    x = make_logits(2, 19, 160, 200, dtype, layout=layout, seed=16)
     x32 = x.float()
     grad_info = random_upstream("info", x, 17)[0]
     out, out32 = forward(x), forward(x32)
