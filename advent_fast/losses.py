@@ -103,19 +103,23 @@ def _setup_context(ctx, inputs, output):
                           cmean if want_cp else None)
 
 
-def _grad_or_none(grad: Optional[Tensor], wanted: bool) -> Optional[Tensor]:
-    # Autograd hands zeros (or None) for outputs the loss did not use; an unrequested output
-    # is an empty placeholder whose gradient carries nothing.
+def _grad_or_none(grad: Optional[Tensor], wanted: bool, keep_strides: bool = False) -> Optional[Tensor]:
+    """The gradient of one forward output as the backward kernels take it.
+
+    Autograd hands zeros (or None) for outputs the loss did not use; an unrequested output is an
+    empty placeholder whose gradient carries nothing. The self-information gradient keeps its
+    strides (the kernels read any); the float32 outputs' gradients are made contiguous.
+    """
     if not wanted or grad is None:
         return None
-    return grad.float().contiguous() if grad.dim() < 3 else grad
+    return grad if keep_strides else grad.float().contiguous()
 
 
 def _backward(ctx, g_info, g_emap, g_ent, g_cp, _g_thresh, _g_kept, _g_cmean):
     want_info, want_emap, want_ent, want_cp, ranked = ctx.flags
     x, prior, emap, thresh, kept, cmean = ctx.saved_tensors
     grad_x = _target_backward(
-        x, _grad_or_none(g_info, want_info), _grad_or_none(g_emap, want_emap),
+        x, _grad_or_none(g_info, want_info, keep_strides=True), _grad_or_none(g_emap, want_emap),
         _grad_or_none(g_ent, want_ent), _grad_or_none(g_cp, want_cp),
         emap, thresh, kept, cmean, prior, ctx.mu,
     )
@@ -128,9 +132,12 @@ _target_forward.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------
-def _check_logits(logits: Tensor) -> None:
+def _check_logits(logits: Tensor, spatial_dims: Optional[int] = None) -> None:
+    """Type, rank (at least 3, or exactly 2 + ``spatial_dims``), dtype and class count."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if spatial_dims is not None and logits.dim() != 2 + spatial_dims:
+        raise ValueError(f"logits must have shape (N, C, h, w), got shape {tuple(logits.shape)}")
     if logits.dim() < 3:
         raise ValueError("logits must have shape (N, C, *spatial) with at least 3 dims, "
                          f"got shape {tuple(logits.shape)}")

@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import get_backend
-from .losses import PriorLike, _check_prior, _check_top_k, target_losses
+from .losses import (PriorLike, _check_logits, _check_prior, _check_top_k, _grad_or_none,
+                     target_losses)
 from .reference import TargetLosses, ranked_pixel_count
 
 __all__ = ["upsampled_cross_entropy", "upsampled_target_losses"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)
 # cell_start (kernels/bilinear.py) is exact while low-res size x full-res size < 2**23 on an axis; a
 # factor 2 of margin
@@ -185,20 +185,12 @@ def _target_setup_context(ctx, inputs, output):
                           cmean if want_cp else None)
 
 
-def _grad_or_none(grad: Optional[Tensor], wanted: bool) -> Optional[Tensor]:
-    # Autograd hands zeros (or None) for outputs the loss did not use; an unrequested output
-    # is an empty placeholder whose gradient carries nothing. grad_info keeps its strides.
-    if not wanted or grad is None:
-        return None
-    return grad.float().contiguous() if grad.dim() < 4 else grad
-
-
 def _target_autograd(ctx, g_info, g_emap, g_ent, g_cp, _g_thresh, _g_kept, _g_cmean):
     want_info, want_emap, want_ent, want_cp = ctx.flags
     out_h, out_w, mu = ctx.args
     x, prior, emap, thresh, kept, cmean = ctx.saved_tensors
     grad_x = _target_backward(
-        x, out_h, out_w, _grad_or_none(g_info, want_info), _grad_or_none(g_emap, want_emap),
+        x, out_h, out_w, _grad_or_none(g_info, want_info, keep_strides=True), _grad_or_none(g_emap, want_emap),
         _grad_or_none(g_ent, want_ent), _grad_or_none(g_cp, want_cp), emap, thresh, kept, cmean, prior, mu,
     )
     return (grad_x,) + (None,) * 9
@@ -210,15 +202,8 @@ _target_forward.register_autograd(_target_autograd, setup_context=_target_setup_
 # ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------
-def _check_logits(logits: Tensor) -> None:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 4:
-        raise ValueError(f"logits must have shape (N, C, h, w), got shape {tuple(logits.shape)}")
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
-    if logits.shape[1] < 2:
-        raise ValueError(f"logits must have C >= 2 classes on dim 1, got shape {tuple(logits.shape)}")
+def _check_low_res_logits(logits: Tensor) -> None:
+    _check_logits(logits, spatial_dims=2)
     if logits.shape[2] < 1 or logits.shape[3] < 1:
         raise ValueError(f"logits must have a non-empty (h, w), got shape {tuple(logits.shape)}")
 
@@ -280,7 +265,7 @@ def upsampled_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 
             (checking there would need a host synchronisation).
         ignore_index: label of the pixels that do not count.
     """
-    _check_logits(logits)
+    _check_low_res_logits(logits)
     _check_labels(labels, logits, ignore_index)
     size = (labels.shape[1], labels.shape[2])
     if not _use_kernels(logits, size):
@@ -313,7 +298,7 @@ def upsampled_target_losses(
         :class:`TargetLosses`: self_information (N, C, H, W) in the logits' dtype (channels_last when the
         logits are), entropy_map (N, H, W) float32, scalar losses float32; fields not asked for are None.
     """
-    _check_logits(logits)
+    _check_low_res_logits(logits)
     out_h, out_w = _check_size(size)
     _check_top_k(top_k)
     if prior is not None:
