@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
 import advent_fast as af
 from advent_fast import reference as ref
+from bench_common import Timer, fwd_bwd, peak_extra_mib
 
 GPU_SHAPES = [(1, 19, 512, 1024), (4, 19, 512, 1024), (1, 16, 760, 1280)]
 CPU_SHAPES = [(2, 19, 256, 512)]
@@ -62,33 +61,6 @@ def min_bytes(case: str, numel: int, elt: int) -> tuple[int, int]:
     return logits, 2 * logits  # read once, write the gradient once
 
 
-class Timer:
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def median_ms(self, fn, reps: int, warmup: int) -> float:
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(reps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
 
 def copy_bandwidth(device, timer: Timer, reps: int) -> float:
     """Measured device copy bandwidth (bytes read + written) in GB/s."""
@@ -99,16 +71,6 @@ def copy_bandwidth(device, timer: Timer, reps: int) -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def fwd_bwd(fn, logits, upstream):
-    def run():
-        x = logits.detach().requires_grad_(True)
-        out = fn(x)
-        outs = out if isinstance(out, tuple) else (out,)
-        grads = [upstream if o.dim() > 0 else None for o in outs]
-        torch.autograd.backward(outs, grads)
-        return x.grad
-    return run
-
 
 def fwd_only(fn, logits):
     def run():
@@ -116,17 +78,6 @@ def fwd_only(fn, logits):
             return fn(logits)
     return run
 
-
-def peak_extra_mib(run, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    run()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main(argv=None) -> int:

@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import advent_fast as af
 from advent_fast import reference as ref
+from bench_common import Timer, fwd_bwd, peak_extra_mib
 from advent_fast.upsampled import upsampled_cross_entropy, upsampled_target_losses
 
 # (case, logits shape, full-resolution size)
@@ -75,50 +74,7 @@ def implementations(case, size, labels, compile_baseline):
     }
 
 
-class Timer:
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
 
-    def median_ms(self, fn, reps: int, warmup: int) -> float:
-        for _ in range(warmup):
-            fn()
-        if self.cuda:
-            torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-
-def fwd_bwd(fn, logits, upstream):
-    def run():
-        x = logits.detach().requires_grad_(True)
-        out = fn(x)
-        out.backward(upstream if out.dim() > 0 else None)
-        return x.grad
-    return run
-
-
-def peak_extra_mib(run, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    run()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main(argv=None) -> int:
