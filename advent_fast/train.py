@@ -1,0 +1,145 @@
+"""Command line: ``python -m advent_fast.train [--config PRESET] [--mode MODE] ...``.
+
+Without data arguments it trains the small model on the embedded data (generated on first use)
+and prints the target validation mIoU. Several processes: ``torchrun --nproc_per_node=K -m
+advent_fast.train ...`` (NCCL on GPUs, gloo on CPUs).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Dict, Optional, Sequence
+
+from . import checkpoint as ckpt_io
+from . import distributed as dist_utils
+from .config import (DEFAULT_PRESET, MODES, ConfigError, dump_config, from_dict, list_presets,
+                     load_config, merge, set_value, validate)
+from .trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged, default_run_dir
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m advent_fast.train",
+        description="Train ADVENT (MinEnt / AdvEnt) for unsupervised domain adaptation in semantic "
+                    "segmentation. Defaults: the embedded data and the small model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m advent_fast.train --mode advent\n"
+               "  python -m advent_fast.train --config gta2cityscapes_r101 --mode minent_er \\\n"
+               "      --source-root GTA5 --target-root Cityscapes --init-weights DeepLab_resnet_pretrained_imagenet.pth\n"
+               "  python -m advent_fast.train --resume runs/NAME --set train.stop_iter=4000\n"
+               "  torchrun --nproc_per_node=4 -m advent_fast.train --config gta2cityscapes_r101 ... \\\n"
+               "      --set train.source_batch_size=4 --set train.target_batch_size=4",
+    )
+    p.add_argument("--config", default=None, metavar="PRESET|FILE",
+                   help=f"a preset ({', '.join(list_presets())}) or a YAML file (default: {DEFAULT_PRESET})")
+    p.add_argument("--mode", choices=MODES, help="train.mode")
+    p.add_argument("--source-root", metavar="DIR", help="data.source_root (GTA5 or SYNTHIA root)")
+    p.add_argument("--target-root", metavar="DIR", help="data.target_root (Cityscapes root)")
+    p.add_argument("--init-weights", metavar="FILE", help="model.init_weights (ImageNet weights or a checkpoint)")
+    p.add_argument("--class-prior", metavar="FILE", help="train.class_prior: adds the class-ratio prior loss")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="train.precision")
+    p.add_argument("--channels-last", action="store_true", default=None, help="train.channels_last")
+    p.add_argument("--run-dir", metavar="DIR", help="run.dir: config, metrics, checkpoints go here")
+    p.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT",
+                   help="continue a run from its checkpoint (the config comes from the checkpoint)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p.parse_args(argv)
+
+
+def flag_updates(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+    """The dedicated flags as a nested config dict."""
+    flags = {("train", "mode"): args.mode, ("data", "source_root"): args.source_root,
+             ("data", "target_root"): args.target_root, ("model", "init_weights"): args.init_weights,
+             ("train", "class_prior"): args.class_prior, ("train", "precision"): args.precision,
+             ("train", "channels_last"): args.channels_last, ("run", "dir"): args.run_dir}
+    updates: Dict[str, Dict[str, Any]] = {}
+    for (section, key), value in flags.items():
+        if value is not None:
+            updates.setdefault(section, {})[key] = value
+    return updates
+
+
+def resolve(args: argparse.Namespace):
+    """(config, resume state or None, run dir) from the command line."""
+    if args.resume is None:
+        return load_config(args.config or DEFAULT_PRESET, args.overrides, flag_updates(args)), None, None
+    if args.config is not None:
+        raise ConfigError("--resume takes the config from the checkpoint; drop --config "
+                          "(change keys with --set)")
+    path = os.path.join(args.resume, CHECKPOINT_NAME) if os.path.isdir(args.resume) else args.resume
+    state = ckpt_io.load(path)
+    ckpt_io.check_resumable(state, path)
+    config = from_dict(state["config"])
+    for assignment in args.overrides:
+        set_value(config, assignment)
+    merge(config, flag_updates(args), source="command line")
+    validate(config)
+    run_dir = config.run.dir if args.run_dir else os.path.dirname(os.path.abspath(path))
+    return config, state, run_dir
+
+
+def prepare_run_dir(config, run_dir: Optional[str], resuming: bool) -> str:
+    run_dir = run_dir or config.run.dir or default_run_dir(config)
+    if not resuming and os.path.isfile(os.path.join(run_dir, CHECKPOINT_NAME)):
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                          f"or choose another --run-dir")
+    config.run.dir = run_dir
+    return run_dir
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.print_config:
+        try:
+            config, _, _ = resolve(args)
+        except (ConfigError, ckpt_io.CheckpointError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(dump_config(config), end="")
+        return 0
+    ctx = dist_utils.init(args.device)
+    try:
+        try:
+            config, state, run_dir = resolve(args)
+            error = None
+            if ctx.is_main:  # the writer decides; the other processes follow (or stop with it)
+                try:
+                    run_dir = prepare_run_dir(config, run_dir, state is not None)
+                except ConfigError as exc:
+                    error = str(exc)
+            run_dir, error = dist_utils.broadcast_object((run_dir, error), ctx)
+            if error:
+                raise ConfigError(error)
+            config.run.dir = run_dir
+            trainer = Trainer(config, ctx, run_dir, resume=state)
+        except (ConfigError, ckpt_io.CheckpointError, FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if ctx.is_main:
+            print(f"run: {run_dir} | mode {config.train.mode} | {config.model.arch} on {ctx.device}"
+                  f" x{ctx.world_size} | iterations {trainer.iteration} -> {config.train.stop_iter}",
+                  flush=True)
+        start = time.perf_counter()
+        try:
+            result = trainer.fit()
+        except TrainingDiverged as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
+        if ctx.is_main:
+            best = max(trainer.evaluations, key=lambda e: e["miou"])
+            print(f"target val mIoU: {result['miou']:.2f} at iteration {trainer.iteration} "
+                  f"(best {best['miou']:.2f} at {best['iter']}); {time.perf_counter() - start:.0f} s; "
+                  f"run folder {run_dir}", flush=True)
+        return 0
+    finally:
+        dist_utils.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

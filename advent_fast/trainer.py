@@ -1,0 +1,657 @@
+"""The ADVENT training loop: one step function for every mode; flags decide which losses run.
+
+One iteration follows the release (REFERENCE §3): zero grads; poly lr; freeze the discriminators;
+source forward, upsample, segmentation loss, backward; target forward, upsample, the target
+losses of each head from ONE fused call (self-information for D, entropy, class prior),
+backward; unfreeze D; D on detached source and target maps, each BCE / 2, backward; step G,
+then both D.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+import advent_fast
+
+from . import checkpoint as ckpt_io
+from . import distributed as dist_utils
+from . import reference
+from .config import Config, save_config
+from .data.classes import IGNORE_LABEL
+
+SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0  # release labels (the paper writes 1 / 0)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss."""
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """Which losses a mode trains; the one step function reads only these flags."""
+
+    adversarial: bool  # fool D with the target self-information; train D
+    entropy: bool  # MinEnt on the target
+    top_k: Optional[float]  # entropy ranking: fraction of pixels kept (MinEnt+ER)
+    class_prior: bool  # class-ratio prior on the target
+
+    @property
+    def target(self) -> bool:
+        return self.adversarial or self.entropy or self.class_prior
+
+    @classmethod
+    def for_mode(cls, mode: str, ranking_ratio: float, class_prior: bool) -> "LossPlan":
+        return cls(
+            adversarial=mode in ("advent", "advent_minent"),
+            entropy=mode in ("minent", "minent_er", "advent_minent"),
+            top_k=ranking_ratio if mode == "minent_er" else None,
+            class_prior=class_prior,
+        )
+
+
+def target_losses_function(name: str):
+    """``train.target_losses``: the fused op (one read of the logits, fp32 inside whatever the
+    logits' dtype) or the naive release-style reference, given fp32 logits."""
+    if name == "fused":
+        return advent_fast.target_losses
+
+    def reference_target_losses(logits: torch.Tensor, **options) -> reference.TargetLosses:
+        return reference.target_losses(logits.float(), **options)
+
+    return reference_target_losses
+
+
+def poly_lr(base_lr: float, iteration: int, max_iters: int, power: float) -> float:
+    return base_lr * (1 - iteration / max_iters) ** power
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+class InfiniteSampler(Sampler[int]):
+    """An endless stream of per-epoch permutations, consumed a global batch at a time.
+
+    Stream element ``q`` is ``permutation(epoch = q // n)[q % n]``, each permutation drawn from
+    its own generator seeded by (seed, stream, epoch): any position can be resumed without
+    replaying. Each global batch is split over the processes, so K processes with batch B see
+    the same images as one process with batch K * B.
+    """
+
+    def __init__(self, size: int, seed: int, stream: int, global_batch: int,
+                 ctx: dist_utils.DistContext, start: int = 0):
+        self.size, self.seed, self.stream = size, seed, stream
+        self.global_batch, self.start = global_batch, start
+        self.shard = dist_utils.shard_slice(global_batch, ctx)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.size)
+
+    def __iter__(self) -> Iterator[int]:
+        position, epoch, perm = self.start, -1, None
+        while True:
+            for q in range(position + self.shard.start, position + self.shard.stop):
+                if q // self.size != epoch:
+                    epoch = q // self.size
+                    perm = self.permutation(epoch)
+                yield int(perm[q % self.size])
+            position += self.global_batch
+
+
+def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over labelled pixels, averaged per image, then over images (fp32).
+
+    With batch 1 this is the release's ``CrossEntropy2d``; the per-image mean makes a global
+    batch give the same loss however it is split over processes.
+    """
+    ce = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_LABEL, reduction="none")
+    labelled = (label != IGNORE_LABEL).flatten(1).sum(1).clamp(min=1)
+    return (ce.flatten(1).sum(1) / labelled).mean()
+
+
+def bce_to(d_out: torch.Tensor, label: float) -> torch.Tensor:
+    """Release ``bce_loss``: BCE-with-logits of every output against a constant label (fp32)."""
+    d_out = d_out.float()
+    return F.binary_cross_entropy_with_logits(d_out, torch.full_like(d_out, label))
+
+
+def set_requires_grad(modules, flag: bool) -> None:
+    for m in modules:
+        for p in m.parameters():
+            p.requires_grad_(flag)
+
+
+def upsample(logits: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def to_device(batch: Dict[str, Any], device: torch.device, channels_last: bool) -> Dict[str, Any]:
+    out = dict(batch)
+    image = batch["image"].to(device, non_blocking=True)
+    out["image"] = image.contiguous(memory_format=torch.channels_last) if channels_last else image
+    if "label" in batch:
+        out["label"] = batch["label"].to(device, non_blocking=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the pieces
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Datasets:
+    source: Dataset  # labelled
+    target: Dataset  # target train split, no labels
+    val: Dataset  # target val split, with labels
+
+
+def build_datasets(config: Config, ctx: dist_utils.DistContext) -> Datasets:
+    """Source, target and target-val sets (all built now: missing data fails before training);
+    roots from the config, or the embedded data."""
+    from .data import CityscapesDataset, GTA5Dataset, SynthiaDataset, ensure_embedded_data
+
+    d = config.data
+    source_size, target_size, label_size = d.source_size, d.target_size, d.eval_label_size
+    if d.source == "embedded":
+        # One process generates the data; the others read the cache it leaves.
+        if ctx.is_main:
+            embedded = ensure_embedded_data(d.embedded_root)
+        dist_utils.barrier(ctx)
+        if not ctx.is_main:
+            embedded = ensure_embedded_data(d.embedded_root)
+        if embedded.num_classes != d.num_classes:
+            raise ValueError(f"the embedded data has {embedded.num_classes} classes but "
+                             f"data.num_classes is {d.num_classes}")
+        source_root, target_root = embedded.source_root, embedded.target_root
+        source_size = source_size or list(embedded.source_size)
+        target_size = target_size or list(embedded.target_size)
+        label_size = label_size or list(embedded.label_size)
+    else:
+        source_root, target_root = d.source_root, d.target_root
+        what = {"gta5": "GTA5 root (images/, labels/)", "synthia": "SYNTHIA-RAND-CITYSCAPES root (RGB/, GT/)"}
+        if source_root is None:
+            raise FileNotFoundError(f"no source data: give --source-root PATH (the {what[d.source]}) "
+                                    f"or set data.source_root")
+        if target_root is None:
+            raise FileNotFoundError("no target data: give --target-root PATH (the Cityscapes root "
+                                    "with leftImg8bit/ and gtFine/) or set data.target_root")
+    if d.source == "synthia":
+        source = SynthiaDataset(source_root, size=source_size, list_path=d.source_list)
+    else:
+        source = GTA5Dataset(source_root, size=source_size, list_path=d.source_list,
+                             num_classes=d.num_classes)
+    target = CityscapesDataset(target_root, "train", size=target_size, label_size=None,
+                               num_classes=d.num_classes, labels=False, list_path=d.target_list)
+    val = CityscapesDataset(target_root, "val", size=target_size, label_size=label_size,
+                            num_classes=d.num_classes, labels=True, list_path=d.val_list)
+    if config.eval.max_images is not None:
+        val = torch.utils.data.Subset(val, range(min(config.eval.max_images, len(val))))
+    return Datasets(source, target, val)
+
+
+def build_generator(config: Config) -> torch.nn.Module:
+    from .models import build_model, load_init_weights, load_model_state
+
+    m = config.model
+    options = {} if m.width is None else {"width": m.width}
+    model = build_model(m.arch, config.data.num_classes, multi_level=m.multi_level,
+                        freeze_bn=m.freeze_bn, **options)
+    if m.init_weights is not None:
+        if not os.path.isfile(m.init_weights):
+            raise FileNotFoundError(f"model.init_weights not found: {m.init_weights}")
+        raw = torch.load(m.init_weights, map_location="cpu", weights_only=True)
+        if isinstance(raw, dict) and "format" in raw:  # a project checkpoint: warm start
+            ckpt_io.check_meta(raw, model.meta(), m.init_weights)
+            load_model_state(model, raw["model"])
+        else:
+            load_init_weights(model, m.init_weights)
+    return model
+
+
+def build_generator_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """SGD, heads at 10x; ``param_groups: release`` reproduces the release's repeated tensors."""
+    from .models import ReleaseSGD
+
+    t = config.train
+    groups = model.optim_parameters(t.lr, grouping=config.model.param_groups)
+    if config.model.param_groups == "release":
+        optimizer = ReleaseSGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]  # the poly schedule scales each group's own lr
+    return optimizer
+
+
+def load_class_prior(config: Config, device: torch.device) -> Optional[torch.Tensor]:
+    if config.train.class_prior is None:
+        return None
+    from .data import load_prior
+
+    if not os.path.isfile(config.train.class_prior):
+        raise FileNotFoundError(f"class prior file not found: {config.train.class_prior}")
+    prior = load_prior(config.train.class_prior, config.data.num_classes)
+    return prior.to(device=device, dtype=torch.float32).contiguous()
+
+
+def default_run_dir(config: Config) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{config.data.source}_{config.model.arch}_{config.train.mode}_{stamp}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
+class Trainer:
+    """Generator, discriminators, optimisers and data streams of one run; see :meth:`fit`."""
+
+    def __init__(self, config: Config, ctx: Optional[dist_utils.DistContext] = None,
+                 run_dir: Optional[str] = None, resume: Optional[Dict[str, Any]] = None):
+        self.config = config
+        self.ctx = ctx or dist_utils.DistContext()
+        self.device = self.ctx.device
+        t = config.train
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = t.cudnn_benchmark
+        if config.run.cpu_threads is not None:
+            torch.set_num_threads(config.run.cpu_threads)
+        seed_everything(t.seed)
+        self.plan = LossPlan.for_mode(t.mode, t.entropy_ranking_ratio, t.class_prior is not None)
+        self.heads = ["main", "aux"] if config.model.multi_level else ["main"]
+        self.target_losses = target_losses_function(t.target_losses)
+        self.autocast_dtype = PRECISIONS[t.precision]
+        self.memory_format = torch.channels_last if t.channels_last else torch.preserve_format
+
+        self.data = build_datasets(config, self.ctx)
+        self.prior = load_class_prior(config, self.device)
+
+        self.model = build_generator(config).to(self.device, memory_format=self.memory_format)
+        self.opt_g = build_generator_optimizer(self.model, config)
+        self.discriminators: Dict[str, torch.nn.Module] = {}
+        self.opt_d: Dict[str, torch.optim.Optimizer] = {}
+        if self.plan.adversarial:
+            from .models import FCDiscriminator
+
+            for head in self.heads:
+                d = FCDiscriminator(config.data.num_classes, ndf=config.model.discriminator_width)
+                self.discriminators[head] = d.to(self.device, memory_format=self.memory_format)
+                self.opt_d[head] = torch.optim.Adam(d.parameters(), lr=t.lr_d, betas=tuple(t.betas_d))
+                self.opt_d[head].param_groups[0]["initial_lr"] = t.lr_d
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+
+        self.iteration = 0
+        self.position = {"source": 0, "target": 0}  # stream elements consumed (global)
+        self.nonfinite_steps = 0
+        self.evaluations: List[Dict[str, Any]] = []
+        if resume is not None:
+            self.load_state(resume)
+        self.saved_iteration = self.iteration if resume is not None else None
+
+        # DDP after loading, so every rank starts from the checkpoint (DDP broadcasts rank 0's).
+        self.generator = dist_utils.wrap(self.model, self.ctx)
+        self.d_train = {h: dist_utils.wrap(d, self.ctx) for h, d in self.discriminators.items()}
+        self.metric_names = self._metric_names()
+
+        self.run_dir = run_dir
+        self._tb = None
+
+    # ---- one iteration ------------------------------------------------------------------------
+    def _metric_names(self) -> List[str]:
+        kinds = ["seg"]
+        kinds += ["adv"] if self.plan.adversarial else []
+        kinds += ["ent"] if self.plan.entropy else []
+        kinds += ["cp"] if self.plan.class_prior else []
+        kinds += ["d"] if self.plan.adversarial else []
+        return [f"{k}_{h}" for k in kinds for h in self.heads]
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Both heads' logits upsampled to the input size (release: bilinear, align_corners)."""
+        with self._autocast():
+            aux, main = self.generator(image)
+            outputs = {"main": main, "aux": aux}
+            return {h: upsample(outputs[h], image.shape[-2:]) for h in self.heads}
+
+    def _set_lr(self) -> None:
+        t = self.config.train
+        for opt in [self.opt_g, *self.opt_d.values()]:
+            for group in opt.param_groups:
+                group["lr"] = poly_lr(group["initial_lr"], self.iteration, t.max_iters, t.power)
+
+    def train_step(self, source: Dict[str, Any], target: Optional[Dict[str, Any]],
+                   keep_logits: bool = False):
+        """One iteration on a source and a target batch (already on the device).
+
+        Returns (finite, metrics, kept): the losses averaged over processes, whether all of them
+        are finite (the optimisers step only then), and if asked the main-head logits of the
+        target batch (of the source batch in source_only mode).
+        """
+        t, plan, scale = self.config.train, self.plan, self.scaler.scale
+        lambdas = {
+            "seg": {"main": t.lambda_seg_main, "aux": t.lambda_seg_aux},
+            "adv": {"main": t.lambda_adv_main, "aux": t.lambda_adv_aux},
+            "ent": {"main": t.lambda_ent_main, "aux": t.lambda_ent_aux},
+            "cp": {"main": t.lambda_cp_main, "aux": t.lambda_cp_aux},
+        }
+        losses: Dict[str, torch.Tensor] = {}
+        optimizers = [self.opt_g, *self.opt_d.values()]
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        self._set_lr()
+        set_requires_grad(self.discriminators.values(), False)
+
+        # Source: supervised segmentation. Its gradient is all-reduced with the target's.
+        with dist_utils.no_sync_unless(not plan.target, [self.generator]):
+            source_logits = self._forward(source["image"])
+            total = 0.0
+            for h in self.heads:
+                losses[f"seg_{h}"] = segmentation_loss(source_logits[h], source["label"])
+                total = total + lambdas["seg"][h] * losses[f"seg_{h}"]
+            scale(total).backward()
+
+        # Target: every target loss of a head from one fused call (outside autocast: fp32 inside).
+        target_info: Dict[str, torch.Tensor] = {}
+        if plan.target:
+            target_logits = self._forward(target["image"])
+            total = 0.0
+            for h in self.heads:
+                out = self.target_losses(
+                    target_logits[h], self_information=plan.adversarial, entropy=plan.entropy,
+                    top_k=plan.top_k, prior=self.prior, mu=t.class_prior_mu)
+                if plan.adversarial:
+                    with self._autocast():  # the frozen D: gradients reach G only
+                        d_out = self.discriminators[h](out.self_information)
+                    losses[f"adv_{h}"] = bce_to(d_out, SOURCE_LABEL)
+                    total = total + lambdas["adv"][h] * losses[f"adv_{h}"]
+                    target_info[h] = out.self_information.detach()
+                if plan.entropy:
+                    losses[f"ent_{h}"] = out.entropy_loss
+                    total = total + lambdas["ent"][h] * losses[f"ent_{h}"]
+                if plan.class_prior:
+                    losses[f"cp_{h}"] = out.class_prior_loss
+                    total = total + lambdas["cp"][h] * losses[f"cp_{h}"]
+            scale(total).backward()
+
+        kept = (target_logits if plan.target else source_logits)["main"].detach() if keep_logits else None
+
+        # Discriminators: source maps -> source label, target maps -> target label, each / 2.
+        if plan.adversarial:
+            set_requires_grad(self.discriminators.values(), True)
+            for h in self.heads:
+                d = self.d_train[h]
+                with torch.no_grad():
+                    source_info = self.target_losses(source_logits[h].detach()).self_information
+                with dist_utils.no_sync_unless(False, [d]):
+                    with self._autocast():
+                        d_source = d(source_info)
+                    loss_source = bce_to(d_source, SOURCE_LABEL) / 2
+                    scale(loss_source).backward()
+                with self._autocast():
+                    d_target = d(target_info[h])
+                loss_target = bce_to(d_target, TARGET_LABEL) / 2
+                scale(loss_target).backward()
+                losses[f"d_{h}"] = loss_source.detach() + loss_target.detach()
+
+        # One small all-reduce and one host sync per step: reduced metrics and a shared verdict.
+        metrics = torch.stack([losses[name].detach().float() for name in self.metric_names])
+        metrics = dist_utils.all_reduce_mean(metrics, self.ctx).tolist()
+        finite = all(math.isfinite(v) for v in metrics)
+        if finite:
+            for opt in optimizers:  # G first, then the discriminators
+                self.scaler.step(opt)
+            self.scaler.update()
+        return finite, dict(zip(self.metric_names, metrics)), kept
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, stream: str, batch_size: int) -> Iterator[Dict[str, Any]]:
+        cfg = self.config
+        workers = cfg.data.num_workers
+        if workers is None:  # on a CPU, loader processes would take cores from the compute threads
+            workers = 0 if self.device.type == "cpu" else 4
+        sampler = InfiniteSampler(len(dataset), cfg.train.seed, {"source": 0, "target": 1}[stream],
+                                  batch_size, self.ctx, start=self.position[stream])
+        loader = DataLoader(dataset, batch_size=batch_size // self.ctx.world_size, sampler=sampler,
+                            num_workers=workers, pin_memory=self.device.type == "cuda",
+                            drop_last=True,
+                            generator=torch.Generator().manual_seed(cfg.train.seed))
+        return iter(loader)
+
+    def fit(self) -> Optional[Dict[str, Any]]:
+        """Train to ``train.stop_iter``; returns the final evaluation (on the main process)."""
+        cfg, t = self.config, self.config.train
+        if self.ctx.is_main and self.run_dir:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            self._trim_metrics()
+        source_batches = self._loader(self.data.source, "source", t.source_batch_size)
+        target_batches = self._loader(self.data.target, "target", t.target_batch_size) if self.plan.target else None
+        bar = self._progress_bar()
+        window: Dict[str, float] = {}
+        window_start, window_steps = time.perf_counter(), 0
+        while self.iteration < t.stop_iter:
+            source = to_device(next(source_batches), self.device, t.channels_last)
+            target = to_device(next(target_batches), self.device, t.channels_last) if target_batches is not None else None
+            want_images = self._images_due()
+            finite, metrics, logits = self.train_step(source, target, keep_logits=want_images)
+            lr = self.opt_g.param_groups[0]["lr"]
+            self.iteration += 1
+            self.position["source"] += t.source_batch_size
+            if target is not None:
+                self.position["target"] += t.target_batch_size
+            self._check_finite(finite, metrics)
+
+            for name, value in metrics.items():
+                window[name] = window.get(name, 0.0) + value
+            window_steps += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+            if self.iteration % cfg.run.log_every == 0 or self.iteration == t.stop_iter:
+                seconds = time.perf_counter() - window_start
+                record = {"iter": self.iteration, "lr": lr,
+                          **{k: v / window_steps for k, v in window.items()},
+                          "it_per_s": window_steps / max(seconds, 1e-9)}
+                self._log(record)
+                window, window_start, window_steps = {}, time.perf_counter(), 0
+            if want_images:
+                self._log_images(target if target is not None else source, logits)
+            if self.iteration % cfg.run.snapshot_every == 0 or self.iteration == t.stop_iter:
+                self.save()
+            if cfg.eval.every and self.iteration % cfg.eval.every == 0 and self.iteration < t.stop_iter:
+                self.evaluate()
+        if bar is not None:
+            bar.close()
+        del source_batches, target_batches  # stops the loader workers
+        self.evaluate()
+        self.close()
+        return self.evaluations[-1] if self.evaluations and self.ctx.is_main else None
+
+    def _check_finite(self, finite: bool, metrics: Dict[str, float]) -> None:
+        if finite:
+            self.nonfinite_steps = 0
+            return
+        self.nonfinite_steps += 1
+        if self.nonfinite_steps >= self.config.train.max_nonfinite_steps:
+            kept = (f"the last good checkpoint ({self.checkpoint_path()}, iteration {self.saved_iteration}) "
+                    f"is kept" if self.saved_iteration is not None else "no checkpoint had been written yet")
+            raise TrainingDiverged(
+                f"stopping at iteration {self.iteration}: {self.nonfinite_steps} consecutive steps "
+                f"with non-finite losses (train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}); "
+                f"last losses: {', '.join(f'{k}={v:.4g}' for k, v in metrics.items())}; those steps "
+                f"were skipped and {kept}. Lower train.lr or use train.precision fp32.")
+
+    def _progress_bar(self):
+        if not (self.ctx.is_main and self.config.run.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.config.train.stop_iter, initial=self.iteration, desc=self.config.train.mode,
+                    dynamic_ncols=True, smoothing=0.1)
+
+    # ---- logs, TensorBoard, evaluation -----------------------------------------------------------
+    def _log(self, record: Dict[str, Any]) -> None:
+        if not (self.ctx.is_main and self.run_dir):
+            return
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(_json_safe(record)) + "\n")
+        tb = self._tensorboard()
+        if tb is not None:
+            prefix = "eval" if record.get("kind") == "eval" else "train"
+            for key, value in record.items():
+                if key not in ("iter", "kind") and isinstance(value, (int, float)):
+                    tb.add_scalar(f"{prefix}/{key}", value, record["iter"])
+
+    def _trim_metrics(self) -> None:
+        """On resume, drop the lines an interrupted run wrote after its last checkpoint."""
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["iter"] <= self.iteration]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+    def _tensorboard(self):
+        if self._tb is None and self.ctx.is_main and self.run_dir and self.config.run.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise RuntimeError("run.tensorboard needs the tensorboard package "
+                                   "(pip install tensorboard)") from exc
+            self._tb = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+        return self._tb
+
+    def _images_due(self) -> bool:
+        return (self.ctx.is_main and bool(self.run_dir) and self.config.run.tensorboard
+                and (self.iteration + 1) % self.config.run.image_every == 0)
+
+    def _log_images(self, batch: Dict[str, Any], logits: torch.Tensor) -> None:
+        """The first image of the batch, its prediction and its entropy map."""
+        from .visualize import colorize, entropy_to_rgb
+
+        logits = logits[:1].float()
+        with torch.no_grad():
+            entropy = self.target_losses(logits, self_information=False,
+                                                entropy_map=True).entropy_map[0]
+        tb, step = self._tensorboard(), self.iteration
+        tb.add_image("images/input", self.data.source.to_rgb(batch["image"][0].float()), step, dataformats="HWC")
+        tb.add_image("images/prediction", colorize(logits.argmax(1)[0].cpu().numpy(), self.config.data.num_classes),
+                     step, dataformats="HWC")
+        tb.add_image("images/entropy", entropy_to_rgb(entropy.cpu().numpy()), step, dataformats="HWC")
+
+    def evaluate(self) -> Optional[Dict[str, Any]]:
+        """Main-head mIoU on the target val split, sharded over the processes."""
+        from .evaluate import evaluate_model
+
+        e = self.config.eval
+        # Evaluation must not disturb the training RNG (resumed runs stay identical).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            result = evaluate_model(self.model, self.data.val, self.config.data.num_classes, self.device,
+                                    batch_size=e.batch_size, precision=e.precision)
+        entry = {"kind": "eval", "iter": self.iteration, "miou": float(result["miou"])}
+        self.evaluations.append(entry)
+        self._log({**entry, **{k: float(result[k]) for k in ("miou16", "miou13") if k in result},
+                   "iou": dict(zip(result["class_names"], result["iou"]))})
+        return result
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_path(self) -> Optional[str]:
+        return os.path.join(self.run_dir, CHECKPOINT_NAME) if self.run_dir else None
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything a resumed run needs (see :mod:`advent_fast.checkpoint`)."""
+        from .models import checkpoint_dict
+
+        t = self.config.train
+        return checkpoint_dict(
+            self.model,
+            discriminators={h: d.state_dict() for h, d in self.discriminators.items()},
+            optimizers={"generator": self.opt_g.state_dict(),
+                        **{f"d_{h}": o.state_dict() for h, o in self.opt_d.items()}},
+            scaler=self.scaler.state_dict(),
+            iteration=self.iteration,
+            schedule={"kind": "poly", "lr": t.lr, "lr_d": t.lr_d, "power": t.power,
+                      "max_iters": t.max_iters, "stop_iter": t.stop_iter},
+            rng=ckpt_io.rng_state(),
+            data_position=dict(self.position),
+            nonfinite_steps=self.nonfinite_steps,
+            evaluations=list(self.evaluations),
+            config=self.config.to_dict(),
+        )
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        from .models import load_model_state
+
+        ckpt_io.check_resumable(state)
+        ckpt_io.check_meta(state, self.model.meta())
+        if set(state["discriminators"]) != set(self.discriminators):
+            raise ckpt_io.CheckpointError(
+                f"checkpoint has discriminators {sorted(state['discriminators'])}, this run "
+                f"({self.config.train.mode}) needs {sorted(self.discriminators)}")
+        load_model_state(self.model, state["model"])
+        for h, d in self.discriminators.items():
+            d.load_state_dict(state["discriminators"][h])
+        self.opt_g.load_state_dict(state["optimizers"]["generator"])
+        for h, opt in self.opt_d.items():
+            opt.load_state_dict(state["optimizers"][f"d_{h}"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.position = dict(state["data_position"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.evaluations = list(state.get("evaluations", []))
+        ckpt_io.set_rng_state(state["rng"])
+
+    def save(self) -> None:
+        """Atomically replace the run's checkpoint and add a generator snapshot (main process)."""
+        if self.ctx.is_main and self.run_dir:
+            if self.nonfinite_steps:
+                return  # never replace the last good checkpoint during a non-finite streak
+            state = self.state_dict()
+            if not _all_finite([state["model"], *state["discriminators"].values()]):
+                raise TrainingDiverged(  # e.g. BatchNorm statistics of a skipped step
+                    f"non-finite weights or BatchNorm statistics at iteration {self.iteration}; "
+                    f"not saving, the last good checkpoint (iteration {self.saved_iteration}) is kept")
+            ckpt_io.save_atomic(state, self.checkpoint_path())
+            snapshot = ckpt_io.model_snapshot(state["meta"], state["model"], self.iteration, state["config"])
+            ckpt_io.save_atomic(snapshot, os.path.join(self.run_dir, "snapshots",
+                                                       f"model_{self.iteration:06d}.pt"))
+        self.saved_iteration = self.iteration
+        dist_utils.barrier(self.ctx)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _all_finite(state_dicts) -> bool:
+    flags = [torch.isfinite(t).all() for sd in state_dicts for t in sd.values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all())  # one host sync
+
+
+def _json_safe(value):
+    """NaN (a class absent from the val split) and inf become null: JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,61 @@
+"""Two gloo processes under torchrun train like one process with the same global batch."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from advent_fast import distributed as dist_utils
+from advent_fast import train
+from advent_fast.checkpoint import load
+
+from test_train import read_metrics, state_tensors, tiny_data, tiny_overrides, write_prior  # noqa: F401
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_single_process_helpers_are_no_ops():
+    ctx = dist_utils.init("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.distributed) == (0, 1, True, False)
+    t = torch.tensor([1.0, 2.0])
+    assert dist_utils.all_reduce_mean(t, ctx) is t and t.tolist() == [1.0, 2.0]
+    module = torch.nn.Linear(2, 2)
+    assert dist_utils.wrap(module, ctx) is module and dist_utils.broadcast_object("x", ctx) == "x"
+    assert dist_utils.shard_slice(4, dist_utils.DistContext(rank=1, world_size=2)) == slice(2, 4)
+    with pytest.raises(ValueError, match="does not split"):
+        dist_utils.shard_slice(3, dist_utils.DistContext(rank=0, world_size=2))
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_data, tmp_path):
+    prior = write_prior(tmp_path / "prior.json")
+    # Frozen BatchNorm: with train-mode BN each process would normalise its own images only.
+    overrides = tiny_overrides(tiny_data, "advent_minent", f"train.class_prior={prior}", "model.freeze_bn=true",
+                               "train.source_batch_size=2", "train.target_batch_size=2", "train.stop_iter=3")
+    args = [a for o in overrides for a in ("--set", o)]
+    single, double = str(tmp_path / "single"), str(tmp_path / "double")
+    assert train.main(args + ["--run-dir", single, "--device", "cpu"]) == 0
+
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "advent_fast.train", *args, "--run-dir", double, "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "on cpu x2" in proc.stdout and proc.stdout.count("target val mIoU") == 1  # one writer
+
+    a, b = load(os.path.join(single, "checkpoint.pt")), load(os.path.join(double, "checkpoint.pt"))
+    assert a["data_position"] == b["data_position"] == {"source": 6, "target": 6}
+    for key in ("model", "discriminators", "optimizers"):
+        ta, tb = state_tensors(a[key]), state_tensors(b[key])
+        assert ta.keys() == tb.keys() and ta
+        for name in ta:
+            torch.testing.assert_close(tb[name], ta[name], rtol=1e-4, atol=2e-6, msg=f"{key}{name}")
+    steps_a, evals_a = read_metrics(single)
+    steps_b, evals_b = read_metrics(double)
+    assert [r["iter"] for r in steps_b] == [1, 2, 3]  # each line written once
+    for ra, rb in zip(steps_a, steps_b):
+        for k in ra:
+            if k != "it_per_s":
+                assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), k
+    assert evals_b[-1]["miou"] == pytest.approx(evals_a[-1]["miou"], abs=1e-6)  # sharded evaluation

@@ -1,0 +1,364 @@
+"""The trainer end to end on tiny generated data: every mode, the release step, resume, bad input."""
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import advent_fast
+from advent_fast import train
+from advent_fast import trainer as trainer_mod
+from advent_fast.checkpoint import FORMAT, load
+from advent_fast.config import load_config
+from advent_fast.trainer import Trainer, TrainingDiverged
+
+MODES = ("source_only", "minent", "minent_er", "advent", "advent_minent")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Four source, four target-train and two target-val images in the real GTA5/Cityscapes layouts."""
+    from advent_fast.data import ensure_embedded_data
+
+    root = tmp_path_factory.mktemp("embedded")
+    return ensure_embedded_data(str(root), num_source=4, num_target_train=4, num_target_val=2,
+                                workers=1, progress=False)
+
+
+def tiny_overrides(data, mode="advent", *extra):
+    """Command-line style overrides: 64x32 images, a 4-channel model, 3 iterations, every log line."""
+    return [
+        "data.source=gta5", f"data.source_root={data.source_root}", f"data.target_root={data.target_root}",
+        "data.source_size=[64, 32]", "data.target_size=[64, 32]", "data.eval_label_size=[64, 32]",
+        "data.num_workers=0", "model.width=4", "model.discriminator_width=8", f"train.mode={mode}",
+        "train.max_iters=100", "train.stop_iter=3", "run.snapshot_every=1000", "run.log_every=1",
+        "run.progress=false", "eval.every=0", *extra,
+    ]
+
+
+def tiny_config(data, mode="advent", *extra):
+    return load_config("embedded", tiny_overrides(data, mode, *extra))
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if r.get("kind") != "eval"], [r for r in records if r.get("kind") == "eval"]
+
+
+def write_prior(path, num_classes=19):
+    prior = torch.linspace(1, 2, num_classes)
+    path.write_text(json.dumps((prior / prior.sum()).tolist()))
+    return str(path)
+
+
+def state_tensors(obj, prefix=""):
+    """Every tensor inside nested dicts/lists, by path."""
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    out = {}
+    for key, value in items:
+        out.update(state_tensors(value, f"{prefix}/{key}"))
+    return out
+
+
+@pytest.mark.parametrize("mode, extra", [(m, ()) for m in MODES] + [
+    ("minent", ("train.class_prior=PRIOR",)),
+    ("advent", ("train.class_prior=PRIOR", "model.multi_level=false")),
+])
+def test_every_mode_trains_end_to_end(tiny_data, tmp_path, mode, extra):
+    extra = [e.replace("PRIOR", write_prior(tmp_path / "prior.json")) for e in extra]
+    trainer = Trainer(tiny_config(tiny_data, mode, *extra), run_dir=str(tmp_path / "run"))
+    g_before = copy.deepcopy(trainer.model.state_dict())
+    d_before = {h: copy.deepcopy(d.state_dict()) for h, d in trainer.discriminators.items()}
+    result = trainer.fit()
+
+    steps, evals = read_metrics(tmp_path / "run")
+    heads = ["main"] if "model.multi_level=false" in extra else ["main", "aux"]
+    kinds = ["seg"] + (["adv"] if "advent" in mode else []) + (["ent"] if "minent" in mode else [])
+    kinds += ["cp"] if "train.class_prior" in " ".join(extra) else []
+    kinds += ["d"] if "advent" in mode else []
+    assert [r["iter"] for r in steps] == [1, 2, 3]
+    for record in steps:
+        assert set(record) == {"iter", "lr", "it_per_s"} | {f"{k}_{h}" for k in kinds for h in heads}
+        for key, value in record.items():
+            assert math.isfinite(value), (key, value)
+        for h in heads:
+            assert 0 < record[f"seg_{h}"] < 2 * math.log(19)
+            if "ent" in kinds:
+                assert 0 <= record[f"ent_{h}"] <= 1
+            if "cp" in kinds:
+                assert 0 <= record[f"cp_{h}"] <= 0.5
+            if "adv" in kinds:  # BCE of a barely trained D: close to log 2
+                assert 0.3 < record[f"adv_{h}"] < 1.5 and 0.3 < record[f"d_{h}"] < 1.5
+    assert evals and evals[-1]["iter"] == 3 and 0 <= result["miou"] <= 100
+
+    after = trainer.model.state_dict()
+    changed = [k for k, v in g_before.items() if v.is_floating_point() and not torch.equal(v, after[k])]
+    assert any(k.startswith("layer6.") for k in changed) and any(k.startswith("stage1.") for k in changed)
+    assert ("layer5.conv2d_list.0.weight" in changed) == ("aux" in heads)
+    assert set(trainer.discriminators) == (set(heads) if "advent" in mode else set())
+    for h, d in trainer.discriminators.items():
+        assert all(not torch.equal(v, d.state_dict()[k]) for k, v in d_before[h].items())
+    assert os.path.isfile(tmp_path / "run" / "checkpoint.pt")
+    assert os.path.isfile(tmp_path / "run" / "snapshots" / "model_000003.pt")
+    assert os.path.isfile(tmp_path / "run" / "config.yaml")
+
+
+def test_source_loss_decreases_on_one_image(tiny_data, tmp_path):
+    listing = tmp_path / "one.txt"
+    listing.write_text("00001.png\n")
+    config = tiny_config(tiny_data, "source_only", f"data.source_list={listing}", "train.stop_iter=6",
+                         "train.lr=0.01")
+    Trainer(config, run_dir=str(tmp_path / "run")).fit()
+    seg = [r["seg_main"] for r in read_metrics(tmp_path / "run")[0]]
+    assert seg[-1] < 0.9 * seg[0], seg
+
+
+def release_advent_step(model, d, opt_g, opt_d, source, target, iteration, max_iters, lr, lambda_adv):
+    """The release's AdvEnt iteration, written out naively (REFERENCE §3); returns its losses."""
+    def prob_2_entropy(prob):
+        c = prob.shape[1]
+        return -torch.mul(prob, torch.log2(prob + 1e-30)) / math.log2(c)
+
+    def bce(y, label):
+        return F.binary_cross_entropy_with_logits(y, torch.full_like(y, label))
+
+    up_s = lambda x: F.interpolate(x, size=source["image"].shape[-2:], mode="bilinear", align_corners=True)
+    up_t = lambda x: F.interpolate(x, size=target["image"].shape[-2:], mode="bilinear", align_corners=True)
+    opt_g.zero_grad()
+    opt_d["aux"].zero_grad()
+    opt_d["main"].zero_grad()
+    factor = (1 - iteration / max_iters) ** 0.9
+    opt_g.param_groups[0]["lr"], opt_g.param_groups[1]["lr"] = lr * factor, 10 * lr * factor
+    for o in opt_d.values():
+        o.param_groups[0]["lr"] = 1e-4 * factor
+    for m in d.values():
+        for p in m.parameters():
+            p.requires_grad = False
+    src_aux, src_main = model(source["image"])
+    src_aux, src_main = up_s(src_aux), up_s(src_main)
+    seg_main = F.cross_entropy(src_main, source["label"], ignore_index=255)
+    seg_aux = F.cross_entropy(src_aux, source["label"], ignore_index=255)
+    (seg_main + 0.1 * seg_aux).backward()
+    trg_aux, trg_main = model(target["image"])
+    trg_aux, trg_main = up_t(trg_aux), up_t(trg_main)
+    adv_aux = bce(d["aux"](prob_2_entropy(F.softmax(trg_aux, dim=1))), 0)
+    adv_main = bce(d["main"](prob_2_entropy(F.softmax(trg_main, dim=1))), 0)
+    (lambda_adv["main"] * adv_main + lambda_adv["aux"] * adv_aux).backward()
+    for m in d.values():
+        for p in m.parameters():
+            p.requires_grad = True
+    d_loss = {"aux": 0.0, "main": 0.0}
+    for pred, label, head in ((src_aux, 0, "aux"), (src_main, 0, "main"), (trg_aux, 1, "aux"), (trg_main, 1, "main")):
+        loss = bce(d[head](prob_2_entropy(F.softmax(pred.detach(), dim=1))), label) / 2
+        loss.backward()
+        d_loss[head] += loss.item()
+    opt_g.step()
+    opt_d["aux"].step()
+    opt_d["main"].step()
+    return {"seg_main": seg_main.item(), "seg_aux": seg_aux.item(), "adv_main": adv_main.item(),
+            "adv_aux": adv_aux.item(), "d_main": d_loss["main"], "d_aux": d_loss["aux"]}
+
+
+def test_step_matches_the_release_advent_iteration(tiny_data):
+    # Large adversarial weights, so that a wrong weight, label or order shows in the weights.
+    lambda_adv = {"main": 5.0, "aux": 2.0}
+    config = tiny_config(tiny_data, "advent", "train.target_losses=reference", "train.lr=1e-2",
+                         f"train.lambda_adv_main={lambda_adv['main']}", f"train.lambda_adv_aux={lambda_adv['aux']}")
+    trainer = Trainer(config)
+    model, d = copy.deepcopy(trainer.model), copy.deepcopy(trainer.discriminators)
+    opt_g = torch.optim.SGD(model.optim_parameters(1e-2, "clean"), lr=1e-2, momentum=0.9, weight_decay=5e-4)
+    opt_d = {h: torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.9, 0.99)) for h, m in d.items()}
+    gen = torch.Generator().manual_seed(0)
+    for i in range(3):
+        source = {"image": 50 * torch.randn(1, 3, 32, 64, generator=gen),
+                  "label": torch.randint(0, 19, (1, 32, 64), generator=gen)}
+        source["label"][:, :4] = 255
+        target = {"image": 50 * torch.randn(1, 3, 32, 64, generator=gen)}
+        finite, metrics, _ = trainer.train_step(source, target)
+        trainer.iteration += 1
+        assert finite
+        expected = release_advent_step(model, d, opt_g, opt_d, source, target, i, 100, 1e-2, lambda_adv)
+        assert metrics == pytest.approx(expected, rel=1e-5)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(trainer.model.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for h in d:
+        for name, value in d[h].state_dict().items():
+            torch.testing.assert_close(trainer.discriminators[h].state_dict()[name], value,
+                                       rtol=1e-5, atol=1e-6, msg=f"{h}.{name}")
+
+
+def test_fused_and_reference_losses_give_the_same_step(tiny_data, tmp_path, monkeypatch):
+    calls = {"fused": 0}
+    fused = advent_fast.target_losses
+
+    def counting(*args, **kwargs):
+        calls["fused"] += 1
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(advent_fast, "target_losses", counting)
+    states = {}
+    for impl in ("fused", "reference"):
+        config = tiny_config(tiny_data, "advent_minent", f"train.target_losses={impl}", "train.stop_iter=2",
+                             f"train.class_prior={write_prior(tmp_path / 'prior.json')}")
+        trainer = Trainer(config, run_dir=str(tmp_path / impl))
+        trainer.fit()
+        states[impl] = trainer.state_dict()
+    # advent_minent, fused: per step and head one call for the target, one for the source D input;
+    # the reference run made none.
+    assert calls["fused"] == 2 * 2 * 2
+    for key in ("model", "discriminators"):
+        ref = state_tensors(states["reference"][key])
+        for name, value in state_tensors(states["fused"][key]).items():
+            torch.testing.assert_close(value, ref[name], rtol=1e-4, atol=1e-6, msg=f"{key}{name}")
+    assert read_metrics(tmp_path / "fused")[0][-1]["ent_main"] == pytest.approx(
+        read_metrics(tmp_path / "reference")[0][-1]["ent_main"], rel=1e-4)
+
+
+def test_resume_equals_an_uninterrupted_run_bit_for_bit(tiny_data, tmp_path):
+    prior = write_prior(tmp_path / "prior.json")
+    common = tiny_overrides(tiny_data, "advent_minent", f"train.class_prior={prior}", "run.snapshot_every=2",
+                            "eval.every=2")
+    as_args = lambda overrides: [a for o in overrides for a in ("--set", o)]
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    assert train.main(as_args(common + ["train.stop_iter=4"]) + ["--run-dir", straight]) == 0
+    assert train.main(as_args(common + ["train.stop_iter=2"]) + ["--run-dir", interrupted]) == 0
+    with open(os.path.join(interrupted, "metrics.jsonl"), "a") as f:  # written after the checkpoint
+        f.write(json.dumps({"iter": 3, "seg_main": -1.0}) + "\n")
+    assert train.main(["--resume", interrupted, "--set", "train.stop_iter=4"]) == 0
+
+    a, b = load(os.path.join(straight, "checkpoint.pt")), load(os.path.join(interrupted, "checkpoint.pt"))
+    assert a["iteration"] == b["iteration"] == 4
+    assert a["data_position"] == b["data_position"] == {"source": 4, "target": 4}
+    assert a["schedule"] == b["schedule"] and a["scaler"] == b["scaler"]
+    for key in ("model", "discriminators", "optimizers", "rng"):
+        ta, tb = state_tensors(a[key]), state_tensors(b[key])
+        assert ta.keys() == tb.keys() and ta, key
+        for name in ta:
+            assert torch.equal(ta[name], tb[name]), f"{key}{name}"
+    assert a["optimizers"]["generator"]["param_groups"] == b["optimizers"]["generator"]["param_groups"]
+    steps_a, steps_b = read_metrics(straight)[0], read_metrics(interrupted)[0]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "it_per_s"} for r in rs]
+    assert strip(steps_a) == strip(steps_b)
+
+
+def test_nonfinite_losses_stop_and_keep_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    config = tiny_config(tiny_data, "advent", "train.stop_iter=8", "run.snapshot_every=1",
+                         "train.max_nonfinite_steps=2")
+    trainer = Trainer(config, run_dir=str(tmp_path / "run"))
+    real = trainer_mod.segmentation_loss
+
+    def poisoned(logits, label):  # from the fourth iteration on
+        loss = real(logits, label)
+        return loss * float("nan") if trainer.iteration >= 3 else loss
+
+    monkeypatch.setattr(trainer_mod, "segmentation_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"2 consecutive steps with non-finite losses.*iteration 3"):
+        trainer.fit()
+    kept = load(str(tmp_path / "run" / "checkpoint.pt"))
+    assert kept["iteration"] == 3
+    weights = state_tensors(kept["model"])
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    # The skipped steps did not touch the weights either.
+    for name, value in trainer.model.named_parameters():
+        assert torch.equal(value, kept["model"][name]), name
+    # Non-finite BatchNorm statistics are never saved over a good checkpoint.
+    trainer.nonfinite_steps = 0
+    trainer.model.stage1[1].running_var[0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="BatchNorm statistics at iteration 5"):
+        trainer.save()
+    assert load(str(tmp_path / "run" / "checkpoint.pt"))["iteration"] == 3
+
+
+def test_precision_options_and_channels_last(tiny_data, tmp_path):
+    for precision in ("bf16", "fp16"):
+        config = tiny_config(tiny_data, "advent_minent", f"train.precision={precision}", "train.channels_last=true",
+                             "train.stop_iter=2")
+        trainer = Trainer(config, run_dir=str(tmp_path / precision))
+        trainer.fit()
+        steps = read_metrics(tmp_path / precision)[0]
+        assert all(math.isfinite(v) for r in steps for v in r.values())
+        assert trainer.model.stage1[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert bool(load(str(tmp_path / precision / "checkpoint.pt"))["scaler"]) == (precision == "fp16")
+
+
+def test_tensorboard_scalars_and_images(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    config = tiny_config(tiny_data, "minent_er", "run.tensorboard=true", "run.image_every=1",
+                         "run.progress=true", "train.stop_iter=2")
+    Trainer(config, run_dir=str(tmp_path / "run")).fit()
+    events = os.listdir(tmp_path / "run" / "tensorboard")
+    assert events and all(e.startswith("events.out.tfevents") for e in events)
+
+
+def test_optimisers_and_schedule():
+    from advent_fast.models import ReleaseSGD, build_model
+    from advent_fast.trainer import build_generator_optimizer, poly_lr
+
+    config = load_config("gta2cityscapes_r101")
+    opt = build_generator_optimizer(build_model("deeplabv2_r101", 19), config)
+    assert isinstance(opt, ReleaseSGD)
+    backbone, heads = opt.param_groups
+    assert (backbone["lr"], heads["lr"]) == (2.5e-4, 2.5e-3)
+    assert sum(backbone["multiplicity"]) == 314 and len(backbone["params"]) == 104
+    assert (backbone["momentum"], backbone["weight_decay"]) == (0.9, 5e-4)
+    config = load_config("embedded")
+    opt = build_generator_optimizer(build_model("deeplabv2_small", 19), config)
+    assert type(opt) is torch.optim.SGD and opt.param_groups[1]["lr"] == 10 * opt.param_groups[0]["lr"]
+    assert poly_lr(2.5e-4, 0, 250_000, 0.9) == 2.5e-4
+    assert poly_lr(2.5e-4, 125_000, 250_000, 0.9) == pytest.approx(2.5e-4 * 0.5 ** 0.9)
+
+
+def test_sampler_is_a_resumable_shardable_stream():
+    from advent_fast.distributed import DistContext
+    from advent_fast.trainer import InfiniteSampler
+
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    whole = take(InfiniteSampler(5, 1234, 0, 2, DistContext()), 14)
+    assert sorted(whole[:5]) == sorted(whole[5:10]) == list(range(5)) and whole[:5] != whole[5:10]
+    assert take(InfiniteSampler(5, 1234, 0, 2, DistContext(), start=6), 8) == whole[6:]
+    ranks = [take(InfiniteSampler(5, 1234, 0, 2, DistContext(rank=r, world_size=2)), 7) for r in (0, 1)]
+    assert [x for pair in zip(*ranks) for x in pair] == whole
+    assert take(InfiniteSampler(5, 1234, 1, 2, DistContext()), 5) != whole[:5]  # target stream differs
+
+
+def test_bad_input_fails_with_a_clear_message(tiny_data, tmp_path, capsys):
+    as_args = lambda overrides: [a for o in overrides for a in ("--set", o)]
+    base = tiny_overrides(tiny_data, "advent")
+
+    def fails(overrides, *flags, match):
+        assert train.main(as_args(overrides) + list(flags)) == 2
+        err = capsys.readouterr().err
+        assert match in err, err
+
+    fails(base + ["data.source_root=null"], "--run-dir", str(tmp_path / "a"), match="--source-root")
+    fails(base, "--target-root", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "b"),
+          match="Cityscapes root not found")
+    fails(base, "--class-prior", write_prior(tmp_path / "p16.json", 16), "--run-dir", str(tmp_path / "c"),
+          match="16 classes, expected 19")
+    fails(base, "--init-weights", str(tmp_path / "missing.pth"), "--run-dir", str(tmp_path / "d"),
+          match="missing.pth")
+    fails(base + ["train.mode=advent_plus"], match="train.mode")
+    fails(base + ["data.num_classes=16"], match="data.num_classes")
+
+    from advent_fast.models import build_model, checkpoint_dict
+    other = tmp_path / "other.pt"
+    torch.save(checkpoint_dict(build_model("deeplabv2_small", 16, width=4)), other)
+    fails(base, "--init-weights", str(other), "--run-dir", str(tmp_path / "e"), match="num_classes=16")
+
+    run = str(tmp_path / "run")
+    assert train.main(as_args(base + ["train.stop_iter=1"]) + ["--run-dir", run]) == 0
+    capsys.readouterr()
+    fails([], "--resume", run, "--set", "model.width=8", match="width=4 (this run: 8)")
+    fails([], "--resume", run, "--set", "train.mode=minent", match="discriminators")
+    fails(base, "--run-dir", run, match="already holds a run")
+    fails([], "--resume", str(tmp_path / "other.pt"), match="model snapshot")
+    assert load(os.path.join(run, "checkpoint.pt"))["format"] == FORMAT
