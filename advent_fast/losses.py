@@ -63,13 +63,20 @@ def _target_forward(x: Tensor, prior: Optional[Tensor], k: int, mu: float, want_
 
 @_target_forward.register_fake
 def _(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
-    n, c, s = x.shape
+    return fake_target_outputs(x, lambda: torch.empty_like(x), x.shape[2:], k, want_info, want_emap,
+                               want_ent, want_cp)
+
+
+def fake_target_outputs(x, make_info, pixel_shape, k, want_info, want_emap, want_ent, want_cp) -> ForwardOut:
+    """Shapes of a target forward op's outputs (docs/backend_contract.md): ``make_info()`` builds
+    the self-information map, ``pixel_shape`` is the entropy map's shape after N."""
+    n, c = x.shape[:2]
     f32 = dict(dtype=torch.float32, device=x.device)
     none = x.new_empty(0, dtype=torch.float32)
     ranked = want_ent and k > 0
     return (
-        torch.empty_like(x) if want_info else x.new_empty(0),
-        x.new_empty((n, s), **f32) if (want_emap or ranked) else none.clone(),
+        make_info() if want_info else x.new_empty(0),
+        x.new_empty((n, *pixel_shape), **f32) if (want_emap or ranked) else none.clone(),
         x.new_empty((), **f32) if want_ent else none.clone(),
         x.new_empty((), **f32) if want_cp else none.clone(),
         x.new_empty((n,), **f32) if ranked else none.clone(),

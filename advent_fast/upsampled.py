@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .backend import get_backend
 from .losses import (PriorLike, _check_logits, _check_prior, _check_top_k, _grad_or_none,
-                     target_losses)
+                     fake_target_outputs, target_losses)
 from .reference import TargetLosses, ranked_pixel_count
 
 __all__ = ["upsampled_cross_entropy", "upsampled_target_losses"]
@@ -143,19 +143,8 @@ def _target_forward(x: Tensor, out_h: int, out_w: int, prior: Optional[Tensor], 
 
 @_target_forward.register_fake
 def _(x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent, want_cp):
-    n, c = x.shape[:2]
-    f32 = dict(dtype=torch.float32)
-    none = x.new_empty(0, **f32)
-    ranked = want_ent and k > 0
-    return (
-        _kernels()[1].full_resolution_like(x, out_h, out_w) if want_info else x.new_empty(0),
-        x.new_empty((n, out_h, out_w), **f32) if (want_emap or ranked) else none.clone(),
-        x.new_empty((), **f32) if want_ent else none.clone(),
-        x.new_empty((), **f32) if want_cp else none.clone(),
-        x.new_empty((n,), **f32) if ranked else none.clone(),
-        x.new_empty((n,), **f32) if ranked else none.clone(),
-        x.new_empty((n, c), **f32) if want_cp else none.clone(),
-    )
+    return fake_target_outputs(x, lambda: _kernels()[1].full_resolution_like(x, out_h, out_w),
+                               (out_h, out_w), k, want_info, want_emap, want_ent, want_cp)
 
 
 @torch.library.custom_op("advent_fast::upsampled_target_backward", mutates_args=())
