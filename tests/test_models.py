@@ -4,6 +4,7 @@ Release facts are hard-coded here (computed once from the release state-dict man
 tests never read it. ResNet-101 is built on the "meta" device (shapes, no data) wherever values
 are not needed.
 """
+import copy
 import hashlib
 import math
 import warnings
@@ -22,6 +23,7 @@ from advent_fast.models import (
     ReleaseSGD,
     build_model,
     checkpoint_dict,
+    fold_frozen_batchnorm,
     load_init_weights,
     load_model_state,
     model_from_checkpoint,
@@ -432,3 +434,153 @@ def test_load_model_state_is_strict_with_a_clear_error():
         load_model_state(model, {**sd, "extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"stage1\.0\.weight: \(8, 3, 3, 1\) vs \(8, 3, 3, 3\)"):
         load_model_state(model, {**sd, "stage1.0.weight": torch.zeros(8, 3, 3, 1)})
+
+
+# ---- frozen BatchNorm folded into convolutions ----------------------------------------------
+
+def randomise_conv_and_bn(model, seed=0):
+    """Unit-scale conv weights and non-trivial BN statistics, so that folding is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight[0].numel() ** 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
+def folded_small_and_reference(seed=0):
+    """(folded, unfolded deepcopy) DeepLabV2Small pair, both in train() mode with freeze_bn."""
+    reference = randomise_conv_and_bn(DeepLabV2Small(5, freeze_bn=True, width=8), seed)
+    folded = copy.deepcopy(reference)
+    assert fold_frozen_batchnorm(folded) == 7  # stage1 1 + stages 2-4 2 each
+    return folded.train(), reference.train()
+
+
+def assert_close_rel(actual, expected, rel=1e-5):
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * expected.abs().max().item())
+
+
+def forward_backward(model, x, seed=1):
+    """Both heads' outputs and (input grad, conv weight grads) of a random linear loss."""
+    x = x.detach().clone().requires_grad_(True)
+    aux, main = model(x)
+    g = torch.Generator().manual_seed(seed)
+    loss = (aux * torch.randn(aux.shape, generator=g)).sum() + (main * torch.randn(main.shape, generator=g)).sum()
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    return (aux, main), x.grad, grads
+
+
+def test_fold_frozen_batchnorm_matches_unfolded_in_train_mode():
+    folded, reference = folded_small_and_reference()
+    x = torch.randn(2, 3, 32, 32)
+    outs, x_grad, grads = forward_backward(folded, x)
+    ref_outs, ref_x_grad, ref_grads = forward_backward(reference, x)
+    for out, ref in zip(outs, ref_outs):
+        assert_close_rel(out, ref)
+    assert_close_rel(x_grad, ref_x_grad)
+    assert grads.keys() == ref_grads.keys()
+    assert sum(k.endswith(".0.weight") and k.startswith("stage") for k in grads) == 7  # every folded conv
+    for k in ref_grads:
+        assert_close_rel(grads[k], ref_grads[k])
+    # Frozen BN: no statistics update in either; one SGD step keeps the two models equal.
+    assert_same_tensors(folded.state_dict(), reference.state_dict())
+    for model in (folded, reference):
+        torch.optim.SGD(model.optim_parameters(0.1, grouping="clean"), lr=0.1, momentum=0.9).step()
+    for k, v in reference.state_dict().items():
+        assert_close_rel(folded.state_dict()[k], v)
+
+
+def test_fold_frozen_batchnorm_keeps_parameters_state_dict_and_optimiser_groups():
+    model = randomise_conv_and_bn(DeepLabV2Small(5, freeze_bn=True, width=8))
+    before = copy.deepcopy(model.state_dict())
+    names = [n for n, _ in model.named_modules()]
+    params = list(model.named_parameters())
+    groups = model.optim_parameters(0.1, grouping="clean")
+    optimiser = torch.optim.SGD(groups, lr=0.1)
+    assert fold_frozen_batchnorm(model) == 7
+    assert fold_frozen_batchnorm(model) == 0  # idempotent
+    assert [n for n, _ in model.named_modules()] == names  # each BN listed once, same names
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert_same_tensors(after, before)
+    assert [(n, id(p), p.requires_grad) for n, p in model.named_parameters()] == \
+        [(n, id(p), p.requires_grad) for n, p in params]
+    for old, new, opt in zip(groups, model.optim_parameters(0.1, grouping="clean"), optimiser.param_groups):
+        assert [id(p) for p in new["params"]] == [id(p) for p in old["params"]] == [id(p) for p in opt["params"]]
+        assert new["lr"] == old["lr"]
+    # deepcopy / .to(): the copy's conv applies the copy's BN, converted along with the model.
+    clone = copy.deepcopy(model).to(torch.float64)
+    assert clone.stage1[0]._folded_bn is clone.stage1[1]
+    x = torch.randn(1, 3, 24, 24, dtype=torch.float64)
+    reference = DeepLabV2Small(5, freeze_bn=True, width=8).to(torch.float64)
+    reference.load_state_dict(clone.state_dict())
+    assert_close_rel(clone(x)[1], reference(x)[1], rel=1e-12)
+
+
+def test_fold_frozen_batchnorm_load_state_dict_after_folding_takes_effect():
+    folded, reference = folded_small_and_reference(seed=0)
+    other = randomise_conv_and_bn(DeepLabV2Small(5, freeze_bn=True, width=8), seed=2).state_dict()
+    x = torch.randn(1, 3, 32, 32)
+    before = folded(x)[1].detach()
+    folded.load_state_dict(other)
+    reference.load_state_dict(other)
+    with torch.no_grad():
+        out, ref = folded(x)[1], reference(x)[1]
+    assert_close_rel(out, ref)
+    assert not torch.allclose(out, before)
+    # BN statistics alone (conv weights unchanged) reach the folded forward too.
+    with torch.no_grad():
+        for model in (folded, reference):
+            model.stage4[1][1].running_var.mul_(4.0)
+        assert_close_rel(folded(x)[1], reference(x)[1])
+
+
+def test_fold_frozen_batchnorm_channels_last_and_bf16_autocast():
+    folded, reference = folded_small_and_reference()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = reference(x)[1]
+        assert_close_rel(folded.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))[1], ref)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            aux, main = folded(x)
+            ref_aux, ref_main = reference(x)
+    assert main.dtype == aux.dtype == torch.bfloat16
+    assert_close_rel(main.float(), ref_main.float(), rel=3e-2)
+    assert_close_rel(aux.float(), ref_aux.float(), rel=3e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        main = folded(x.requires_grad_(True))[1]
+    main.float().sum().backward()
+    assert torch.isfinite(folded.stage1[0].weight.grad).all() and torch.isfinite(x.grad).all()
+
+
+def test_fold_frozen_batchnorm_needs_freeze_bn_and_eval_mode_batchnorm():
+    with pytest.raises(ValueError, match="freeze_bn"):
+        fold_frozen_batchnorm(DeepLabV2Small(5, width=8))
+    folded, _ = folded_small_and_reference()
+    folded.stage1.train()  # bypasses the model's train(): BN would use batch statistics
+    with pytest.raises(RuntimeError, match="eval mode"):
+        folded(torch.randn(1, 3, 16, 16))
+
+
+def test_fold_frozen_batchnorm_counts_and_r101_equality():
+    with torch.device("meta"):
+        assert fold_frozen_batchnorm(DeepLabV2VGG16(19, multi_level=False, freeze_bn=True)) == 0  # no BN
+    torch.manual_seed(0)
+    model = randomise_conv_and_bn(DeepLabV2ResNet101(19, freeze_bn=True))
+    x = torch.randn(1, 3, 33, 33)
+    ref_outs, ref_x_grad, ref_grads = forward_backward(model, x)
+    assert fold_frozen_batchnorm(model) == 1 + (3 + 4 + 23 + 3) * 3 + 4  # stem, bottlenecks, shortcuts
+    outs, x_grad, grads = forward_backward(model.train(), x)
+    for out, ref in zip(outs, ref_outs):
+        assert_close_rel(out, ref)
+    assert_close_rel(x_grad, ref_x_grad)
+    for k in ("conv1.weight", "layer1.0.downsample.0.weight", "layer3.22.conv2.weight", "layer4.2.conv3.weight"):
+        assert_close_rel(grads[k], ref_grads[k])

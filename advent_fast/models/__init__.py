@@ -9,6 +9,7 @@ from .deeplabv2 import (
     ReleaseSGD,
     SegmentationModel,
     build_model,
+    fold_frozen_batchnorm,
 )
 from .discriminator import FCDiscriminator
 from .weights import (
@@ -33,6 +34,7 @@ __all__ = [
     "SegmentationModel",
     "build_model",
     "checkpoint_dict",
+    "fold_frozen_batchnorm",
     "load_init_weights",
     "load_model_state",
     "model_from_checkpoint",

@@ -4,8 +4,9 @@ All three return ``(aux, main)`` logits at output stride 8 (``aux`` is None for 
 models) and share the release's BatchNorm semantics: affine parameters frozen, layers in train
 mode (batch statistics every forward, running statistics updated). ``freeze_bn=True`` is a
 named deviation that keeps BatchNorm in eval mode even under ``model.train()``.
-Also here: ``build_model`` (by arch name) and ``ReleaseSGD``, the optimiser update that the
-release's repeated-tensor parameter group implies.
+Also here: ``build_model`` (by arch name), ``fold_frozen_batchnorm`` (frozen BatchNorm folded
+into the preceding convolutions, exact, state dict unchanged) and ``ReleaseSGD``, the optimiser
+update that the release's repeated-tensor parameter group implies.
 """
 from __future__ import annotations
 
@@ -124,6 +125,7 @@ class Bottleneck(nn.Module):
     """Caffe-style ResNet bottleneck: stride on the first 1x1 conv, 3x3 padding = dilation."""
 
     expansion = 4
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))  # forward: bn(conv(x))
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1, dilation: int = 1,
                  downsample: Optional[nn.Module] = None):
@@ -165,6 +167,7 @@ class DeepLabV2ResNet101(SegmentationModel):
     """
 
     arch = "deeplabv2_r101"
+    conv_bn_pairs = (("conv1", "bn1"),)  # the stem; forward: bn(conv(x))
 
     def __init__(self, num_classes: int, multi_level: bool = True, freeze_bn: bool = False):
         super().__init__(num_classes, multi_level, freeze_bn)
@@ -295,6 +298,75 @@ class DeepLabV2Small(SegmentationModel):
 
     def heads(self) -> list[nn.Module]:
         return [self.layer5, self.layer6] if self.multi_level else [self.layer6]
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """A frozen BatchNorm folded into the conv before it (:class:`FoldedConv2d`): forward is the
+    identity. It keeps its parameters, buffers and place in the module tree, so state-dict names,
+    loading, ``.to()`` and ``train()``/``eval()`` behave as before folding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class FoldedConv2d(nn.Conv2d):
+    """A Conv2d that also applies the eval-mode BatchNorm following it, in one convolution:
+    ``conv(x, w * s) + (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``.
+
+    The folded weight and bias are rebuilt every forward from ``weight`` and the BN's current
+    values: ``weight`` stays the trainable tensor (its gradient flows through the multiply) and a
+    ``load_state_dict`` takes effect. The BN is held in a plain attribute, not registered as a
+    child, so the module tree and state dict list it once, under its own name.
+    """
+
+    _folded_bn: FoldedBatchNorm2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self._folded_bn
+        if bn.training:  # e.g. freeze_bn turned off, or a submodule's train() called directly
+            raise RuntimeError("a folded BatchNorm must stay in eval mode; keep freeze_bn=True "
+                               "and call train() on the whole model")
+        # s and the bias in at least fp32 (as BatchNorm computes), then in the weight's dtype.
+        acc = torch.promote_types(bn.running_var.dtype, torch.float32)
+        scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        shift = bn.bias.to(acc) - bn.running_mean.to(acc) * scale
+        if self.bias is not None:
+            shift = shift + self.bias.to(acc) * scale
+        weight = (self.weight * scale.reshape(-1, 1, 1, 1)).to(self.weight.dtype)
+        return self._conv_forward(x, weight, shift.to(self.weight.dtype))
+
+
+def _conv_bn_pairs(model: nn.Module) -> Iterator[tuple[nn.Module, nn.Module]]:
+    """(module, next module) candidates where the forward computes ``bn(conv(x))``: neighbours in
+    a Sequential, and the ``conv_bn_pairs`` a module's class declares for its own forward."""
+    for m in model.modules():
+        if isinstance(m, nn.Sequential):
+            children = list(m)
+            yield from zip(children, children[1:])
+        for conv_name, bn_name in getattr(m, "conv_bn_pairs", ()):
+            yield getattr(m, conv_name), getattr(m, bn_name)
+
+
+def fold_frozen_batchnorm(model: SegmentationModel) -> int:
+    """Fold every frozen BatchNorm into the Conv2d before it, in place; returns the pairs folded.
+
+    Saves each BatchNorm's own elementwise pass over the activations (forward and backward). Exact
+    only while BatchNorm is a fixed affine map, i.e. for a model built with ``freeze_bn=True``
+    (ValueError otherwise). Parameters (same tensors, names and trainability, so optimiser groups
+    and training are unchanged) and the state dict (names, shapes, values) stay as they are; the
+    classes of the conv and BN change to :class:`FoldedConv2d` and :class:`FoldedBatchNorm2d`.
+    Idempotent: folded pairs are skipped, so a second call returns 0.
+    """
+    if not getattr(model, "freeze_bn", False):
+        raise ValueError("fold_frozen_batchnorm needs a model built with freeze_bn=True: only "
+                         "BatchNorm frozen in eval mode is a fixed affine map that folds exactly")
+    pairs = [(conv, bn) for conv, bn in _conv_bn_pairs(model)
+             if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d]
+    for conv, bn in pairs:
+        conv.__class__ = FoldedConv2d
+        object.__setattr__(conv, "_folded_bn", bn)  # bypasses nn.Module's child registration
+        bn.__class__ = FoldedBatchNorm2d
+    return len(pairs)
 
 
 _MODELS = {m.arch: m for m in (DeepLabV2ResNet101, DeepLabV2VGG16, DeepLabV2Small)}
