@@ -80,8 +80,13 @@ class TrainConfig:
     entropy_ranking_ratio: float = 0.3  # minent_er: fraction of highest-entropy pixels kept per image
     class_prior: Optional[str] = None  # class-ratio prior file; adds the CP loss to target-side modes
     class_prior_mu: float = 0.5
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with a gradient scaler)
-    channels_last: bool = False
+    # The GPU fast path (README "Fast path"): losses on the 1/8-resolution logits with the upsampling
+    # fused into the kernels, fused optimisers, frozen BatchNorm folded into the convolutions (with
+    # model.freeze_bn), and the "auto" values below. null: on for CUDA devices, off elsewhere.
+    fast_path: Optional[bool] = None
+    precision: str = "auto"  # fp32 | bf16 | fp16 (with a gradient scaler) | auto: bf16 on the fast path, else fp32
+    channels_last: Optional[bool] = None  # null: on the fast path only
+    compile: str = "none"  # torch.compile of G and D: none | default | max-autotune-no-cudagraphs | reduce-overhead
     target_losses: str = "fused"  # fused (advent_fast ops) | reference (advent_fast.reference)
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with a non-finite loss
     cudnn_benchmark: bool = True  # release setting; set False for bit-exact GPU runs
@@ -123,7 +128,8 @@ CHOICES = {
     "model.arch": ARCHS,
     "model.param_groups": ("release", "clean"),
     "train.mode": MODES,
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
     "train.target_losses": ("fused", "reference"),
     "eval.precision": ("fp32", "bf16", "auto"),
 }

@@ -40,8 +40,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--target-root", metavar="DIR", help="data.target_root (Cityscapes root)")
     p.add_argument("--init-weights", metavar="FILE", help="model.init_weights (ImageNet weights or a checkpoint)")
     p.add_argument("--class-prior", metavar="FILE", help="train.class_prior: adds the class-ratio prior loss")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="train.precision")
-    p.add_argument("--channels-last", action="store_true", default=None, help="train.channels_last")
+    p.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=None,
+                   help="train.fast_path (default: on for GPUs): upsampling fused into the losses, fused "
+                        "optimisers, bf16 autocast and channels_last unless set otherwise; --no-fast-path "
+                        "runs the release-style step")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="train.precision (auto: bf16 on the GPU fast path, else fp32)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="train.channels_last (default: with the fast path)")
+    p.add_argument("--compile", choices=("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
+                   help="train.compile: torch.compile mode of the generator and discriminators")
     p.add_argument("--run-dir", metavar="DIR", help="run.dir: config, metrics, checkpoints go here")
     p.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT",
                    help="continue a run from its checkpoint (the config comes from the checkpoint)")
@@ -57,7 +65,8 @@ def flag_updates(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     flags = {("train", "mode"): args.mode, ("data", "source_root"): args.source_root,
              ("data", "target_root"): args.target_root, ("model", "init_weights"): args.init_weights,
              ("train", "class_prior"): args.class_prior, ("train", "precision"): args.precision,
-             ("train", "channels_last"): args.channels_last, ("run", "dir"): args.run_dir}
+             ("train", "channels_last"): args.channels_last, ("train", "fast_path"): args.fast_path,
+             ("train", "compile"): args.compile, ("run", "dir"): args.run_dir}
     updates: Dict[str, Dict[str, Any]] = {}
     for (section, key), value in flags.items():
         if value is not None:
@@ -123,7 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         if ctx.is_main:
             print(f"run: {run_dir} | mode {config.train.mode} | {config.model.arch} on {ctx.device}"
-                  f" x{ctx.world_size} | iterations {trainer.iteration} -> {config.train.stop_iter}",
+                  f" x{ctx.world_size} | {trainer.settings.describe()} | iterations {trainer.iteration} -> "
+                  f"{config.train.stop_iter}",
                   flush=True)
         start = time.perf_counter()
         try:

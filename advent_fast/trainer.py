@@ -5,6 +5,12 @@ source forward, upsample, segmentation loss, backward; target forward, upsample,
 losses of each head from ONE fused call (self-information for D, entropy, class prior),
 backward; unfreeze D; D on detached source and target maps, each BCE / 2, backward; step G,
 then both D.
+
+The fast path (``train.fast_path``, on by default on GPUs; :class:`StepSettings`) computes the same
+losses from the 1/8-resolution logits with the upsampling fused into the loss kernels
+(:mod:`advent_fast.upsampled`), so the full-resolution logits and their gradients never exist; it
+also uses fused optimisers, folds frozen BatchNorm into the convolutions, and by default bf16
+autocast with channels_last.
 """
 from __future__ import annotations
 
@@ -62,6 +68,47 @@ class LossPlan:
         )
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """What ``train.fast_path``, ``precision``, ``channels_last`` and ``compile`` mean on a device."""
+
+    fast_path: bool
+    precision: str  # fp32 | bf16 | fp16
+    channels_last: bool
+    upsampled_losses: bool  # losses from the low-resolution logits, upsampling fused into the kernels
+    fused_optimizers: bool  # SGD / Adam with fused=True (ReleaseSGD is foreach already)
+    fold_frozen_bn: bool  # frozen BatchNorm folded into the convolutions (needs model.freeze_bn)
+    compile: str  # torch.compile mode of G and D, or "none"
+
+    @classmethod
+    def resolve(cls, config: Config, device: torch.device) -> "StepSettings":
+        t = config.train
+        fast = device.type == "cuda" if t.fast_path is None else t.fast_path
+        precision = t.precision
+        if precision == "auto":
+            precision = "bf16" if fast and device.type == "cuda" else "fp32"
+        return cls(
+            fast_path=fast,
+            precision=precision,
+            channels_last=fast if t.channels_last is None else t.channels_last,
+            upsampled_losses=fast and t.target_losses == "fused",
+            fused_optimizers=fast,
+            fold_frozen_bn=fast and config.model.freeze_bn,
+            compile=t.compile,
+        )
+
+    def describe(self) -> str:
+        if not self.fast_path:
+            parts = ["fast path off", self.precision]
+        else:
+            parts = ["fast path", self.precision]
+            parts += ["fused upsample+losses"] if self.upsampled_losses else []
+            parts += ["fused optimisers"] + (["folded frozen BN"] if self.fold_frozen_bn else [])
+        parts += ["channels_last"] if self.channels_last else []
+        parts += [f"torch.compile({self.compile})"] if self.compile != "none" else []
+        return ", ".join(parts)
+
+
 def target_losses_function(name: str):
     """``train.target_losses``: the fused op (one read of the logits, fp32 inside whatever the
     logits' dtype) or the naive release-style reference, given fp32 logits."""
@@ -113,8 +160,26 @@ class InfiniteSampler(Sampler[int]):
             position += self.global_batch
 
 
+STREAMS = {"source": 0, "target": 1}
+
+
+def training_batches(dataset: Dataset, stream: str, batch_size: int, ctx: dist_utils.DistContext, seed: int,
+                     start: int = 0, workers: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+    """The endless batches of one training stream (``source`` or ``target``) for this process:
+    ``batch_size`` is the global batch; loader processes decode ahead (``workers``, None: 0 on a
+    CPU, where they would take cores from the compute threads, 4 on a GPU) into pinned memory."""
+    if workers is None:
+        workers = 0 if ctx.device.type == "cpu" else 4
+    sampler = InfiniteSampler(len(dataset), seed, STREAMS[stream], batch_size, ctx, start=start)
+    loader = DataLoader(dataset, batch_size=batch_size // ctx.world_size, sampler=sampler,
+                        num_workers=workers, pin_memory=ctx.device.type == "cuda", drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    return iter(loader)
+
+
 def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over labelled pixels, averaged per image, then over images (fp32).
+    """Cross-entropy over labelled pixels, averaged per image, then over images (fp32); an image
+    without labelled pixels counts 0.
 
     With batch 1 this is the release's ``CrossEntropy2d``; the per-image mean makes a global
     batch give the same loss however it is split over processes.
@@ -122,6 +187,17 @@ def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor
     ce = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_LABEL, reduction="none")
     labelled = (label != IGNORE_LABEL).flatten(1).sum(1).clamp(min=1)
     return (ce.flatten(1).sum(1) / labelled).mean()
+
+
+def upsampled_segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """:func:`segmentation_loss` of the logits upsampled to the label size (bilinear,
+    align_corners=True), from the low-resolution logits without the upsampled ones."""
+    per_image = torch.stack([advent_fast.upsampled_cross_entropy(logits[i:i + 1], label[i:i + 1],
+                                                                 ignore_index=IGNORE_LABEL)
+                             for i in range(logits.shape[0])])
+    # An image without labelled pixels has a NaN mean (and a zero gradient): count it as 0.
+    labelled = (label != IGNORE_LABEL).flatten(1).any(1)
+    return torch.where(labelled, per_image, torch.zeros_like(per_image)).mean()
 
 
 def bce_to(d_out: torch.Tensor, label: float) -> torch.Tensor:
@@ -222,8 +298,9 @@ def build_generator(config: Config) -> torch.nn.Module:
     return model
 
 
-def build_generator_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    """SGD, heads at 10x; ``param_groups: release`` reproduces the release's repeated tensors."""
+def build_generator_optimizer(model: torch.nn.Module, config: Config, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD, heads at 10x; ``param_groups: release`` reproduces the release's repeated tensors
+    (:class:`ReleaseSGD`, foreach updates whatever ``fused`` says)."""
     from .models import ReleaseSGD
 
     t = config.train
@@ -231,7 +308,8 @@ def build_generator_optimizer(model: torch.nn.Module, config: Config) -> torch.o
     if config.model.param_groups == "release":
         optimizer = ReleaseSGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     else:
-        optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                    fused=fused or None)
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]  # the poly schedule scales each group's own lr
     return optimizer
@@ -260,10 +338,13 @@ class Trainer:
     """Generator, discriminators, optimisers and data streams of one run; see :meth:`fit`."""
 
     def __init__(self, config: Config, ctx: Optional[dist_utils.DistContext] = None,
-                 run_dir: Optional[str] = None, resume: Optional[Dict[str, Any]] = None):
+                 run_dir: Optional[str] = None, resume: Optional[Dict[str, Any]] = None,
+                 datasets: Optional[Datasets] = None):
+        """``datasets``: the source / target / val sets to use instead of the config's (benchmarks)."""
         self.config = config
         self.ctx = ctx or dist_utils.DistContext()
         self.device = self.ctx.device
+        self.settings = StepSettings.resolve(config, self.device)
         t = config.train
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = t.cudnn_benchmark
@@ -273,14 +354,20 @@ class Trainer:
         self.plan = LossPlan.for_mode(t.mode, t.entropy_ranking_ratio, t.class_prior is not None)
         self.heads = ["main", "aux"] if config.model.multi_level else ["main"]
         self.target_losses = target_losses_function(t.target_losses)
-        self.autocast_dtype = PRECISIONS[t.precision]
-        self.memory_format = torch.channels_last if t.channels_last else torch.preserve_format
+        self.autocast_dtype = PRECISIONS[self.settings.precision]
+        self.memory_format = torch.channels_last if self.settings.channels_last else torch.preserve_format
 
-        self.data = build_datasets(config, self.ctx)
+        self.data = datasets if datasets is not None else build_datasets(config, self.ctx)
         self.prior = load_class_prior(config, self.device)
 
-        self.model = build_generator(config).to(self.device, memory_format=self.memory_format)
-        self.opt_g = build_generator_optimizer(self.model, config)
+        self.model = build_generator(config)
+        if self.settings.fold_frozen_bn:
+            from .models import fold_frozen_batchnorm
+
+            fold_frozen_batchnorm(self.model)
+        self.model.to(self.device, memory_format=self.memory_format)
+        fused = self.settings.fused_optimizers
+        self.opt_g = build_generator_optimizer(self.model, config, fused=fused)
         self.discriminators: Dict[str, torch.nn.Module] = {}
         self.opt_d: Dict[str, torch.optim.Optimizer] = {}
         if self.plan.adversarial:
@@ -289,9 +376,10 @@ class Trainer:
             for head in self.heads:
                 d = FCDiscriminator(config.data.num_classes, ndf=config.model.discriminator_width)
                 self.discriminators[head] = d.to(self.device, memory_format=self.memory_format)
-                self.opt_d[head] = torch.optim.Adam(d.parameters(), lr=t.lr_d, betas=tuple(t.betas_d))
+                self.opt_d[head] = torch.optim.Adam(d.parameters(), lr=t.lr_d, betas=tuple(t.betas_d),
+                                                    fused=fused or None)
                 self.opt_d[head].param_groups[0]["initial_lr"] = t.lr_d
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.settings.precision == "fp16")
 
         self.iteration = 0
         self.position = {"source": 0, "target": 0}  # stream elements consumed (global)
@@ -302,8 +390,10 @@ class Trainer:
         self.saved_iteration = self.iteration if resume is not None else None
 
         # DDP after loading, so every rank starts from the checkpoint (DDP broadcasts rank 0's).
-        self.generator = dist_utils.wrap(self.model, self.ctx)
-        self.d_train = {h: dist_utils.wrap(d, self.ctx) for h, d in self.discriminators.items()}
+        # Compiled modules share their parameters with self.model / self.discriminators.
+        self.generator = self._compiled(dist_utils.wrap(self.model, self.ctx))
+        self.d_train = {h: self._compiled(dist_utils.wrap(d, self.ctx)) for h, d in self.discriminators.items()}
+        self.d_frozen = {h: self._compiled(d) for h, d in self.discriminators.items()}
         self.metric_names = self._metric_names()
 
         self.run_dir = run_dir
@@ -318,17 +408,40 @@ class Trainer:
         kinds += ["d"] if self.plan.adversarial else []
         return [f"{k}_{h}" for k in kinds for h in self.heads]
 
+    def _compiled(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.settings.compile == "none":
+            return module
+        return torch.compile(module, mode=None if self.settings.compile == "default" else self.settings.compile)
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Both heads' logits upsampled to the input size (release: bilinear, align_corners)."""
+        """Both heads' logits: upsampled to the input size (release: bilinear, align_corners), or
+        on the fast path at the model's resolution (the loss kernels upsample)."""
         with self._autocast():
             aux, main = self.generator(image)
             outputs = {"main": main, "aux": aux}
+            if self.settings.upsampled_losses:
+                return {h: outputs[h] for h in self.heads}
             return {h: upsample(outputs[h], image.shape[-2:]) for h in self.heads}
+
+    def _segmentation_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if self.settings.upsampled_losses:
+            return upsampled_segmentation_loss(logits, label)
+        return segmentation_loss(logits, label)
+
+    def _target_losses(self, logits: torch.Tensor, size, **options):
+        """The fused target losses of ``logits`` upsampled to ``size`` (already upsampled unless on
+        the fast path)."""
+        if self.settings.upsampled_losses:
+            return advent_fast.upsampled_target_losses(logits, tuple(size), **options)
+        return self.target_losses(logits, **options)
+
+    def _full_resolution(self, logits: torch.Tensor, size) -> torch.Tensor:
+        return upsample(logits.float(), size) if self.settings.upsampled_losses else logits
 
     def _set_lr(self) -> None:
         t = self.config.train
@@ -359,26 +472,36 @@ class Trainer:
         set_requires_grad(self.discriminators.values(), False)
 
         # Source: supervised segmentation. Its gradient is all-reduced with the target's.
+        kept = None
+        source_info: Dict[str, torch.Tensor] = {}  # D's source inputs, taken now: G's outputs are dropped
         with dist_utils.no_sync_unless(not plan.target, [self.generator]):
+            source_size = source["image"].shape[-2:]
             source_logits = self._forward(source["image"])
             total = 0.0
             for h in self.heads:
-                losses[f"seg_{h}"] = segmentation_loss(source_logits[h], source["label"])
+                losses[f"seg_{h}"] = self._segmentation_loss(source_logits[h], source["label"])
                 total = total + lambdas["seg"][h] * losses[f"seg_{h}"]
+                if plan.adversarial:
+                    with torch.no_grad():
+                        source_info[h] = self._target_losses(source_logits[h].detach(), source_size).self_information
+            if keep_logits and not plan.target:
+                kept = self._full_resolution(source_logits["main"].detach(), source_size)
+            del source_logits
             scale(total).backward()
 
         # Target: every target loss of a head from one fused call (outside autocast: fp32 inside).
         target_info: Dict[str, torch.Tensor] = {}
         if plan.target:
+            target_size = target["image"].shape[-2:]
             target_logits = self._forward(target["image"])
             total = 0.0
             for h in self.heads:
-                out = self.target_losses(
-                    target_logits[h], self_information=plan.adversarial, entropy=plan.entropy,
+                out = self._target_losses(
+                    target_logits[h], target_size, self_information=plan.adversarial, entropy=plan.entropy,
                     top_k=plan.top_k, prior=self.prior, mu=t.class_prior_mu)
                 if plan.adversarial:
                     with self._autocast():  # the frozen D: gradients reach G only
-                        d_out = self.discriminators[h](out.self_information)
+                        d_out = self.d_frozen[h](out.self_information)
                     losses[f"adv_{h}"] = bce_to(d_out, SOURCE_LABEL)
                     total = total + lambdas["adv"][h] * losses[f"adv_{h}"]
                     target_info[h] = out.self_information.detach()
@@ -388,20 +511,19 @@ class Trainer:
                 if plan.class_prior:
                     losses[f"cp_{h}"] = out.class_prior_loss
                     total = total + lambdas["cp"][h] * losses[f"cp_{h}"]
+            if keep_logits:
+                kept = self._full_resolution(target_logits["main"].detach(), target_size)
+            del target_logits
             scale(total).backward()
-
-        kept = (target_logits if plan.target else source_logits)["main"].detach() if keep_logits else None
 
         # Discriminators: source maps -> source label, target maps -> target label, each / 2.
         if plan.adversarial:
             set_requires_grad(self.discriminators.values(), True)
             for h in self.heads:
                 d = self.d_train[h]
-                with torch.no_grad():
-                    source_info = self.target_losses(source_logits[h].detach()).self_information
                 with dist_utils.no_sync_unless(False, [d]):
                     with self._autocast():
-                        d_source = d(source_info)
+                        d_source = d(source_info[h])
                     loss_source = bce_to(d_source, SOURCE_LABEL) / 2
                     scale(loss_source).backward()
                 with self._autocast():
@@ -422,17 +544,8 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, stream: str, batch_size: int) -> Iterator[Dict[str, Any]]:
-        cfg = self.config
-        workers = cfg.data.num_workers
-        if workers is None:  # on a CPU, loader processes would take cores from the compute threads
-            workers = 0 if self.device.type == "cpu" else 4
-        sampler = InfiniteSampler(len(dataset), cfg.train.seed, {"source": 0, "target": 1}[stream],
-                                  batch_size, self.ctx, start=self.position[stream])
-        loader = DataLoader(dataset, batch_size=batch_size // self.ctx.world_size, sampler=sampler,
-                            num_workers=workers, pin_memory=self.device.type == "cuda",
-                            drop_last=True,
-                            generator=torch.Generator().manual_seed(cfg.train.seed))
-        return iter(loader)
+        return training_batches(dataset, stream, batch_size, self.ctx, self.config.train.seed,
+                                start=self.position[stream], workers=self.config.data.num_workers)
 
     def fit(self) -> Optional[Dict[str, Any]]:
         """Train to ``train.stop_iter``; returns the final evaluation (on the main process)."""
@@ -447,8 +560,9 @@ class Trainer:
         window: Dict[str, float] = {}
         window_start, window_steps = time.perf_counter(), 0
         while self.iteration < t.stop_iter:
-            source = to_device(next(source_batches), self.device, t.channels_last)
-            target = to_device(next(target_batches), self.device, t.channels_last) if target_batches is not None else None
+            source = to_device(next(source_batches), self.device, self.settings.channels_last)
+            target = (to_device(next(target_batches), self.device, self.settings.channels_last)
+                      if target_batches is not None else None)
             want_images = self._images_due()
             finite, metrics, logits = self.train_step(source, target, keep_logits=want_images)
             lr = self.opt_g.param_groups[0]["lr"]

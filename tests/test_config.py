@@ -57,6 +57,8 @@ def test_merge_rejects_unknown_keys_and_wrong_types_by_name(updates, key):
 @pytest.mark.parametrize("override, key", [
     ("train.mode=minent_rank", "train.mode"),
     ("train.precision=fp8", "train.precision"),
+    ("train.compile=fastest", "train.compile"),
+    ("train.fast_path=maybe", "train.fast_path"),
     ("train.stop_iter=300000", "train.stop_iter"),
     ("train.entropy_ranking_ratio=0", "train.entropy_ranking_ratio"),
     ("data.num_classes=16", "data.num_classes"),  # embedded / GTA5 labels are 19-class
@@ -112,3 +114,7 @@ def test_cli_errors_name_the_key(capsys):
     printed = parse_yaml(capsys.readouterr().out)
     assert printed["train"]["mode"] == "minent" and printed["train"]["precision"] == "bf16"
     assert printed["train"]["channels_last"] is True
+    assert printed["train"]["fast_path"] is None and printed["train"]["compile"] == "none"
+    assert train.main(["--no-fast-path", "--no-channels-last", "--compile", "default", "--print-config"]) == 0
+    printed = parse_yaml(capsys.readouterr().out)["train"]
+    assert (printed["fast_path"], printed["channels_last"], printed["compile"]) == (False, False, "default")

@@ -287,6 +287,109 @@ def test_precision_options_and_channels_last(tiny_data, tmp_path):
         assert bool(load(str(tmp_path / precision / "checkpoint.pt"))["scaler"]) == (precision == "fp16")
 
 
+@pytest.fixture
+def triton_backend():
+    """The Triton kernels (interpreted on the CPU), so the fast path runs its fused upsample kernels."""
+    advent_fast.set_backend("triton")
+    yield
+    advent_fast.set_backend(None)
+
+
+def test_step_settings_resolve_per_device():
+    config = load_config("embedded")
+    gpu = trainer_mod.StepSettings.resolve(config, torch.device("cuda"))
+    assert (gpu.fast_path, gpu.precision, gpu.channels_last, gpu.upsampled_losses, gpu.fused_optimizers) == (
+        True, "bf16", True, True, True)
+    cpu = trainer_mod.StepSettings.resolve(config, torch.device("cpu"))
+    assert (cpu.fast_path, cpu.precision, cpu.channels_last, cpu.upsampled_losses, cpu.fused_optimizers) == (
+        False, "fp32", False, False, False)
+    config = load_config("embedded", ["train.fast_path=false", "train.precision=bf16", "train.channels_last=true"])
+    off = trainer_mod.StepSettings.resolve(config, torch.device("cuda"))
+    assert (off.fast_path, off.precision, off.channels_last, off.upsampled_losses) == (False, "bf16", True, False)
+    config = load_config("embedded", ["train.fast_path=true", "train.target_losses=reference", "model.freeze_bn=true"])
+    ref = trainer_mod.StepSettings.resolve(config, torch.device("cuda"))
+    assert (ref.upsampled_losses, ref.fold_frozen_bn) == (False, True)
+
+
+def run_steps(config, batches):
+    trainer = Trainer(config)
+    metrics = []
+    for source, target in batches:
+        finite, values, _ = trainer.train_step(source, target)
+        trainer.iteration += 1
+        assert finite
+        metrics.append(values)
+    return trainer, metrics
+
+
+def fixed_batches(steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(steps):
+        source = {"image": 50 * torch.randn(1, 3, 32, 64, generator=gen),
+                  "label": torch.randint(0, 19, (1, 32, 64), generator=gen)}
+        source["label"][:, :5] = 255
+        batches.append((source, {"image": 50 * torch.randn(1, 3, 32, 64, generator=gen)}))
+    return batches
+
+
+@pytest.mark.parametrize("mode, extra", [
+    ("advent_minent", ("train.class_prior=PRIOR",)),
+    ("minent_er", ("model.freeze_bn=true",)),
+])
+def test_fast_path_step_equals_the_release_step(tiny_data, tmp_path, triton_backend, monkeypatch, mode, extra):
+    """Losses from the low-resolution logits through the fused upsample kernels, fused optimisers,
+    channels_last (and folded frozen BN) give the release-style step's losses and weights."""
+    extra = [e.replace("PRIOR", write_prior(tmp_path / "prior.json")) for e in extra]
+    calls = {"target": 0, "ce": 0}
+    for name, key in (("upsampled_target_losses", "target"), ("upsampled_cross_entropy", "ce")):
+        real = getattr(advent_fast, name)
+
+        def counting(*args, _real=real, _key=key, **kwargs):
+            calls[_key] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(advent_fast, name, counting)
+    common = (*extra, "train.lr=1e-2", "train.lambda_adv_main=5", "train.lambda_ent_main=5", "train.precision=fp32")
+    batches = fixed_batches(3)
+    release, release_metrics = run_steps(tiny_config(tiny_data, mode, "train.fast_path=false", *common), batches)
+    assert calls == {"target": 0, "ce": 0}
+    fast, fast_metrics = run_steps(tiny_config(tiny_data, mode, "train.fast_path=true", *common), batches)
+    heads = 2
+    assert calls["ce"] == 3 * heads
+    assert calls["target"] == 3 * heads * (2 if mode.startswith("advent") else 1)
+    assert fast.settings.channels_last and fast.settings.fused_optimizers
+    assert fast.model.stage1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    if "model.freeze_bn=true" in extra:
+        assert type(fast.model.stage1[0]) is not torch.nn.Conv2d  # folded
+    for ref, got in zip(release_metrics, fast_metrics):
+        assert got == pytest.approx(ref, rel=2e-4, abs=1e-6)
+    ref_state = release.model.state_dict()
+    for name, value in fast.model.state_dict().items():
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_fast_path_counts_an_image_without_labels_as_zero(triton_backend):
+    logits = torch.randn(2, 19, 4, 8, requires_grad=True)
+    label = torch.randint(0, 19, (2, 32, 64))
+    label[1] = 255
+    got = trainer_mod.upsampled_segmentation_loss(logits, label)
+    want = trainer_mod.segmentation_loss(trainer_mod.upsample(logits, (32, 64)), label)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[1].abs().max() == 0
+
+
+def test_compiled_step_equals_eager(tiny_data):
+    common = ("train.precision=fp32", "train.lr=1e-2")
+    batches = fixed_batches(2, seed=1)
+    _, eager = run_steps(tiny_config(tiny_data, "advent", *common), batches)
+    compiled, got = run_steps(tiny_config(tiny_data, "advent", "train.compile=default", *common), batches)
+    assert compiled.settings.compile == "default"
+    for ref, value in zip(eager, got):
+        assert value == pytest.approx(ref, rel=1e-4, abs=1e-6)
+
+
 def test_tensorboard_scalars_and_images(tiny_data, tmp_path):
     pytest.importorskip("tensorboard")
     config = tiny_config(tiny_data, "minent_er", "run.tensorboard=true", "run.image_every=1",
