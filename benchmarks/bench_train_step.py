@@ -1,0 +1,299 @@
+"""The training step, end to end: the release-style eager step against this project's fast path.
+
+    python benchmarks/bench_train_step.py                  # MinEnt and AdvEnt, every variant
+    python benchmarks/bench_train_step.py --quick --track 200
+
+Each variant builds a real :class:`advent_fast.trainer.Trainer` from a preset (on a GPU the paper's
+GTA5 -> Cityscapes ResNet-101 setting: source 1280x720, target 1024x512, batch 1 + 1, two heads, two
+discriminators; on a CPU the embedded preset's small model at small sizes) and times
+``Trainer.train_step`` on fixed random batches already on the device (data loading is
+``bench_data.py``'s subject). Columns: ms per step (median), images per second (source + target),
+peak memory, and on GPUs the fraction of the wall time the GPU is busy (kernel time from the
+profiler over a few steps / their wall time). ``--track N`` trains the release fp32 step and the
+fast path from the same initial weights for N iterations on the same inputs and reports how far
+the fast path's losses stray (relative to the fp32 losses).
+
+Variants (``--variants``):
+  release_fp32   train.fast_path=false, fp32, naive release-style losses on upsampled logits
+  release_bf16   the same with bf16 autocast and channels_last
+  fast           train.fast_path=true (bf16 + channels_last on GPUs, fused upsample+losses, fused optimisers)
+  fast_compile   the fast path with torch.compile of G and D (train.compile=default)
+  fast_cudagraph the fast path with torch.compile(mode="reduce-overhead") (CUDA graphs)
+  fast_frozen_bn the fast path with model.freeze_bn=true (BatchNorm folded into the convolutions; a
+                 deviation from the release, whose BatchNorm trains in batch-1 train mode)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+from torch.utils.data import Dataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from advent_fast.config import load_config  # noqa: E402
+from advent_fast.trainer import Datasets, Trainer  # noqa: E402
+
+VARIANTS = {
+    "release_fp32": ["train.fast_path=false", "train.precision=fp32", "train.channels_last=false",
+                     "train.target_losses=reference"],
+    "release_bf16": ["train.fast_path=false", "train.precision=bf16", "train.channels_last=true",
+                     "train.target_losses=reference"],
+    "fast": ["train.fast_path=true"],
+    "fast_compile": ["train.fast_path=true", "train.compile=default"],
+    "fast_cudagraph": ["train.fast_path=true", "train.compile=reduce-overhead"],
+    "fast_frozen_bn": ["train.fast_path=true", "model.freeze_bn=true"],
+}
+QUICK_VARIANTS = ["release_fp32", "release_bf16", "fast", "fast_frozen_bn"]
+
+
+class RandomScenes(Dataset):
+    """Items in the datasets' format (normalised float image, int64 train ids), never loaded:
+    the Trainer needs datasets to exist, the benchmark feeds its own batches."""
+
+    def __init__(self, size, num_classes: int, labels: bool):
+        self.size, self.num_classes, self.labels = size, num_classes, labels
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict:
+        w, h = self.size
+        item = {"image": 50 * torch.randn(3, h, w), "name": f"random_{index}"}
+        if self.labels:
+            item["label"] = torch.randint(0, self.num_classes, (h, w))
+        return item
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", nargs="+", default=["minent", "advent"],
+                   choices=["source_only", "minent", "minent_er", "advent", "advent_minent"])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                   help=f"default: all on GPUs; {', '.join(QUICK_VARIANTS)} on CPUs and with --quick")
+    p.add_argument("--config", default=None, help="preset (default: gta2cityscapes_r101 on GPUs, embedded on CPUs)")
+    p.add_argument("--source-size", nargs=2, type=int, metavar=("W", "H"), default=None)
+    p.add_argument("--target-size", nargs=2, type=int, metavar=("W", "H"), default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override applied to every variant")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 GPU / 5 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 8 GPU / 2 CPU)")
+    p.add_argument("--track", type=int, default=0, metavar="N",
+                   help="also train release_fp32 and fast for N iterations and compare their losses")
+    p.add_argument("--track-variant", default="fast", choices=list(VARIANTS))
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="fewer steps and variants")
+    p.add_argument("--json", default=None, help="write the rows here")
+    return p.parse_args(argv)
+
+
+def defaults(args, device):
+    gpu = device.type == "cuda"
+    config = args.config or ("gta2cityscapes_r101" if gpu else "embedded")
+    source_size = args.source_size or ([1280, 720] if gpu else [256, 144])
+    target_size = args.target_size or ([1024, 512] if gpu else [256, 128])
+    steps = args.steps or (10 if args.quick else 30) if gpu else args.steps or (3 if args.quick else 5)
+    warmup = args.warmup or (5 if args.quick else 8) if gpu else args.warmup or 2
+    if args.variants:
+        variants = args.variants
+    else:
+        variants = QUICK_VARIANTS if (args.quick or not gpu) else list(VARIANTS)
+    return config, source_size, target_size, steps, warmup, variants
+
+
+def build_trainer(preset, mode, variant, args, source_size, target_size, device):
+    overrides = [f"train.mode={mode}", "data.num_workers=0", "run.progress=false", "eval.every=0",
+                 f"data.source_size={list(source_size)}", f"data.target_size={list(target_size)}",
+                 *args.overrides, *VARIANTS[variant]]
+    if preset != "embedded":
+        # Data roots are required by the preset's validation but never read: the datasets are given.
+        overrides += ["data.source_root=unused", "data.target_root=unused"]
+    config = load_config(preset, overrides)
+    if config.model.param_groups == "release" and config.model.arch != "deeplabv2_r101":
+        config.model.param_groups = "clean"
+    classes = config.data.num_classes
+    data = Datasets(RandomScenes(source_size, classes, True), RandomScenes(target_size, classes, False),
+                    RandomScenes(target_size, classes, True))
+    from advent_fast.distributed import DistContext
+
+    return Trainer(config, DistContext(device=device), datasets=data)
+
+
+def fixed_batches(trainer, count, seed=0):
+    """``count`` (source, target) batches on the device, in the trainer's memory format."""
+    from advent_fast.trainer import to_device
+
+    gen = torch.Generator().manual_seed(seed)
+    t, d = trainer.config.train, trainer.config.data
+    (sw, sh), (tw, th) = d.source_size, d.target_size
+    batches = []
+    for _ in range(count):
+        source = {"image": 50 * torch.randn(t.source_batch_size, 3, sh, sw, generator=gen),
+                  "label": torch.randint(0, d.num_classes, (t.source_batch_size, sh, sw), generator=gen)}
+        source["label"][:, : sh // 8] = 255  # an ignored band, as the sky/void in real labels
+        target = {"image": 50 * torch.randn(t.target_batch_size, 3, th, tw, generator=gen)}
+        batches.append((to_device(source, trainer.device, trainer.settings.channels_last),
+                        to_device(target, trainer.device, trainer.settings.channels_last)))
+    return batches
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gpu_busy_fraction(step, steps: int) -> float:
+    """Kernel time / wall time over ``steps`` steps (one stream: kernels do not overlap)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6
+    busy_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return busy_us / wall_us
+
+
+def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
+    trainer = build_trainer(preset, mode, variant, args, *sizes, device)
+    batches = fixed_batches(trainer, 2)
+    state = {"i": 0}
+
+    def step():
+        source, target = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        finite, _, _ = trainer.train_step(source, target if trainer.plan.target else None)
+        if not finite:
+            raise RuntimeError(f"{variant}/{mode}: non-finite losses")
+
+    setup_start = time.perf_counter()
+    for _ in range(warmup):  # compilation, cudnn autotuning, allocator warm-up
+        step()
+    sync(device)
+    warmup_s = time.perf_counter() - setup_start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):  # train_step ends with a host sync (the losses), so wall time is step time
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    ms = statistics.median(times)
+    row = {"mode": mode, "variant": variant, "settings": trainer.settings.describe(), "ms_per_step": ms,
+           "images_per_s": (trainer.config.train.source_batch_size
+                            + (trainer.config.train.target_batch_size if trainer.plan.target else 0)) / ms * 1e3,
+           "warmup_s": warmup_s, "peak_mib": None, "gpu_busy": None}
+    if device.type == "cuda":
+        row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        row["gpu_busy"] = gpu_busy_fraction(step, min(steps, 5))
+    return row
+
+
+def track_losses(preset, mode, variant, args, sizes, iterations, device):
+    """Losses of ``variant`` against release_fp32 over the same iterations and inputs."""
+    histories = {}
+    for name in ("release_fp32", variant):
+        trainer = build_trainer(preset, mode, name, args, *sizes, device)
+        batches = fixed_batches(trainer, 4, seed=1)
+        history = []
+        for i in range(iterations):
+            source, target = batches[i % len(batches)]
+            finite, metrics, _ = trainer.train_step(source, target if trainer.plan.target else None)
+            trainer.iteration += 1
+            history.append(metrics)
+        histories[name] = history
+        release_memory(device)
+    ref, got = histories["release_fp32"], histories[variant]
+    rows = []
+    for loss in ref[0]:
+        errors = [abs(g[loss] - r[loss]) / max(abs(r[loss]), 1e-8) for r, g in zip(ref, got)]
+        worst = max(range(len(errors)), key=lambda i: errors[i] if math.isfinite(errors[i]) else math.inf)
+        rows.append({"mode": mode, "variant": variant, "loss": loss, "iterations": iterations,
+                     "max_rel_diff": errors[worst], "at_iter": worst + 1,
+                     "median_rel_diff": statistics.median(errors), "first": ref[0][loss], "last_ref": ref[-1][loss],
+                     "last_fast": got[-1][loss]})
+    return rows
+
+
+def release_memory(device):
+    gc.collect()  # the last variant's trainer, before the next one allocates
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    preset, source_size, target_size, steps, warmup, variants = defaults(args, device)
+    sizes = (source_size, target_size)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{os.cpu_count()}"
+    print(f"# Training step: {name}, torch {torch.__version__}, preset {preset}, source {source_size[0]}x"
+          f"{source_size[1]}, target {target_size[0]}x{target_size[1]}, {steps} timed steps after {warmup}")
+    print()
+    rows = []
+    for mode in args.modes:
+        for variant in variants:
+            try:
+                rows.append(time_variant(preset, mode, variant, args, sizes, steps, warmup, device))
+            except Exception as exc:  # a failing lever is a finding, not the end of the benchmark
+                traceback.print_exc(file=sys.stderr)
+                rows.append({"mode": mode, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            torch._dynamo.reset()
+            release_memory(device)
+    print("| mode | variant | ms/step | images/s | x release_fp32 | peak MiB | GPU busy | warm-up s | settings |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['mode']} | {row['variant']} | failed: {row['error']} |||||||")
+            continue
+        base = next((r for r in rows if r["mode"] == row["mode"] and r["variant"] == "release_fp32"
+                     and "error" not in r), None)
+        speedup = base["ms_per_step"] / row["ms_per_step"] if base else None
+        busy = None if row["gpu_busy"] is None else 100 * row["gpu_busy"]
+        print(f"| {row['mode']} | {row['variant']} | {row['ms_per_step']:.1f} | {row['images_per_s']:.1f} | "
+              f"{fmt(speedup, '.2f')} | {fmt(row['peak_mib'], ',.0f')} | {fmt(busy, '.0f')}% | "
+              f"{row['warmup_s']:.1f} | {row['settings']} |".replace("| -% |", "| - |"))
+    tracked = []
+    if args.track:
+        for mode in args.modes:
+            tracked += track_losses(preset, mode, args.track_variant, args, sizes, args.track, device)
+        print()
+        print(f"Losses of {args.track_variant} vs release_fp32 over {args.track} iterations on the same "
+              f"inputs and initial weights (relative difference):")
+        print()
+        print("| mode | loss | max rel. diff | at iter | median rel. diff | ref first -> last | "
+              f"{args.track_variant} last |")
+        print("|---|---|---|---|---|---|---|")
+        for r in tracked:
+            print(f"| {r['mode']} | {r['loss']} | {r['max_rel_diff']:.2e} | {r['at_iter']} | "
+                  f"{r['median_rel_diff']:.2e} | {r['first']:.4g} -> {r['last_ref']:.4g} | {r['last_fast']:.4g} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "preset": preset, "source_size": source_size,
+                       "target_size": target_size, "steps": steps, "warmup": warmup, "rows": rows,
+                       "track": tracked}, f, indent=1)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The data, evaluation and training-step benchmark scripts run end to end (smallest options) and
+write their JSON."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny embedded set (generated in a second or two, then cached beside the full one when
+# ADVENT_FAST_DATA names a shared cache): the benchmark's loader cycles over it.
+TINY_COUNTS = ("6", "6", "1")
+
+
+def run_script(name, *args, timeout=120):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return os.environ.get("ADVENT_FAST_DATA") or str(tmp_path_factory.mktemp("embedded"))
+
+
+def test_bench_data(tmp_path, data_root):
+    out = tmp_path / "bench_data.json"
+    stdout = run_script("bench_data.py", "--quick", "--batches", "8", "--workers", "0", "2",
+                        "--decode-images", "3", "--root", data_root, "--counts", *TINY_COUNTS,
+                        "--json", str(out))
+    assert "images/s" in stdout
+    result = json.loads(out.read_text())
+    assert result["machine"]["cpu_count"] == os.cpu_count()
+    rows = result["results"]
+    assert {r["stream"] for r in rows} == {"source", "target"}
+    assert {r["workers"] for r in rows} == ({0, 2} if (os.cpu_count() or 1) >= 2 else {0})
+    for r in rows:
+        assert r["images"] == 8 and r["images_per_s"] > 0 and r["ms_per_image"] > 0 and r["MB_per_s"] > 0
+    assert {r["stream"] for r in result["decode"]} == {"source", "target"}
+    for r in result["decode"]:
+        assert r["decode_ms"] > 0 and r["item_ms"] > 0 and r["cv2_ms"] > 0
+
+
+def test_bench_data_resized(tmp_path, data_root):
+    out = tmp_path / "bench_data.json"
+    run_script("bench_data.py", "--quick", "--batches", "2", "--workers", "0", "--streams", "target",
+               "--size", "64", "32", "--decode-images", "2", "--root", data_root, "--counts", *TINY_COUNTS,
+               "--json", str(out))
+    result = json.loads(out.read_text())
+    [row] = result["results"]
+    assert row["stream"] == "target" and row["size"] == [64, 32] and row["images_per_s"] > 0
+    [decode] = result["decode"]
+    assert decode["size"] == [64, 32] and decode["resize_ms"] > 0
+
+
+def test_bench_eval(tmp_path):
+    out = tmp_path / "bench_eval.json"
+    stdout = run_script("bench_eval.py", "--quick", "--device", "cpu", "--images", "2", "--warmup", "1",
+                        "--image-size", "64", "32", "--label-size", "128", "64", "--width", "8",
+                        "--release-images", "1", "--json", str(out))
+    assert "in memory" in stdout
+    result = json.loads(out.read_text())
+    rows = result["results"]
+    assert [(r["path"], r["precision"]) for r in rows] == [
+        ("advent_fast", "fp32"), ("advent_fast", "bf16"), ("release (host argmax)", "fp32")]
+    for r in rows:
+        assert r["model"] == "deeplabv2_small" and r["images_per_s"] > 0 and r["s_per_image"] > 0
+        assert r["projected_s_500"] == pytest.approx(500 * r["s_per_image"])
+        assert r["peak_MiB"] is None
+
+
+def test_bench_train_step(tmp_path):
+    out = tmp_path / "bench_train_step.json"
+    stdout = run_script("bench_train_step.py", "--device", "cpu", "--modes", "advent", "--variants", "release_fp32",
+                        "fast", "--steps", "1", "--warmup", "1", "--source-size", "64", "32", "--target-size",
+                        "64", "32", "--set", "model.width=4", "--track", "2", "--json", str(out))
+    assert "ms/step" in stdout and "max rel. diff" in stdout
+    result = json.loads(out.read_text())
+    assert [(r["mode"], r["variant"]) for r in result["rows"]] == [("advent", "release_fp32"), ("advent", "fast")]
+    for r in result["rows"]:
+        assert r["ms_per_step"] > 0 and r["images_per_s"] > 0 and r["gpu_busy"] is None
+    assert "fast path, fp32" in result["rows"][1]["settings"]
+    tracked = {r["loss"]: r for r in result["track"]}
+    assert set(tracked) == {"seg_main", "seg_aux", "adv_main", "adv_aux", "d_main", "d_aux"}
+    # On a CPU the fast path runs in fp32: the losses agree to float rounding.
+    assert max(r["max_rel_diff"] for r in tracked.values()) < 1e-4
