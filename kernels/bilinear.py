@@ -82,31 +82,45 @@ def cell_start(c, in_size, out_size, scale):
 
 
 @triton.jit
-def cell_lanes(cell_block, in_size, out_size, scale, BLOCK_CELLS: tl.constexpr, SPAN: tl.constexpr):
-    """Per lane of a cell tile: (cell, first output column, end of the cell) and the widest cell's width."""
+def cell_program(C, h, w, H, W, scale_h, scale_w, BLOCK_CELLS: tl.constexpr, SPAN: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """Where this program of a cell kernel (grid: cell blocks, low-res rows, images) works:
+    (cell_block, r, n): its ids; (row_start, row_end, r1): the output rows of cell row r and its second tap
+    row; per lane (cell, first output column, end of the cell, tap column c1); the widest cell's width;
+    the class offsets, their validity and the [lanes, BLOCK_C] mask of the tap loads."""
+    cell_block = tl.program_id(0)
+    r = tl.program_id(1)
+    n = tl.program_id(2)
     lanes = tl.arange(0, BLOCK_CELLS * SPAN)
     cell = cell_block * BLOCK_CELLS + lanes // SPAN
-    start = cell_start(cell, in_size, out_size, scale)
-    end = cell_start(cell + 1, in_size, out_size, scale)  # cells past the grid: start == end == out
-    return cell, start + lanes % SPAN, end, tl.max(end - start, axis=0)
+    start = cell_start(cell, w, W, scale_w)
+    end = cell_start(cell + 1, w, W, scale_w)  # cells past the grid: start == end == W
+    offs_c = tl.arange(0, BLOCK_C)
+    c_valid = offs_c < C
+    return (cell_block, r, n, cell_start(r, h, H, scale_h), cell_start(r + 1, h, H, scale_h),
+            tl.minimum(r + 1, h - 1), cell, start + lanes % SPAN, end, tl.minimum(cell + 1, w - 1),
+            tl.max(end - start, axis=0), offs_c, c_valid, (cell < w)[:, None] & c_valid[None, :])
 
 
 @triton.jit
-def column_lerp_rows(x_img, r, r1, cell, c1, w0, w1, tap_mask, offs_c, stride_xc, stride_xh, stride_xw):
-    """The two tap rows of a chunk interpolated along the columns, w0 x[., c] + w1 x[., c1] (ATen's order; a
-    zero weight on an infinite tap is NaN there too): [lanes, BLOCK_C] float32, 0 where masked."""
+def chunk_tap_rows(x_img, b0, r, r1, cell, first_col, col_end, c1, scale_w, tap_mask, offs_c, stride_xc,
+                   stride_xh, stride_xw, SPAN: tl.constexpr):
+    """Chunk b0 of a cell tile: per lane the output column j, whether it is in its cell, the column weights
+    (w0, w1), and the two tap rows interpolated along the columns, w0 x[., c] + w1 x[., c1] (ATen's order;
+    a zero weight on an infinite tap is NaN there too): [lanes, BLOCK_C] float32, 0 where masked."""
+    j = tl.max_contiguous(first_col + b0, SPAN)  # runs of SPAN consecutive columns per cell
+    w1 = tl.fma(j.to(tl.float32), scale_w, 0.0) - cell.to(tl.float32)  # source position - j0
+    w0 = 1.0 - w1
     class_offs = offs_c[None, :] * stride_xc
     left = cell[:, None] * stride_xw + class_offs
     right = c1[:, None] * stride_xw + class_offs
     top_row = x_img + r * stride_xh
     bottom_row = x_img + r1 * stride_xh
-    w0 = w0[:, None]
-    w1 = w1[:, None]
-    top = w0 * tl.load(top_row + left, mask=tap_mask, other=0.0).to(tl.float32)
-    top += w1 * tl.load(top_row + right, mask=tap_mask, other=0.0).to(tl.float32)
-    bottom = w0 * tl.load(bottom_row + left, mask=tap_mask, other=0.0).to(tl.float32)
-    bottom += w1 * tl.load(bottom_row + right, mask=tap_mask, other=0.0).to(tl.float32)
-    return top, bottom
+    top = w0[:, None] * tl.load(top_row + left, mask=tap_mask, other=0.0).to(tl.float32)
+    top += w1[:, None] * tl.load(top_row + right, mask=tap_mask, other=0.0).to(tl.float32)
+    bottom = w0[:, None] * tl.load(bottom_row + left, mask=tap_mask, other=0.0).to(tl.float32)
+    bottom += w1[:, None] * tl.load(bottom_row + right, mask=tap_mask, other=0.0).to(tl.float32)
+    return j, j < col_end, w0, w1, top, bottom
 
 
 @triton.jit
@@ -132,7 +146,7 @@ def store_tap_partials(parts_ptr, a00, a01, a10, a11, n, r, cell_block, N, h, w,
     offs_c = tl.arange(0, BLOCK_C)
     mask = (cells < w)[:, None] & (offs_c < C)[None, :]
     cell_offs = ((n * h + r) * w + cells).to(tl.int64)[:, None] * C + offs_c[None, :]
-    tap_stride = N.to(tl.int64) * h * w * C
+    tap_stride = tl.cast(N, tl.int64) * h * w * C  # N == 1 arrives as a constexpr int
     tl.store(parts_ptr + cell_offs, a00, mask=mask)
     tl.store(parts_ptr + tap_stride + cell_offs, a01, mask=mask)
     tl.store(parts_ptr + 2 * tap_stride + cell_offs, a10, mask=mask)
@@ -165,7 +179,7 @@ def _combine_taps_kernel(
     mask = p_valid[:, None] & (offs_c < C)[None, :]
     r = offs_p // w
     c = offs_p % w
-    tap_stride = N.to(tl.int64) * h * w * C
+    tap_stride = tl.cast(N, tl.int64) * h * w * C  # N == 1 arrives as a constexpr int
     # partial of tap q of cell (row, col); `also` masks the cells that are not a source of this pixel
     image = parts_ptr + n.to(tl.int64) * h * w * C + offs_c[None, :]
     not_first_row = r >= 1

@@ -497,6 +497,32 @@ def compile_for_sm90():
         target_forward(x, prior, 1, 0.5, False, True, True, True)
         target_backward(x, grad_info, emap, scalar, scalar, None, None, None, cmean, prior, 0.5)
         target_backward(x, None, None, scalar, None, emap, per_image, per_image, None, None, 0.5)
+
+    # The fused upsample + loss kernels at the paper's training shapes (target 1024x512 and source
+    # 1280x720 from their 1/8-resolution logits) and an odd one.
+    from importlib import import_module
+
+    ce = import_module(f"{kernels.__name__}.upsampled_cross_entropy")
+    up = import_module(f"{kernels.__name__}.upsampled_target")
+    for n, c, (h, w), (H, W), dtype, layout in [
+        (1, 19, (65, 129), (512, 1024), torch.bfloat16, "channels_last"),
+        (1, 19, (91, 161), (720, 1280), torch.float32, "contiguous"),
+        (2, 16, (9, 17), (33, 67), torch.float16, "contiguous"),
+        (1, 2, (1, 1), (3, 4), torch.float32, "contiguous"),  # sizes of 1 arrive as constexprs
+    ]:
+        x = torch.zeros(n, c, h, w, dtype=dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        labels, scalar = torch.zeros(n, H, W, dtype=torch.int64), torch.zeros(())
+        loss, count, parts = ce.upsampled_cross_entropy_forward(x, labels, 255, True)
+        ce.upsampled_cross_entropy_forward(x, labels.to(torch.uint8), 255, False)
+        ce.upsampled_cross_entropy_backward(x, parts, count, scalar)
+        prior, grad_info, emap = torch.zeros(c), torch.zeros(n, c, H, W, dtype=dtype), torch.zeros(n, H, W)
+        per_image, cmean = torch.zeros(n), torch.zeros(n, c)
+        up.upsampled_target_forward(x, H, W, prior, 0, 0.5, True, True, True, True)
+        up.upsampled_target_forward(x, H, W, None, 7, 0.5, False, False, True, False)
+        up.upsampled_target_backward(x, H, W, grad_info, None, scalar, scalar, None, None, None, cmean, prior, 0.5)
+        up.upsampled_target_backward(x, H, W, None, emap, scalar, None, emap, per_image, per_image, None, None, 0.5)
     print("compiled")
     return 0
 
