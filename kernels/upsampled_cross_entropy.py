@@ -27,10 +27,9 @@ from .bilinear import (
     CELL_NUM_WARPS,
     accumulate_taps,
     axis_scale,
-    cell_lanes,
-    cell_start,
+    cell_program,
     cell_tile,
-    column_lerp_rows,
+    chunk_tap_rows,
     combine_taps,
     store_tap_partials,
 )
@@ -67,18 +66,9 @@ def _upsampled_ce_fwd_kernel(
     SPAN: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    cell_block = tl.program_id(0)
-    r = tl.program_id(1)
-    n = tl.program_id(2)
     LANES: tl.constexpr = BLOCK_CELLS * SPAN
-    cell, first_col, col_end, max_width = cell_lanes(cell_block, w, W, scale_w, BLOCK_CELLS, SPAN)
-    row_start = cell_start(r, h, H, scale_h)
-    row_end = cell_start(r + 1, h, H, scale_h)
-    r1 = tl.minimum(r + 1, h - 1)
-    c1 = tl.minimum(cell + 1, w - 1)
-    offs_c = tl.arange(0, BLOCK_C)
-    c_valid = offs_c < C
-    tap_mask = (cell < w)[:, None] & c_valid[None, :]
+    (cell_block, r, n, row_start, row_end, r1, cell, first_col, col_end, c1, max_width, offs_c, c_valid,
+     tap_mask) = cell_program(C, h, w, H, W, scale_h, scale_w, BLOCK_CELLS, SPAN, BLOCK_C)
     x_img = x_ptr + n.to(tl.int64) * stride_xn
     labels_img = labels_ptr + n.to(tl.int64) * stride_ln
 
@@ -89,12 +79,8 @@ def _upsampled_ce_fwd_kernel(
     a10 = tl.zeros([BLOCK_CELLS, BLOCK_C], dtype=tl.float32)
     a11 = tl.zeros([BLOCK_CELLS, BLOCK_C], dtype=tl.float32)
     for b0 in range(0, max_width, SPAN):
-        j = tl.max_contiguous(first_col + b0, SPAN)  # runs of SPAN consecutive columns per cell
-        pix_ok = j < col_end
-        wx1 = tl.fma(j.to(tl.float32), scale_w, 0.0) - cell.to(tl.float32)  # source_position(j) - j0
-        wx0 = 1.0 - wx1
-        top, bottom = column_lerp_rows(x_img, r, r1, cell, c1, wx0, wx1, tap_mask, offs_c, stride_xc, stride_xh,
-                                       stride_xw)
+        j, pix_ok, wx0, wx1, top, bottom = chunk_tap_rows(x_img, b0, r, r1, cell, first_col, col_end, c1, scale_w,
+                                                          tap_mask, offs_c, stride_xc, stride_xh, stride_xw, SPAN)
         # row-weighted sums over the cell row of the per-pixel gradient: taps r (t_top) and r1 (t_bottom)
         t_top = tl.zeros([LANES, BLOCK_C], dtype=tl.float32)
         t_bottom = tl.zeros([LANES, BLOCK_C], dtype=tl.float32)
