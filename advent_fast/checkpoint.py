@@ -8,6 +8,7 @@ over the target, so an interrupted save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
 from typing import Any, Dict, Optional
@@ -29,6 +30,9 @@ def save_atomic(obj: Any, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    # Only one process writes a given checkpoint: other temporaries were left by a killed save.
+    for stale in glob.glob(os.path.join(folder, f".{glob.escape(os.path.basename(path))}.tmp*")):
+        os.remove(stale)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)

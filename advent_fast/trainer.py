@@ -441,7 +441,9 @@ class Trainer:
         return self.target_losses(logits, **options)
 
     def _full_resolution(self, logits: torch.Tensor, size) -> torch.Tensor:
-        return upsample(logits.float(), size) if self.settings.upsampled_losses else logits
+        """Full-resolution logits for the logged images; a new tensor, as CUDA-graph replays
+        (``train.compile: reduce-overhead``) reuse the memory of the model's outputs."""
+        return upsample(logits.float(), size) if self.settings.upsampled_losses else logits.clone()
 
     def _set_lr(self) -> None:
         t = self.config.train

@@ -54,6 +54,14 @@ def test_a_save_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
     assert proc.returncode == -9
     survivor = ckpt_io.load(path)
     assert survivor["iteration"] == 1 and torch.equal(survivor["model"]["w"], torch.ones(4))
+    leftovers = [f for f in os.listdir(tmp_path) if f.startswith(".checkpoint.pt.tmp")]
+    assert len(leftovers) == 1  # the killed writer's temporary...
+    (tmp_path / "other.pt").write_bytes(b"x")
+    (tmp_path / ".other.pt.tmp1").write_bytes(b"x")
+    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "iteration": 3}, path)
+    # ...is removed by the next save of the same file, and nothing else is.
+    assert sorted(os.listdir(tmp_path)) == [".other.pt.tmp1", "checkpoint.pt", "other.pt"]
+    assert ckpt_io.load(path)["iteration"] == 3
 
 
 def test_rng_state_round_trip():
