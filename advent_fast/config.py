@@ -41,7 +41,7 @@ class DataConfig:
     target_size: Optional[List[int]] = field(default_factory=lambda: [1024, 512])  # [w, h]; None: embedded
     eval_label_size: Optional[List[int]] = field(default_factory=lambda: [2048, 1024])  # None: native
     num_classes: int = 19
-    num_workers: Optional[int] = None  # loader processes per domain; None: 0 on CPU, 4 on GPU
+    num_workers: Optional[int] = None  # loader processes per stream and for evaluation; None: 0 on CPU, 4 on GPU
 
 
 @dataclass

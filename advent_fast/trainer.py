@@ -163,13 +163,20 @@ class InfiniteSampler(Sampler[int]):
 STREAMS = {"source": 0, "target": 1}
 
 
+def loader_workers(configured: Optional[int], device: torch.device) -> int:
+    """``data.num_workers``; None: 0 on a CPU (loader processes would take cores from the compute
+    threads), 4 on a GPU."""
+    if configured is not None:
+        return configured
+    return 0 if device.type == "cpu" else 4
+
+
 def training_batches(dataset: Dataset, stream: str, batch_size: int, ctx: dist_utils.DistContext, seed: int,
                      start: int = 0, workers: Optional[int] = None) -> Iterator[Dict[str, Any]]:
     """The endless batches of one training stream (``source`` or ``target``) for this process:
-    ``batch_size`` is the global batch; loader processes decode ahead (``workers``, None: 0 on a
-    CPU, where they would take cores from the compute threads, 4 on a GPU) into pinned memory."""
-    if workers is None:
-        workers = 0 if ctx.device.type == "cpu" else 4
+    ``batch_size`` is the global batch; loader processes (:func:`loader_workers`) decode ahead
+    into pinned memory."""
+    workers = loader_workers(workers, ctx.device)
     sampler = InfiniteSampler(len(dataset), seed, STREAMS[stream], batch_size, ctx, start=start)
     loader = DataLoader(dataset, batch_size=batch_size // ctx.world_size, sampler=sampler,
                         num_workers=workers, pin_memory=ctx.device.type == "cuda", drop_last=True,
@@ -681,7 +688,8 @@ class Trainer:
         # Evaluation must not disturb the training RNG (resumed runs stay identical).
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             result = evaluate_model(self.model, self.data.val, self.config.data.num_classes, self.device,
-                                    batch_size=e.batch_size, precision=e.precision)
+                                    batch_size=e.batch_size, precision=e.precision,
+                                    num_workers=loader_workers(self.config.data.num_workers, self.device))
         entry = {"kind": "eval", "iter": self.iteration, "miou": float(result["miou"])}
         self.evaluations.append(entry)
         self._log({**entry, **{k: float(result[k]) for k in ("miou16", "miou13") if k in result},
