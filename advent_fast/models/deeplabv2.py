@@ -419,7 +419,7 @@ class ReleaseSGD(torch.optim.Optimizer):
 
     def _update(self, entries, lr: float, momentum: float, weight_decay: float) -> None:
         params = [p for p, _ in entries]
-        grads = [p.grad.clone() for p in params]
+        grads = [p.grad for p in params]  # read only; with weight decay, pass 0 makes new tensors
         if momentum != 0:
             for p in params:
                 if "momentum_buffer" not in self.state[p]:
@@ -428,7 +428,9 @@ class ReleaseSGD(torch.optim.Optimizer):
         for r in range(max(k for _, k in entries)):
             live = [i for i, (_, k) in enumerate(entries) if k > r]
             p_live, g_live = [params[i] for i in live], [grads[i] for i in live]
-            if weight_decay != 0:
+            if weight_decay != 0 and r == 0:  # every entry is live: one out-of-place multi-tensor add
+                grads = g_live = torch._foreach_add(g_live, p_live, alpha=weight_decay)
+            elif weight_decay != 0:
                 torch._foreach_add_(g_live, p_live, alpha=weight_decay)
             direction = g_live
             if momentum != 0:
