@@ -79,6 +79,7 @@ class StepSettings:
     fused_optimizers: bool  # SGD / Adam with fused=True (ReleaseSGD is foreach already)
     fold_frozen_bn: bool  # frozen BatchNorm folded into the convolutions (needs model.freeze_bn)
     compile: str  # torch.compile mode of G and D, or "none"
+    loss_backend: str  # advent_fast's backend on the device: triton fuses the upsampling, others interpolate first
 
     @classmethod
     def resolve(cls, config: Config, device: torch.device) -> "StepSettings":
@@ -95,6 +96,7 @@ class StepSettings:
             fused_optimizers=fast,
             fold_frozen_bn=fast and config.model.freeze_bn,
             compile=t.compile,
+            loss_backend=advent_fast.get_backend(device),
         )
 
     def describe(self) -> str:
@@ -102,7 +104,9 @@ class StepSettings:
             parts = ["fast path off", self.precision]
         else:
             parts = ["fast path", self.precision]
-            parts += ["fused upsample+losses"] if self.upsampled_losses else []
+            if self.upsampled_losses:
+                parts += ["upsample fused into the losses" if self.loss_backend == "triton"
+                          else f"low-res logits to the {self.loss_backend} losses"]
             parts += ["fused optimisers"] + (["folded frozen BN"] if self.fold_frozen_bn else [])
         parts += ["channels_last"] if self.channels_last else []
         parts += [f"torch.compile({self.compile})"] if self.compile != "none" else []
