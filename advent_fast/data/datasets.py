@@ -157,10 +157,13 @@ class SegmentationDataset(Dataset):
     def _preprocess(self, image: Image.Image) -> np.ndarray:
         if self.size is not None:
             image = image.resize(self.size, Image.BICUBIC)
-        arr = np.asarray(image, dtype=np.float32)
-        if self.bgr:
-            arr = arr[:, :, ::-1]
-        return np.ascontiguousarray((arr - self.mean).transpose(2, 0, 1))
+        rgb = np.asarray(image)
+        # (3, H, W) float32 = channel - mean, channel by channel: one strided read of the uint8 image and
+        # one contiguous write each, the same float32 values as converting, subtracting and transposing.
+        out = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
+        for c, source in enumerate((2, 1, 0) if self.bgr else (0, 1, 2)):
+            np.subtract(rgb[:, :, source], self.mean[c], out=out[c], dtype=np.float32)
+        return out
 
     def _train_ids(self, ids: np.ndarray, resize: bool) -> np.ndarray:
         train_ids = self._lookup_table(ids.dtype)[ids]
