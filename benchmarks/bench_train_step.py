@@ -10,13 +10,16 @@ discriminators; on a CPU the embedded preset's small model at small sizes) and t
 ``bench_data.py``'s subject). Columns: ms per step (median), images per second (source + target),
 peak memory, and on GPUs the fraction of the wall time the GPU is busy (kernel time from the
 profiler over a few steps / their wall time). ``--track N`` trains the release fp32 step and the
-fast path from the same initial weights for N iterations on the same inputs and reports how far
-the fast path's losses stray (relative to the fp32 losses).
+``--track-variants`` (default: the fast path, and the fast path in fp32) from the same initial
+weights for N iterations on the same inputs and reports how far their losses stray from the fp32
+release step's: tiny rounding differences grow as G and D train, so fast_fp32 shows how much of
+the bf16 fast path's difference is bf16's.
 
 Variants (``--variants``):
   release_fp32   train.fast_path=false, fp32, naive release-style losses on upsampled logits
   release_bf16   the same with bf16 autocast and channels_last
   fast           train.fast_path=true (bf16 + channels_last on GPUs, fused upsample+losses, fused optimisers)
+  fast_fp32      the fast path in fp32 (with --track: separates the effect of bf16 from that of the rest)
   fast_compile   the fast path with torch.compile of G and D (train.compile=default)
   fast_cudagraph the fast path with torch.compile(mode="reduce-overhead") (CUDA graphs)
   fast_frozen_bn the fast path with model.freeze_bn=true (BatchNorm folded into the convolutions; a
@@ -48,6 +51,7 @@ VARIANTS = {
     "release_bf16": ["train.fast_path=false", "train.precision=bf16", "train.channels_last=true",
                      "train.target_losses=reference"],
     "fast": ["train.fast_path=true"],
+    "fast_fp32": ["train.fast_path=true", "train.precision=fp32"],
     "fast_compile": ["train.fast_path=true", "train.compile=default"],
     "fast_cudagraph": ["train.fast_path=true", "train.compile=reduce-overhead"],
     "fast_frozen_bn": ["train.fast_path=true", "model.freeze_bn=true"],
@@ -87,8 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 GPU / 5 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 8 GPU / 2 CPU)")
     p.add_argument("--track", type=int, default=0, metavar="N",
-                   help="also train release_fp32 and fast for N iterations and compare their losses")
-    p.add_argument("--track-variant", default="fast", choices=list(VARIANTS))
+                   help="also train release_fp32 and the --track-variants for N iterations and compare their losses")
+    p.add_argument("--track-variants", nargs="+", default=["fast", "fast_fp32"], choices=list(VARIANTS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="fewer steps and variants")
     p.add_argument("--json", default=None, help="write the rows here")
@@ -202,29 +206,32 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
     return row
 
 
-def track_losses(preset, mode, variant, args, sizes, iterations, device):
-    """Losses of ``variant`` against release_fp32 over the same iterations and inputs."""
-    histories = {}
-    for name in ("release_fp32", variant):
-        trainer = build_trainer(preset, mode, name, args, *sizes, device)
-        batches = fixed_batches(trainer, 4, seed=1)
-        history = []
-        for i in range(iterations):
-            source, target = batches[i % len(batches)]
-            finite, metrics, _ = trainer.train_step(source, target if trainer.plan.target else None)
-            trainer.iteration += 1
-            history.append(metrics)
-        histories[name] = history
-        release_memory(device)
-    ref, got = histories["release_fp32"], histories[variant]
+def loss_history(preset, mode, variant, args, sizes, iterations, device):
+    trainer = build_trainer(preset, mode, variant, args, *sizes, device)
+    batches = fixed_batches(trainer, 4, seed=1)
+    history = []
+    for i in range(iterations):
+        source, target = batches[i % len(batches)]
+        _, metrics, _ = trainer.train_step(source, target if trainer.plan.target else None)
+        trainer.iteration += 1
+        history.append(metrics)
+    return history
+
+
+def track_losses(preset, mode, variants, args, sizes, iterations, device):
+    """Losses of each variant against release_fp32 over the same iterations, inputs and initial weights."""
+    ref = loss_history(preset, mode, "release_fp32", args, sizes, iterations, device)
     rows = []
-    for loss in ref[0]:
-        errors = [abs(g[loss] - r[loss]) / max(abs(r[loss]), 1e-8) for r, g in zip(ref, got)]
-        worst = max(range(len(errors)), key=lambda i: errors[i] if math.isfinite(errors[i]) else math.inf)
-        rows.append({"mode": mode, "variant": variant, "loss": loss, "iterations": iterations,
-                     "max_rel_diff": errors[worst], "at_iter": worst + 1,
-                     "median_rel_diff": statistics.median(errors), "first": ref[0][loss], "last_ref": ref[-1][loss],
-                     "last_fast": got[-1][loss]})
+    for variant in variants:
+        release_memory(device)
+        got = loss_history(preset, mode, variant, args, sizes, iterations, device)
+        for loss in ref[0]:
+            errors = [abs(g[loss] - r[loss]) / max(abs(r[loss]), 1e-8) for r, g in zip(ref, got)]
+            worst = max(range(len(errors)), key=lambda i: errors[i] if math.isfinite(errors[i]) else math.inf)
+            rows.append({"mode": mode, "variant": variant, "loss": loss, "iterations": iterations,
+                         "max_rel_diff": errors[worst], "at_iter": worst + 1,
+                         "median_rel_diff": statistics.median(errors), "first": ref[0][loss],
+                         "last_ref": ref[-1][loss], "last": got[-1][loss]})
     return rows
 
 
@@ -276,17 +283,16 @@ def main(argv=None):
     tracked = []
     if args.track:
         for mode in args.modes:
-            tracked += track_losses(preset, mode, args.track_variant, args, sizes, args.track, device)
+            tracked += track_losses(preset, mode, args.track_variants, args, sizes, args.track, device)
         print()
-        print(f"Losses of {args.track_variant} vs release_fp32 over {args.track} iterations on the same "
-              f"inputs and initial weights (relative difference):")
+        print(f"Losses against release_fp32 over {args.track} iterations on the same inputs and initial "
+              f"weights (relative difference; small differences grow as G and D train, so compare with fast_fp32):")
         print()
-        print("| mode | loss | max rel. diff | at iter | median rel. diff | ref first -> last | "
-              f"{args.track_variant} last |")
-        print("|---|---|---|---|---|---|---|")
+        print("| mode | variant | loss | max rel. diff | at iter | median rel. diff | release first -> last | last |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in tracked:
-            print(f"| {r['mode']} | {r['loss']} | {r['max_rel_diff']:.2e} | {r['at_iter']} | "
-                  f"{r['median_rel_diff']:.2e} | {r['first']:.4g} -> {r['last_ref']:.4g} | {r['last_fast']:.4g} |")
+            print(f"| {r['mode']} | {r['variant']} | {r['loss']} | {r['max_rel_diff']:.2e} | {r['at_iter']} | "
+                  f"{r['median_rel_diff']:.2e} | {r['first']:.4g} -> {r['last_ref']:.4g} | {r['last']:.4g} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "preset": preset, "source_size": source_size,

@@ -24,7 +24,7 @@ timeout 150 python -m pytest -q tests/test_losses_cuda.py tests/test_upsampled.p
 tail -3 "$OUT/pytest_cuda.log"
 
 step "training step (release fp32 / bf16 vs fast path) and 200-iteration loss tracking"
-timeout 270 python benchmarks/bench_train_step.py --quick --track 200 --json "$OUT/bench_train_step.json" \
+timeout 300 python benchmarks/bench_train_step.py --quick --track 200 --json "$OUT/bench_train_step.json" \
     >"$OUT/bench_train_step.md" 2>"$OUT/bench_train_step.err"
 
 step "fused losses"

@@ -82,7 +82,8 @@ def test_bench_train_step(tmp_path):
     for r in result["rows"]:
         assert r["ms_per_step"] > 0 and r["images_per_s"] > 0 and r["gpu_busy"] is None
     assert "fast path, fp32" in result["rows"][1]["settings"]
-    tracked = {r["loss"]: r for r in result["track"]}
-    assert set(tracked) == {"seg_main", "seg_aux", "adv_main", "adv_aux", "d_main", "d_aux"}
+    tracked = {(r["variant"], r["loss"]): r for r in result["track"]}
+    losses = {"seg_main", "seg_aux", "adv_main", "adv_aux", "d_main", "d_aux"}
+    assert set(tracked) == {(v, loss) for v in ("fast", "fast_fp32") for loss in losses}
     # On a CPU the fast path runs in fp32: the losses agree to float rounding.
     assert max(r["max_rel_diff"] for r in tracked.values()) < 1e-4
