@@ -1,6 +1,7 @@
 """Timing and memory helpers shared by the benchmark scripts."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -56,3 +57,10 @@ def peak_extra_mib(run, device: torch.device) -> float | None:
     run()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def write_results(path: str, payload: dict) -> None:
+    """The benchmark's rows (and machine) as JSON, announced on the last line of the output."""
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"# results written to {path}")

@@ -17,7 +17,6 @@ whole ``__getitem__`` (image + label), and, for comparison, cv2 imread + cv2 res
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -35,6 +34,7 @@ from advent_fast.data import CityscapesDataset, GTA5Dataset, ensure_embedded_dat
 from advent_fast.data.datasets import read_rgb  # noqa: E402
 from advent_fast.data.embedded import NUM_SOURCE, NUM_TARGET_TRAIN, NUM_TARGET_VAL  # noqa: E402
 from advent_fast.trainer import to_device, training_batches  # noqa: E402
+from bench_common import write_results  # noqa: E402
 
 RELEASE_SIZES = {"source": (1280, 720), "target": (1024, 512)}
 DEFAULT_WORKERS = (0, 2, 4, 8)
@@ -207,9 +207,7 @@ def main(argv=None) -> int:
                   f"{row['MB_per_s']:.0f} |")
             sys.stdout.flush()
 
-    with open(args.json, "w") as f:
-        json.dump({"machine": info, "decode": decode_rows, "results": rows}, f, indent=1)
-    print(f"# results written to {args.json}")
+    write_results(args.json, {"machine": info, "decode": decode_rows, "results": rows})
     return 0
 
 

@@ -13,7 +13,6 @@ On a machine without a GPU it runs the CPU (C++) backend on a smaller default sh
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 
@@ -21,7 +20,7 @@ import torch
 
 import advent_fast as af
 from advent_fast import reference as ref
-from bench_common import Timer, fwd_bwd, peak_extra_mib
+from bench_common import Timer, fwd_bwd, peak_extra_mib, write_results
 
 GPU_SHAPES = [(1, 19, 512, 1024), (4, 19, 512, 1024), (1, 16, 760, 1280)]
 CPU_SHAPES = [(2, 19, 256, 512)]
@@ -145,9 +144,7 @@ def main(argv=None) -> int:
                           f"{r['fwd_bwd_ms']:.3f} | {r['fwd_ms']:.3f} | {gbs:.0f} | "
                           f"{row['pct_copy']:.0f} | {peak} | {row['x_eager']:.2f} | {xc} |")
                     sys.stdout.flush()
-    with open(args.json, "w") as f:
-        json.dump({"machine": info, "results": rows}, f, indent=1)
-    print(f"# results written to {args.json}")
+    write_results(args.json, {"machine": info, "results": rows})
     return 0
 
 

@@ -20,7 +20,6 @@ On a machine without a GPU the defaults are a small model at small sizes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from advent_fast.data import IGNORE_LABEL, class_names  # noqa: E402
 from advent_fast.evaluate import evaluate_model  # noqa: E402
 from advent_fast.models import ARCHS, build_model  # noqa: E402
+from bench_common import write_results  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")  # what evaluate_model's ``precision`` takes, besides "auto"
 GPU_DEFAULTS = dict(model="deeplabv2_r101", image_size=(1024, 512), label_size=(2048, 1024), images=50,
@@ -196,9 +196,7 @@ def main(argv=None) -> int:
         seconds, peak = timed(lambda: release_eval(model, release_set, args.num_classes, device), device)
         report("release (host argmax)", "fp32", release_images, seconds, peak)
 
-    with open(args.json, "w") as f:
-        json.dump({"machine": info, "results": rows}, f, indent=1)
-    print(f"# results written to {args.json}")
+    write_results(args.json, {"machine": info, "results": rows})
     return 0
 
 

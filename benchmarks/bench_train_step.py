@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import statistics
@@ -44,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from advent_fast.config import load_config  # noqa: E402
 from advent_fast.trainer import Datasets, Trainer  # noqa: E402
+from bench_common import write_results  # noqa: E402
 
 VARIANTS = {
     "release_fp32": ["train.fast_path=false", "train.precision=fp32", "train.channels_last=false",
@@ -294,10 +294,9 @@ def main(argv=None):
             print(f"| {r['mode']} | {r['variant']} | {r['loss']} | {r['max_rel_diff']:.2e} | {r['at_iter']} | "
                   f"{r['median_rel_diff']:.2e} | {r['first']:.4g} -> {r['last_ref']:.4g} | {r['last']:.4g} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "preset": preset, "source_size": source_size,
-                       "target_size": target_size, "steps": steps, "warmup": warmup, "rows": rows,
-                       "track": tracked}, f, indent=1)
+        write_results(args.json, {"device": name, "torch": torch.__version__, "preset": preset,
+                                  "source_size": source_size, "target_size": target_size, "steps": steps,
+                                  "warmup": warmup, "rows": rows, "track": tracked})
     return 0 if all("error" not in r for r in rows) else 1
 
 

@@ -19,7 +19,6 @@ on the CPU backend, where the fused functions fall back to interpolate + loss.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 import advent_fast as af
 from advent_fast import reference as ref
-from bench_common import Timer, fwd_bwd, peak_extra_mib
+from bench_common import Timer, fwd_bwd, peak_extra_mib, write_results
 from advent_fast.upsampled import upsampled_cross_entropy, upsampled_target_losses
 
 # (case, logits shape, full-resolution size)
@@ -125,9 +124,7 @@ def main(argv=None) -> int:
                 print(f"| {case} | {'x'.join(map(str, shape))} | {size[0]}x{size[1]} | {dname} | {impl} | "
                       f"{r['fwd_bwd_ms']:.3f} | {peak} | {speedup:.2f} |")
                 sys.stdout.flush()
-    with open(args.json, "w") as f:
-        json.dump({"machine": machine, "results": rows}, f, indent=1)
-    print(f"# results written to {args.json}")
+    write_results(args.json, {"machine": machine, "results": rows})
     return 0
 
 
