@@ -166,24 +166,10 @@ def evaluate_ensemble(
     return result
 
 
-def evaluate_model(
-    model: torch.nn.Module,
-    dataset: SegmentationDataset,
-    num_classes: int,
-    device,
-    input_size: Optional[Size] = None,
-    label_size: Optional[Size] = None,
-    batch_size: int = 1,
-    num_workers: int = 0,
-    classes_subsets: Optional[Dict[str, Sequence[int]]] = None,
-    precision: str = "auto",
-    progress: bool = False,
-    save_vis: int = 0,
-    vis_dir: Optional[str] = None,
-) -> dict:
-    """:func:`evaluate_ensemble` of one model."""
-    return evaluate_ensemble([model], [1.0], dataset, num_classes, device, input_size, label_size, batch_size,
-                             num_workers, classes_subsets, precision, progress, save_vis, vis_dir)
+def evaluate_model(model: torch.nn.Module, dataset: SegmentationDataset, num_classes: int, device,
+                   **options) -> dict:
+    """:func:`evaluate_ensemble` of one model (``options``: its keyword arguments)."""
+    return evaluate_ensemble([model], [1.0], dataset, num_classes, device, **options)
 
 
 def _save_panels(dataset, batch, labels, pred, logits, num_classes, vis_dir, limit) -> int:
