@@ -281,6 +281,14 @@ def main(argv=None):
               f"{fmt(speedup, '.2f')} | {fmt(row['peak_mib'], ',.0f')} | {fmt(busy, '.0f')}% | "
               f"{row['warmup_s']:.1f} | {row['settings']} |".replace("| -% |", "| - |"))
     tracked = []
+
+    def save():
+        if args.json:
+            write_results(args.json, {"device": name, "torch": torch.__version__, "preset": preset,
+                                      "source_size": source_size, "target_size": target_size, "steps": steps,
+                                      "warmup": warmup, "rows": rows, "track": tracked})
+
+    save()  # the timings are kept even if the tracking below is cut short
     if args.track:
         for mode in args.modes:
             tracked += track_losses(preset, mode, args.track_variants, args, sizes, args.track, device)
@@ -293,10 +301,7 @@ def main(argv=None):
         for r in tracked:
             print(f"| {r['mode']} | {r['variant']} | {r['loss']} | {r['max_rel_diff']:.2e} | {r['at_iter']} | "
                   f"{r['median_rel_diff']:.2e} | {r['first']:.4g} -> {r['last_ref']:.4g} | {r['last']:.4g} |")
-    if args.json:
-        write_results(args.json, {"device": name, "torch": torch.__version__, "preset": preset,
-                                  "source_size": source_size, "target_size": target_size, "steps": steps,
-                                  "warmup": warmup, "rows": rows, "track": tracked})
+        save()
     return 0 if all("error" not in r for r in rows) else 1
 
 
