@@ -384,6 +384,18 @@ def test_bf16_fast_path_tracks_the_fp32_release_step(tiny_data):
     assert any(got != pytest.approx(ref, rel=1e-6) for ref, got in zip(release, fast))
 
 
+def test_a_fast_path_run_resumes_without_it(tiny_data, tmp_path):
+    """Checkpoints do not depend on the step settings: fused optimiser states, folded BatchNorm and
+    channels_last weights load into a release-style run (and the resumed run says so)."""
+    overrides = tiny_overrides(tiny_data, "advent", "model.freeze_bn=true", "train.stop_iter=2")
+    run = str(tmp_path / "run")
+    assert train.main([a for o in overrides for a in ("--set", o)] + ["--run-dir", run, "--fast-path"]) == 0
+    assert train.main(["--resume", run, "--no-fast-path", "--set", "train.stop_iter=3"]) == 0
+    state = load(os.path.join(run, "checkpoint.pt"))
+    assert state["iteration"] == 3 and state["config"]["train"]["fast_path"] is False
+    assert [r["iter"] for r in read_metrics(run)[0]] == [1, 2, 3]
+
+
 def test_fast_path_counts_an_image_without_labels_as_zero(triton_backend):
     logits = torch.randn(2, 19, 4, 8, requires_grad=True)
     label = torch.randint(0, 19, (2, 32, 64))
