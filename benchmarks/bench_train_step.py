@@ -95,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--track-variants", nargs="+", default=["fast", "fast_fp32"], choices=list(VARIANTS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="fewer steps and variants")
-    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--json", default="bench_train_step.json", help="where to write the results")
     return p.parse_args(argv)
 
 
