@@ -2,7 +2,8 @@
 # One script for a GPU machine without network: install, check the kernels and the trainer on the GPU,
 # run every benchmark (quick settings), all within $BUDGET seconds (default 560: under the 10 minutes
 # of one device call). Logs, tables (.md) and JSON go to $OUT (default ./gpu_out); the most important
-# stages come first and each gets at most the time left, so a short budget still leaves those. The
+# stages come first and each gets at most the time left, so a short budget still leaves those.
+# ONLY="stage names" runs just those stages (e.g. the ones a previous call had no time for). The
 # last thing printed is the summary: test results, then every table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ START=$SECONDS
 stage() {
     local name=$1 limit=$2
     shift 2
+    [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]] && return
     local left=$((BUDGET - (SECONDS - START)))
     ((limit > left)) && limit=$left
     if ((limit < 15)); then
@@ -34,14 +36,17 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
 echo "== install: $((SECONDS - START)) s" | tee -a "$OUT/stages.txt"
 
-# Kernels on CUDA tensors against the float64 references, the public losses, CUDA-graph capture.
-stage pytest_cuda 180 python -m pytest -q tests/test_losses_cuda.py tests/test_kernels_triton.py tests/test_upsampled.py
+# The public losses on CUDA tensors: values, no host synchronisation, CUDA-graph capture.
+stage pytest_losses_cuda 60 python -m pytest -q tests/test_losses_cuda.py
 # The training step: release fp32 / bf16 vs the fast path; 200 iterations of loss tracking.
 stage bench_train_step 240 python benchmarks/bench_train_step.py --quick --track 200 \
     --json "$OUT/bench_train_step.json"
 # The trainer end to end on the embedded data: loaders, fast path, checkpoint, evaluation.
 stage train_embedded 60 python -m advent_fast.train --mode advent --run-dir /tmp/advent_fast_run \
     --set train.stop_iter=100 --set eval.every=0 --set run.snapshot_every=100 --set run.progress=false
+# Every kernel variant on CUDA tensors against the float64 references (many compilations).
+stage pytest_upsampled_cuda 100 python -m pytest -q tests/test_upsampled.py
+stage pytest_kernels_cuda 100 python -m pytest -q tests/test_kernels_triton.py
 stage bench_entropy 90 python benchmarks/bench_entropy.py ${BENCH_ARGS:---quick} --json "$OUT/bench_entropy.json"
 stage bench_eval 45 python benchmarks/bench_eval.py --quick --json "$OUT/bench_eval.json"
 stage bench_upsampled 40 python benchmarks/bench_upsampled.py --quick --json "$OUT/bench_upsampled.json"
@@ -52,8 +57,10 @@ stage bench_train_step_compile 150 python benchmarks/bench_train_step.py --modes
 cp /tmp/advent_fast_run/metrics.jsonl "$OUT/train_embedded_metrics.jsonl" 2>/dev/null
 
 echo
-echo "-- tests"; tail -1 "$OUT/pytest_cuda.md"
-echo "-- training run"; tail -2 "$OUT/train_embedded.md"
+for name in pytest_losses_cuda pytest_upsampled_cuda pytest_kernels_cuda; do
+    echo "-- $name"; tail -1 "$OUT/$name.md" 2>/dev/null
+done
+echo "-- training run"; tail -2 "$OUT/train_embedded.md" 2>/dev/null
 for name in bench_entropy bench_eval bench_upsampled bench_data bench_train_step_compile bench_train_step; do
     echo "-- $name"; grep '^|' "$OUT/$name.md" 2>/dev/null | tail -40
 done
