@@ -48,13 +48,14 @@ stage pytest_losses_cuda 60 "$PY" -m pytest -q tests/test_losses_cuda.py
 # The training step: release fp32 / bf16 vs the fast path; 200 iterations of loss tracking.
 stage bench_train_step 240 "$PY" benchmarks/bench_train_step.py --quick --track 200 \
     --json "$OUT/bench_train_step.json"
+# The fused losses (issue 2's targets) against eager and torch.compile.
+stage bench_entropy 120 "$PY" benchmarks/bench_entropy.py ${BENCH_ARGS:---quick} --json "$OUT/bench_entropy.json"
 # The trainer end to end on the embedded data: loaders, fast path, checkpoint, evaluation.
 stage train_embedded 60 "$PY" -m advent_fast.train --mode advent --run-dir /tmp/advent_fast_run \
     --set train.stop_iter=100 --set eval.every=0 --set run.snapshot_every=100 --set run.progress=false
 # Every kernel variant on CUDA tensors against the float64 references (many compilations).
 stage pytest_upsampled_cuda 100 "$PY" -m pytest -q tests/test_upsampled.py
 stage pytest_kernels_cuda 100 "$PY" -m pytest -q tests/test_kernels_triton.py
-stage bench_entropy 90 "$PY" benchmarks/bench_entropy.py ${BENCH_ARGS:---quick} --json "$OUT/bench_entropy.json"
 stage bench_eval 45 "$PY" benchmarks/bench_eval.py --quick --json "$OUT/bench_eval.json"
 stage bench_upsampled 40 "$PY" benchmarks/bench_upsampled.py --quick --json "$OUT/bench_upsampled.json"
 stage bench_data 40 "$PY" benchmarks/bench_data.py --quick --counts 100 100 10 --json "$OUT/bench_data.json"
