@@ -42,6 +42,9 @@ class DataConfig:
     eval_label_size: Optional[List[int]] = field(default_factory=lambda: [2048, 1024])  # None: native
     num_classes: int = 19
     num_workers: Optional[int] = None  # loader processes per stream and for evaluation; None: 0 on CPU, 4 on GPU
+    # Training images: pillow (the release's decode and bicubic resize) | opencv (same decoded pixels, OpenCV's
+    # resize: faster, slightly different values). Evaluation always reads as the release does.
+    image_reader: str = "pillow"
 
 
 @dataclass
@@ -125,6 +128,7 @@ class Config:
 
 CHOICES = {
     "data.source": SOURCES,
+    "data.image_reader": ("pillow", "opencv"),
     "model.arch": ARCHS,
     "model.param_groups": ("release", "clean"),
     "train.mode": MODES,

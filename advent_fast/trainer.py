@@ -277,12 +277,12 @@ def build_datasets(config: Config, ctx: dist_utils.DistContext) -> Datasets:
             raise FileNotFoundError("no target data: give --target-root PATH (the Cityscapes root "
                                     "with leftImg8bit/ and gtFine/) or set data.target_root")
     if d.source == "synthia":
-        source = SynthiaDataset(source_root, size=source_size, list_path=d.source_list)
+        source = SynthiaDataset(source_root, size=source_size, list_path=d.source_list, image_reader=d.image_reader)
     else:
         source = GTA5Dataset(source_root, size=source_size, list_path=d.source_list,
-                             num_classes=d.num_classes)
-    target = CityscapesDataset(target_root, "train", size=target_size, label_size=None,
-                               num_classes=d.num_classes, labels=False, list_path=d.target_list)
+                             num_classes=d.num_classes, image_reader=d.image_reader)
+    target = CityscapesDataset(target_root, "train", size=target_size, label_size=None, num_classes=d.num_classes,
+                               labels=False, list_path=d.target_list, image_reader=d.image_reader)
     val = CityscapesDataset(target_root, "val", size=target_size, label_size=label_size,
                             num_classes=d.num_classes, labels=True, list_path=d.val_list)
     if config.eval.max_images is not None:

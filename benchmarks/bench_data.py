@@ -2,6 +2,7 @@
 
     python benchmarks/bench_data.py [--quick] [--json bench_data.json] [--workers 0 2 4 8]
                                     [--batches 200] [--batch-size 1] [--size W H | --release-sizes]
+                                    [--image-readers pillow opencv]
 
 Builds the two training streams as the trainer does: the source set in the GTA5 layout (images and
 labels) and the target train split in the Cityscapes layout (images only), at the embedded sizes,
@@ -9,10 +10,11 @@ or resized to ``--size W H`` (both streams) or ``--release-sizes`` (source 1280x
 1024x512) to measure the resize cost. Each stream goes through the trainer's own loader
 (``advent_fast.trainer.training_batches``: InfiniteSampler, DataLoader, pin_memory on CUDA) and its ``to_device`` copy
 (non_blocking); a few batches warm the workers up, then ``--batches`` batches are timed, with a
-final synchronize on CUDA. Columns: stream, workers, pin_memory, images/s, ms/image and MB/s of
-the decoded tensors (image float32 + label int64). A first table gives the single-process cost per
-image of each step of an item: decode (Pillow, as the datasets read), bicubic resize (Pillow), the
-whole ``__getitem__`` (image + label), and, for comparison, cv2 imread + cv2 resize (INTER_CUBIC).
+final synchronize on CUDA, for each ``data.image_reader`` (pillow: the release's decode and resize;
+opencv: OpenCV's). Columns: stream, image reader, workers, pin_memory, images/s, ms/image and MB/s
+of the decoded tensors (image float32 + label int64). A first table gives the single-process cost
+per image of each step of an item: decode (Pillow), bicubic resize (Pillow), and the whole
+``__getitem__`` (image + label) with each reader.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from PIL import Image  # noqa: E402
 
 from advent_fast import distributed as dist_utils  # noqa: E402
 from advent_fast.data import CityscapesDataset, GTA5Dataset, ensure_embedded_data  # noqa: E402
+from advent_fast.data.datasets import IMAGE_READERS  # noqa: E402
 from advent_fast.data.datasets import read_rgb  # noqa: E402
 from advent_fast.data.embedded import NUM_SOURCE, NUM_TARGET_TRAIN, NUM_TARGET_VAL  # noqa: E402
 from advent_fast.trainer import to_device, training_batches  # noqa: E402
@@ -41,12 +44,13 @@ DEFAULT_WORKERS = (0, 2, 4, 8)
 SEED = 0
 
 
-def build_streams(data, sizes, num_classes: int = 19):
+def build_streams(data, sizes, num_classes: int = 19, image_reader: str = "pillow"):
     """The trainer's two training sets (see ``advent_fast.trainer.build_datasets``)."""
     return {
-        "source": GTA5Dataset(data.source_root, size=sizes["source"], num_classes=num_classes),
+        "source": GTA5Dataset(data.source_root, size=sizes["source"], num_classes=num_classes,
+                              image_reader=image_reader),
         "target": CityscapesDataset(data.target_root, "train", size=sizes["target"], label_size=None,
-                                    num_classes=num_classes, labels=False),
+                                    num_classes=num_classes, labels=False, image_reader=image_reader),
     }
 
 
@@ -93,8 +97,9 @@ def _mean_ms(fn, args_list) -> float:
     return (time.perf_counter() - start) * 1e3 / len(args_list)
 
 
-def decode_costs(name: str, dataset, count: int) -> dict:
-    """Mean single-process ms per image of each step of an item, on the first ``count`` images."""
+def decode_costs(name: str, dataset, opencv_dataset, count: int) -> dict:
+    """Mean single-process ms per image of each step of an item, on the first ``count`` images, and of
+    the whole item with each image reader."""
     indices = list(range(min(count, len(dataset))))
     paths = [dataset.items[i][0] for i in indices]
     with Image.open(paths[0]) as img:
@@ -107,8 +112,7 @@ def decode_costs(name: str, dataset, count: int) -> dict:
         "resize_ms": (_mean_ms(lambda im: im.resize(size, Image.BICUBIC), decoded)
                       if dataset.size is not None and tuple(size) != tuple(native) else None),  # None: no resize
         "item_ms": _mean_ms(dataset.__getitem__, indices),
-        "cv2_ms": _mean_ms(lambda p: cv2.resize(cv2.imread(p, cv2.IMREAD_COLOR), size,
-                                                interpolation=cv2.INTER_CUBIC), paths),
+        "item_opencv_ms": _mean_ms(opencv_dataset.__getitem__, indices),
     }
     return row
 
@@ -141,6 +145,8 @@ def main(argv=None) -> int:
                         help="embedded set sizes (default: the trainer's; smaller ones generate faster)")
     parser.add_argument("--decode-images", type=int, default=None,
                         help="images for the single-process decode table (default 50, --quick 10; 0: skip)")
+    parser.add_argument("--image-readers", nargs="+", default=list(IMAGE_READERS), choices=IMAGE_READERS,
+                        help="data.image_reader values to time the loader with")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -157,7 +163,9 @@ def main(argv=None) -> int:
         sizes = {"source": tuple(args.size), "target": tuple(args.size)}
     else:
         sizes = {"source": tuple(data.source_size), "target": tuple(data.target_size)}
-    streams = {k: v for k, v in build_streams(data, sizes, data.num_classes).items() if k in args.streams}
+    readers = {r: {k: v for k, v in build_streams(data, sizes, data.num_classes, r).items() if k in args.streams}
+               for r in IMAGE_READERS}
+    streams = readers["pillow"]
     workers_list = worker_counts(args.workers if args.workers else DEFAULT_WORKERS)
     pin = device.type == "cuda"
 
@@ -176,36 +184,38 @@ def main(argv=None) -> int:
     decode_rows = []
     if decode_images > 0:
         print("\nSingle-process cost per image (mean ms; __getitem__ = the whole item: image, and label where the stream has one):\n")
-        header = ("stream", "native", "size", "decode (PIL)", "resize (PIL bicubic)", "__getitem__",
-                  "cv2 imread+resize")
+        header = ("stream", "native", "size", "decode (Pillow)", "resize (Pillow bicubic)", "__getitem__",
+                  "__getitem__ (opencv reader)")
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
         for name, dataset in streams.items():
-            r = decode_costs(name, dataset, decode_images)
+            r = decode_costs(name, dataset, readers["opencv"][name], decode_images)
             decode_rows.append(r)
             resize = "-" if r["resize_ms"] is None else f"{r['resize_ms']:.2f}"
             print(f"| {name} | {r['native_size'][0]}x{r['native_size'][1]} | {r['size'][0]}x{r['size'][1]} | "
-                  f"{r['decode_ms']:.2f} | {resize} | {r['item_ms']:.2f} | {r['cv2_ms']:.2f} |")
+                  f"{r['decode_ms']:.2f} | {resize} | {r['item_ms']:.2f} | {r['item_opencv_ms']:.2f} |")
             sys.stdout.flush()
 
     print(f"\nLoader throughput (the trainer's loader + to_device; batch {args.batch_size}, "
           f"{batches} timed batches):\n")
-    header = ("stream", "workers", "pin_memory", "images/s", "ms/image", "MB/s")
+    header = ("stream", "image reader", "workers", "pin_memory", "images/s", "ms/image", "MB/s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     rows = []
-    for name, dataset in streams.items():
-        for workers in workers_list:
-            warmup = args.warmup if args.warmup is not None else 2 + 2 * workers
-            seconds, nbytes = time_loader(dataset, name, args.batch_size, workers, device, batches, warmup)
-            images = batches * args.batch_size
-            row = dict(stream=name, workers=workers, pin_memory=pin, images=images, seconds=seconds,
-                       images_per_s=images / seconds, ms_per_image=1e3 * seconds / images,
-                       MB_per_s=nbytes / seconds / 1e6, size=list(sizes[name]))
-            rows.append(row)
-            print(f"| {name} | {workers} | {pin} | {row['images_per_s']:.1f} | {row['ms_per_image']:.2f} | "
-                  f"{row['MB_per_s']:.0f} |")
-            sys.stdout.flush()
+    for name in streams:
+        for reader in args.image_readers:
+            for workers in workers_list:
+                warmup = args.warmup if args.warmup is not None else 2 + 2 * workers
+                seconds, nbytes = time_loader(readers[reader][name], name, args.batch_size, workers, device,
+                                              batches, warmup)
+                images = batches * args.batch_size
+                row = dict(stream=name, image_reader=reader, workers=workers, pin_memory=pin, images=images,
+                           seconds=seconds, images_per_s=images / seconds, ms_per_image=1e3 * seconds / images,
+                           MB_per_s=nbytes / seconds / 1e6, size=list(sizes[name]))
+                rows.append(row)
+                print(f"| {name} | {reader} | {workers} | {pin} | {row['images_per_s']:.1f} | "
+                      f"{row['ms_per_image']:.2f} | {row['MB_per_s']:.0f} |")
+                sys.stdout.flush()
 
     write_results(args.json, {"machine": info, "decode": decode_rows, "results": rows})
     return 0

@@ -110,6 +110,29 @@ def test_gta5_reads_palette_indices_for_every_label_id_and_preprocesses_like_the
     assert resized["name"] == "00001.png"
 
 
+def test_opencv_image_reader_decodes_the_same_pixels_and_resizes_close_to_pillow(tmp_path):
+    root = str(tmp_path / "gta5")
+    write_gta5(root, names=("00001.png",), size=(64, 48))
+    # Smooth content: the two resizes differ in their filters, not by aliasing noise.
+    smooth = cv2.resize(RNG.integers(0, 256, (6, 8, 3), dtype=np.uint8), (64, 48), interpolation=cv2.INTER_CUBIC)
+    Image.fromarray(smooth).save(os.path.join(root, "images", "00001.png"))
+    native = {r: GTA5Dataset(root, size=None, image_reader=r)[0] for r in ("pillow", "opencv")}
+    assert torch.equal(native["opencv"]["image"], native["pillow"]["image"])  # lossless decode: identical
+    assert torch.equal(native["opencv"]["label"], native["pillow"]["label"])
+    for size in ((32, 24), (96, 72)):  # shrinking (area) and enlarging (bicubic)
+        pillow, opencv = (GTA5Dataset(root, size=size, image_reader=r)[0] for r in ("pillow", "opencv"))
+        assert opencv["image"].shape == pillow["image"].shape == (3, size[1], size[0])
+        assert opencv["image"].dtype == torch.float32 and torch.equal(opencv["label"], pillow["label"])
+        difference = (opencv["image"] - pillow["image"]).abs()
+        assert 0 < difference.mean() < 1.0 and difference.max() <= 8, (size, difference.mean(), difference.max())  # seen 0.6, 4
+    with pytest.raises(ValueError, match="image_reader"):
+        GTA5Dataset(root, image_reader="turbojpeg")
+    with open(os.path.join(root, "images", "00001.png"), "wb") as f:
+        f.write(b"not a png at all")
+    with pytest.raises(DatasetError, match=r"images.00001\.png"):
+        GTA5Dataset(root, image_reader="opencv")[0]
+
+
 def test_to_rgb_undoes_the_preprocessing(tmp_path):
     root = str(tmp_path / "gta5")
     write_gta5(root, names=("00001.png",))
