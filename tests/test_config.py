@@ -58,6 +58,7 @@ def test_merge_rejects_unknown_keys_and_wrong_types_by_name(updates, key):
     ("train.mode=minent_rank", "train.mode"),
     ("train.precision=fp8", "train.precision"),
     ("train.compile=fastest", "train.compile"),
+    ("data.image_reader=turbojpeg", "data.image_reader"),
     ("train.fast_path=maybe", "train.fast_path"),
     ("train.stop_iter=300000", "train.stop_iter"),
     ("train.entropy_ranking_ratio=0", "train.entropy_ranking_ratio"),

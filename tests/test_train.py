@@ -396,6 +396,15 @@ def test_a_fast_path_run_resumes_without_it(tiny_data, tmp_path):
     assert [r["iter"] for r in read_metrics(run)[0]] == [1, 2, 3]
 
 
+def test_opencv_image_reader_for_the_training_streams_only(tiny_data, tmp_path):
+    trainer = Trainer(tiny_config(tiny_data, "minent", "data.image_reader=opencv", "train.stop_iter=1"),
+                      run_dir=str(tmp_path / "run"))
+    assert trainer.data.source.image_reader == trainer.data.target.image_reader == "opencv"
+    assert trainer.data.val.image_reader == "pillow"  # evaluation reads as the release
+    trainer.fit()
+    assert all(math.isfinite(v) for v in read_metrics(tmp_path / "run")[0][0].values())
+
+
 def test_fast_path_counts_an_image_without_labels_as_zero(triton_backend):
     logits = torch.randn(2, 19, 4, 8, requires_grad=True)
     label = torch.randint(0, 19, (2, 32, 64))
