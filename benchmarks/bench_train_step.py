@@ -121,8 +121,6 @@ def build_trainer(preset, mode, variant, args, source_size, target_size, device)
         # Data roots are required by the preset's validation but never read: the datasets are given.
         overrides += ["data.source_root=unused", "data.target_root=unused"]
     config = load_config(preset, overrides)
-    if config.model.param_groups == "release" and config.model.arch != "deeplabv2_r101":
-        config.model.param_groups = "clean"
     classes = config.data.num_classes
     data = Datasets(RandomScenes(source_size, classes, True), RandomScenes(target_size, classes, False),
                     RandomScenes(target_size, classes, True))
