@@ -76,7 +76,6 @@ class StepSettings:
     precision: str  # fp32 | bf16 | fp16
     channels_last: bool
     upsampled_losses: bool  # losses from the low-resolution logits, upsampling fused into the kernels
-    fused_optimizers: bool  # SGD / Adam with fused=True (ReleaseSGD is foreach already)
     fold_frozen_bn: bool  # frozen BatchNorm folded into the convolutions (needs model.freeze_bn)
     compile: str  # torch.compile mode of G and D, or "none"
     loss_backend: str  # advent_fast's backend on the device: triton fuses the upsampling, others interpolate first
@@ -93,11 +92,15 @@ class StepSettings:
             precision=precision,
             channels_last=fast if t.channels_last is None else t.channels_last,
             upsampled_losses=fast and t.target_losses == "fused",
-            fused_optimizers=fast,
             fold_frozen_bn=fast and config.model.freeze_bn,
             compile=t.compile,
             loss_backend=advent_fast.get_backend(device),
         )
+
+    @property
+    def fused_optimizers(self) -> bool:
+        """SGD / Adam with fused=True on the fast path (ReleaseSGD is foreach already)."""
+        return self.fast_path
 
     def describe(self) -> str:
         if not self.fast_path:

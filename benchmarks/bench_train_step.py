@@ -39,11 +39,9 @@ import traceback
 import torch
 from torch.utils.data import Dataset
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from advent_fast.config import load_config  # noqa: E402
-from advent_fast.trainer import Datasets, Trainer  # noqa: E402
-from bench_common import write_results  # noqa: E402
+from advent_fast.config import load_config
+from advent_fast.trainer import Datasets, Trainer
+from bench_common import write_results
 
 VARIANTS = {
     "release_fp32": ["train.fast_path=false", "train.precision=fp32", "train.channels_last=false",

@@ -166,13 +166,22 @@ def _target_bwd_kernel(
     )
 
 
+def saved_for_backward(grad_ent, grad_cp, emap, thresh, kept, cmean, prior):
+    """(ENT_MODE, the saved tensors a backward kernel reads: emap, thresh, kept, cmean, prior, with None
+    for those its mode does not need). ENT_MODE: 0 no entropy gradient, 1 MinEnt mean, 2 ranked."""
+    ent_mode = 0 if grad_ent is None else (1 if thresh is None else 2)
+    ranked, prior_grad = ent_mode == 2, grad_cp is not None
+    return ent_mode, (emap if ranked else None, thresh if ranked else None, kept if ranked else None,
+                      cmean if prior_grad else None, prior if prior_grad else None)
+
+
 def target_backward(x, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean, prior, mu):
     """Contract backward (docs/backend_contract.md) -> grad_x, with x's dtype and (when dense) layout."""
     N, C, S = x.shape
     block_s, block_c = block_sizes(C)
     grad_x = torch.empty_like(x)
     has_grad_info = grad_info is not None
-    ent_mode = 0 if grad_ent is None else (1 if thresh is None else 2)
+    ent_mode, saved = saved_for_backward(grad_ent, grad_cp, emap, thresh, kept, cmean, prior)
     _target_bwd_kernel[(triton.cdiv(S, block_s), N)](
         x,
         grad_x,
@@ -180,11 +189,7 @@ def target_backward(x, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, ke
         grad_emap,
         grad_ent,
         grad_cp,
-        emap if ent_mode == 2 else None,
-        thresh if ent_mode == 2 else None,
-        kept if ent_mode == 2 else None,
-        cmean if grad_cp is not None else None,
-        prior if grad_cp is not None else None,
+        *saved,
         S,
         C,
         1.0 / math.log(C),

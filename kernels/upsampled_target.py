@@ -32,7 +32,7 @@ from .bilinear import (
     store_tap_partials,
 )
 from .softmax_entropy import softmax_entropy
-from .target_backward import target_grad_constants, target_pixel_grad
+from .target_backward import saved_for_backward, target_grad_constants, target_pixel_grad
 from .target_forward import empty_f32_if, finish_target_forward
 
 
@@ -244,7 +244,7 @@ def upsampled_target_backward(x, out_h, out_w, grad_info, grad_emap, grad_ent, g
     grid, meta = _launch_shape(x, out_h, out_w)
     parts = torch.empty((4, N, h, w, C), dtype=torch.float32, device=x.device)
     has_grad_info = grad_info is not None
-    ent_mode = 0 if grad_ent is None else (1 if thresh is None else 2)
+    ent_mode, saved = saved_for_backward(grad_ent, grad_cp, emap, thresh, kept, cmean, prior)
     _upsampled_target_bwd_kernel[grid](
         x,
         parts,
@@ -252,11 +252,7 @@ def upsampled_target_backward(x, out_h, out_w, grad_info, grad_emap, grad_ent, g
         grad_emap,
         grad_ent,
         grad_cp,
-        emap if ent_mode == 2 else None,
-        thresh if ent_mode == 2 else None,
-        kept if ent_mode == 2 else None,
-        cmean if grad_cp is not None else None,
-        prior if grad_cp is not None else None,
+        *saved,
         N,
         C,
         h,

@@ -59,16 +59,19 @@ def read_rgb(path: str) -> Image.Image:
     return _open_image(path).convert("RGB")
 
 
-def read_bgr_opencv(path: str) -> np.ndarray:
-    """(H, W, 3) uint8 BGR decoded by OpenCV: for an 8-bit PNG the same pixels as :func:`read_rgb`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(path)
+def _decode_opencv(path: str, flags: int, what: str) -> np.ndarray:
+    """OpenCV's decode of the file's bytes (a missing file raises FileNotFoundError, a bad one DatasetError)."""
     with open(path, "rb") as f:
         raw = np.frombuffer(f.read(), dtype=np.uint8)
-    decoded = cv2.imdecode(raw, cv2.IMREAD_COLOR) if raw.size else None
+    decoded = cv2.imdecode(raw, flags) if raw.size else None
     if decoded is None:
-        raise DatasetError(f"cannot read image file {path}: not a decodable image (truncated?)")
+        raise DatasetError(f"cannot read {what} {path}: not a decodable image (truncated?)")
     return decoded
+
+
+def read_bgr_opencv(path: str) -> np.ndarray:
+    """(H, W, 3) uint8 BGR decoded by OpenCV: for an 8-bit PNG the same pixels as :func:`read_rgb`."""
+    return _decode_opencv(path, cv2.IMREAD_COLOR, "image file")
 
 
 def read_label_ids(path: str) -> np.ndarray:
@@ -85,11 +88,7 @@ def read_label_ids(path: str) -> np.ndarray:
 
 def read_synthia_label_ids(path: str) -> np.ndarray:
     """SYNTHIA class ids: the red channel of a 16-bit PNG (the last one in OpenCV's BGR order)."""
-    with open(path, "rb") as f:
-        raw = np.frombuffer(f.read(), dtype=np.uint8)
-    decoded = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
-    if decoded is None:
-        raise DatasetError(f"cannot read SYNTHIA label file {path}: not a decodable image (truncated?)")
+    decoded = _decode_opencv(path, cv2.IMREAD_UNCHANGED, "SYNTHIA label file")
     if decoded.ndim != 3:
         raise DatasetError(f"SYNTHIA label file {path} has shape {decoded.shape}; expected a multi-channel PNG")
     return decoded[:, :, -1]
