@@ -422,6 +422,10 @@ def test_compiled_step_equals_eager(tiny_data):
     _, eager = run_steps(tiny_config(tiny_data, "advent", *common), batches)
     compiled, got = run_steps(tiny_config(tiny_data, "advent", "train.compile=default", *common), batches)
     assert compiled.settings.compile == "default"
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    modules = [compiled.generator, *compiled.d_train.values(), *compiled.d_frozen.values()]
+    assert len(modules) == 5 and all(isinstance(m, OptimizedModule) for m in modules)
     for ref, value in zip(eager, got):
         assert value == pytest.approx(ref, rel=1e-4, abs=1e-6)
 
