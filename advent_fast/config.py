@@ -90,6 +90,9 @@ class TrainConfig:
     precision: str = "auto"  # fp32 | bf16 | fp16 (with a gradient scaler) | auto: bf16 on the fast path, else fp32
     channels_last: Optional[bool] = None  # null: on the fast path only
     compile: str = "none"  # torch.compile of G and D: none | default | max-autotune-no-cudagraphs | reduce-overhead
+    # The whole step (both G passes, both D, the optimisers) replayed as one CUDA graph after a few
+    # eager steps: needs the fast path on one CUDA device, fp32 or bf16, and no reduce-overhead.
+    cuda_graph: bool = False
     target_losses: str = "fused"  # fused (advent_fast ops) | reference (advent_fast.reference)
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with a non-finite loss
     cudnn_benchmark: bool = True  # release setting; set False for bit-exact GPU runs
@@ -316,6 +319,11 @@ def validate(config: Config) -> None:
     if m.param_groups == "release" and m.arch != "deeplabv2_r101":
         raise ConfigError(f"config key 'model.param_groups' must be clean for {m.arch} "
                           f"(the release grouping is a quirk of the release's ResNet-101 code)")
+    if t.cuda_graph and (t.fast_path is False or t.precision == "fp16" or t.compile == "reduce-overhead"):
+        raise ConfigError("config key 'train.cuda_graph' needs train.fast_path (true or null), train.precision "
+                          "other than fp16 (the gradient scaler decides on the host) and train.compile other "
+                          f"than reduce-overhead (got fast_path {t.fast_path}, precision {t.precision}, "
+                          f"compile {t.compile})")
     if m.multi_level and m.arch == "deeplabv2_vgg16":
         raise ConfigError("config key 'model.multi_level' must be false for deeplabv2_vgg16 "
                           "(single level, as in the paper)")

@@ -50,6 +50,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="train.channels_last (default: with the fast path)")
     p.add_argument("--compile", choices=("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
                    help="train.compile: torch.compile mode of the generator and discriminators")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="train.cuda_graph: replay the whole step as one CUDA graph (fast path, one GPU)")
     p.add_argument("--run-dir", metavar="DIR", help="run.dir: config, metrics, checkpoints go here")
     p.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT",
                    help="continue a run from its checkpoint (the config comes from the checkpoint)")
@@ -66,7 +68,8 @@ def flag_updates(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
              ("data", "target_root"): args.target_root, ("model", "init_weights"): args.init_weights,
              ("train", "class_prior"): args.class_prior, ("train", "precision"): args.precision,
              ("train", "channels_last"): args.channels_last, ("train", "fast_path"): args.fast_path,
-             ("train", "compile"): args.compile, ("run", "dir"): args.run_dir}
+             ("train", "compile"): args.compile, ("train", "cuda_graph"): args.cuda_graph,
+             ("run", "dir"): args.run_dir}
     updates: Dict[str, Dict[str, Any]] = {}
     for (section, key), value in flags.items():
         if value is not None:

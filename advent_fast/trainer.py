@@ -10,7 +10,9 @@ The fast path (``train.fast_path``, on by default on GPUs; :class:`StepSettings`
 losses from the 1/8-resolution logits with the upsampling fused into the loss kernels
 (:mod:`advent_fast.upsampled`), so the full-resolution logits and their gradients never exist; it
 also uses fused optimisers, folds frozen BatchNorm into the convolutions, and by default bf16
-autocast with channels_last.
+autocast with channels_last. Its step never waits for the device (the optimisers skip a
+non-finite step themselves; the loop reads the losses a step later), so the whole step can be
+replayed as one CUDA graph (``train.cuda_graph``, :mod:`advent_fast.cuda_graph`).
 """
 from __future__ import annotations
 
@@ -79,6 +81,11 @@ class StepSettings:
     fold_frozen_bn: bool  # frozen BatchNorm folded into the convolutions (needs model.freeze_bn)
     compile: str  # torch.compile mode of G and D, or "none"
     loss_backend: str  # advent_fast's backend on the device: triton fuses the upsampling, others interpolate first
+    # Nothing in the step waits for the device: the fused optimisers skip a step with non-finite
+    # losses on the device and read their learning rates from device tensors (all but fp16, whose
+    # gradient scaler decides on the host).
+    sync_free: bool
+    cuda_graph: bool  # the whole step replayed as one CUDA graph (advent_fast.cuda_graph)
 
     @classmethod
     def resolve(cls, config: Config, device: torch.device) -> "StepSettings":
@@ -87,6 +94,9 @@ class StepSettings:
         precision = t.precision
         if precision == "auto":
             precision = "bf16" if fast and device.type == "cuda" else "fp32"
+        if t.cuda_graph and (device.type != "cuda" or not fast):
+            raise ValueError(f"train.cuda_graph needs a CUDA device and the fast path (this run: device "
+                             f"{device.type}, fast path {'on' if fast else 'off'})")
         return cls(
             fast_path=fast,
             precision=precision,
@@ -95,6 +105,8 @@ class StepSettings:
             fold_frozen_bn=fast and config.model.freeze_bn,
             compile=t.compile,
             loss_backend=advent_fast.get_backend(device),
+            sync_free=fast and precision != "fp16",
+            cuda_graph=t.cuda_graph,
         )
 
     @property
@@ -111,8 +123,10 @@ class StepSettings:
                 parts += ["upsample fused into the losses" if self.loss_backend == "triton"
                           else f"low-res logits to the {self.loss_backend} losses"]
             parts += ["fused optimisers"] + (["folded frozen BN"] if self.fold_frozen_bn else [])
+            parts += ["no host sync in the step"] if self.sync_free else []
         parts += ["channels_last"] if self.channels_last else []
         parts += [f"torch.compile({self.compile})"] if self.compile != "none" else []
+        parts += ["whole step as one CUDA graph"] if self.cuda_graph else []
         return ", ".join(parts)
 
 
@@ -314,13 +328,13 @@ def build_generator(config: Config) -> torch.nn.Module:
 
 def build_generator_optimizer(model: torch.nn.Module, config: Config, fused: bool = False) -> torch.optim.Optimizer:
     """SGD, heads at 10x; ``param_groups: release`` reproduces the release's repeated tensors
-    (:class:`ReleaseSGD`, foreach updates whatever ``fused`` says)."""
+    (:class:`ReleaseSGD`)."""
     from .models import ReleaseSGD
 
     t = config.train
     groups = model.optim_parameters(t.lr, grouping=config.model.param_groups)
     if config.model.param_groups == "release":
-        optimizer = ReleaseSGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        optimizer = ReleaseSGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, fused=fused)
     else:
         optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                     fused=fused or None)
@@ -391,7 +405,7 @@ class Trainer:
                 d = FCDiscriminator(config.data.num_classes, ndf=config.model.discriminator_width)
                 self.discriminators[head] = d.to(self.device, memory_format=self.memory_format)
                 self.opt_d[head] = torch.optim.Adam(d.parameters(), lr=t.lr_d, betas=tuple(t.betas_d),
-                                                    fused=fused or None)
+                                                    fused=fused or None, capturable=self.settings.cuda_graph)
                 self.opt_d[head].param_groups[0]["initial_lr"] = t.lr_d
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.settings.precision == "fp16")
 
@@ -399,9 +413,12 @@ class Trainer:
         self.position = {"source": 0, "target": 0}  # stream elements consumed (global)
         self.nonfinite_steps = 0
         self.evaluations: List[Dict[str, Any]] = []
+        self.optimizers = [self.opt_g, *self.opt_d.values()]  # stepped in this order: G, then each D
         if resume is not None:
             self.load_state(resume)
         self.saved_iteration = self.iteration if resume is not None else None
+        if self.settings.sync_free:
+            self._prepare_sync_free_optimizers()
 
         # DDP after loading, so every rank starts from the checkpoint (DDP broadcasts rank 0's).
         # Compiled modules share their parameters with self.model / self.discriminators.
@@ -409,6 +426,14 @@ class Trainer:
         self.d_train = {h: self._compiled(dist_utils.wrap(d, self.ctx)) for h, d in self.discriminators.items()}
         self.d_frozen = {h: self._compiled(d) for h, d in self.discriminators.items()}
         self.metric_names = self._metric_names()
+        self.captured = None
+        if self.settings.cuda_graph:
+            if self.ctx.distributed:
+                raise ValueError("train.cuda_graph captures a single-process step; it is not supported "
+                                 f"with {self.ctx.world_size} processes")
+            from .cuda_graph import CapturedStep
+
+            self.captured = CapturedStep(lambda s, t: self._step(s, t, keep_logits=True), self.device)
 
         self.run_dir = run_dir
         self._tb = None
@@ -430,7 +455,8 @@ class Trainer:
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        # A captured step must cast the weights in every replay: no autocast weight cache.
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=not self.settings.cuda_graph)
 
     def _forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Both heads' logits: upsampled to the input size (release: bilinear, align_corners), or
@@ -456,23 +482,58 @@ class Trainer:
 
     def _full_resolution(self, logits: torch.Tensor, size) -> torch.Tensor:
         """Full-resolution logits for the logged images; a new tensor, as CUDA-graph replays
-        (``train.compile: reduce-overhead``) reuse the memory of the model's outputs."""
+        (``train.cuda_graph``, ``train.compile: reduce-overhead``) reuse the memory of the step's outputs."""
         return upsample(logits.float(), size) if self.settings.upsampled_losses else logits.clone()
 
-    def _set_lr(self) -> None:
+    def _lr(self, group: Dict[str, Any]) -> float:
         t = self.config.train
-        for opt in [self.opt_g, *self.opt_d.values()]:
+        return poly_lr(group["initial_lr"], self.iteration, t.max_iters, t.power)
+
+    def _set_lr(self) -> None:
+        for opt in self.optimizers:
             for group in opt.param_groups:
-                group["lr"] = poly_lr(group["initial_lr"], self.iteration, t.max_iters, t.power)
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(self._lr(group))  # in place: a captured step reads it there
+                else:
+                    group["lr"] = self._lr(group)
 
-    def train_step(self, source: Dict[str, Any], target: Optional[Dict[str, Any]],
-                   keep_logits: bool = False):
-        """One iteration on a source and a target batch (already on the device).
+    def _prepare_sync_free_optimizers(self) -> None:
+        """Learning rates as device tensors, and torch SGD's momentum buffers as zeros (its fused
+        first step would otherwise leave them uninitialised if that step were skipped; a zero buffer
+        gives the same first update, buf = g)."""
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=self.device)
+                if type(opt) is torch.optim.SGD and group["momentum"] != 0:
+                    for p in group["params"]:
+                        opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
-        Returns (finite, metrics, kept): the losses averaged over processes, whether all of them
-        are finite (the optimisers step only then), and if asked the main-head logits of the
-        target batch (of the source batch in source_only mode).
+    def train_step(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], keep_logits: bool = False):
+        """One iteration on a source and a target batch (already on the device), waiting for it.
+
+        Returns (finite, metrics, kept): the losses averaged over processes as floats, whether all
+        of them are finite (the optimisers step only then), and if asked the full-resolution
+        main-head logits of the target batch (of the source batch in source_only mode).
         """
+        metrics, kept = self.step_async(source, target, keep_logits)
+        values = metrics.tolist()
+        return all(math.isfinite(v) for v in values), dict(zip(self.metric_names, values)), kept
+
+    def step_async(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], keep_logits: bool = False):
+        """:meth:`train_step` without waiting: returns the losses as a device tensor (in
+        ``metric_names`` order) and the kept logits. With ``StepSettings.sync_free`` nothing here
+        waits for the device, so the host queues the next step while this one runs."""
+        self._set_lr()
+        if self.captured is not None:
+            metrics, kept = self.captured(source, target)
+        else:
+            metrics, kept = self._step(source, target, keep_logits)
+        if not keep_logits:
+            return metrics, None
+        return metrics, self._full_resolution(kept, (target or source)["image"].shape[-2:])
+
+    def _step(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], keep_logits: bool):
+        """The iteration itself: (metrics, the main-head logits as the model gave them, if kept)."""
         t, plan, scale = self.config.train, self.plan, self.scaler.scale
         lambdas = {
             "seg": {"main": t.lambda_seg_main, "aux": t.lambda_seg_aux},
@@ -481,10 +542,8 @@ class Trainer:
             "cp": {"main": t.lambda_cp_main, "aux": t.lambda_cp_aux},
         }
         losses: Dict[str, torch.Tensor] = {}
-        optimizers = [self.opt_g, *self.opt_d.values()]
-        for opt in optimizers:
+        for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        self._set_lr()
         set_requires_grad(self.discriminators.values(), False)
 
         # Source: supervised segmentation. Its gradient is all-reduced with the target's.
@@ -501,7 +560,7 @@ class Trainer:
                     with torch.no_grad():
                         source_info[h] = self._target_losses(source_logits[h].detach(), source_size).self_information
             if keep_logits and not plan.target:
-                kept = self._full_resolution(source_logits["main"].detach(), source_size)
+                kept = source_logits["main"].detach()
             del source_logits
             scale(total).backward()
 
@@ -528,7 +587,7 @@ class Trainer:
                     losses[f"cp_{h}"] = out.class_prior_loss
                     total = total + lambdas["cp"][h] * losses[f"cp_{h}"]
             if keep_logits:
-                kept = self._full_resolution(target_logits["main"].detach(), target_size)
+                kept = target_logits["main"].detach()
             del target_logits
             scale(total).backward()
 
@@ -548,15 +607,19 @@ class Trainer:
                 scale(loss_target).backward()
                 losses[f"d_{h}"] = loss_source.detach() + loss_target.detach()
 
-        # One small all-reduce and one host sync per step: reduced metrics and a shared verdict.
+        # One small all-reduce: every process reaches the same verdict from the reduced losses.
         metrics = torch.stack([losses[name].detach().float() for name in self.metric_names])
-        metrics = dist_utils.all_reduce_mean(metrics, self.ctx).tolist()
-        finite = all(math.isfinite(v) for v in metrics)
-        if finite:
-            for opt in optimizers:  # G first, then the discriminators
+        metrics = dist_utils.all_reduce_mean(metrics, self.ctx)
+        if self.settings.sync_free:  # the fused kernels skip the whole update when found_inf is 1
+            found_inf = torch.isfinite(metrics).all().logical_not().float()
+            for opt in self.optimizers:  # G first, then the discriminators
+                opt.found_inf = found_inf
+                opt.step()
+        elif all(math.isfinite(v) for v in metrics.tolist()):  # one host sync
+            for opt in self.optimizers:
                 self.scaler.step(opt)
             self.scaler.update()
-        return finite, dict(zip(self.metric_names, metrics)), kept
+        return metrics, kept
 
     # ---- the loop -------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, stream: str, batch_size: int) -> Iterator[Dict[str, Any]]:
@@ -573,6 +636,7 @@ class Trainer:
         source_batches = self._loader(self.data.source, "source", t.source_batch_size)
         target_batches = self._loader(self.data.target, "target", t.target_batch_size) if self.plan.target else None
         bar = self._progress_bar()
+        lagged = LaggedMetrics()
         window: Dict[str, float] = {}
         window_start, window_steps = time.perf_counter(), 0
         while self.iteration < t.stop_iter:
@@ -580,21 +644,29 @@ class Trainer:
             target = (to_device(next(target_batches), self.device, self.settings.channels_last)
                       if target_batches is not None else None)
             want_images = self._images_due()
-            finite, metrics, logits = self.train_step(source, target, keep_logits=want_images)
-            lr = self.opt_g.param_groups[0]["lr"]
+            lr = self._lr(self.opt_g.param_groups[0])
+            metrics, logits = self.step_async(source, target, keep_logits=want_images)
             self.iteration += 1
             self.position["source"] += t.source_batch_size
             if target is not None:
                 self.position["target"] += t.target_batch_size
-            self._check_finite(finite, metrics)
 
-            for name, value in metrics.items():
-                window[name] = window.get(name, 0.0) + value
-            window_steps += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
-            if self.iteration % cfg.run.log_every == 0 or self.iteration == t.stop_iter:
+            log_due = self.iteration % cfg.run.log_every == 0 or self.iteration == t.stop_iter
+            save_due = self.iteration % cfg.run.snapshot_every == 0 or self.iteration == t.stop_iter
+            eval_due = bool(cfg.eval.every) and self.iteration % cfg.eval.every == 0 and self.iteration < t.stop_iter
+            done = lagged.push(self.iteration, metrics)
+            if log_due or save_due or eval_due:  # these need every step so far accounted for
+                done += lagged.drain()
+            for iteration, values in done:
+                step_metrics = dict(zip(self.metric_names, values))
+                self._check_finite(iteration, step_metrics)
+                for name, value in step_metrics.items():
+                    window[name] = window.get(name, 0.0) + value
+                window_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in step_metrics.items()}, refresh=False)
+            if log_due:
                 seconds = time.perf_counter() - window_start
                 record = {"iter": self.iteration, "lr": lr,
                           **{k: v / window_steps for k, v in window.items()},
@@ -603,9 +675,9 @@ class Trainer:
                 window, window_start, window_steps = {}, time.perf_counter(), 0
             if want_images:
                 self._log_images(target if target is not None else source, logits)
-            if self.iteration % cfg.run.snapshot_every == 0 or self.iteration == t.stop_iter:
+            if save_due:
                 self.save()
-            if cfg.eval.every and self.iteration % cfg.eval.every == 0 and self.iteration < t.stop_iter:
+            if eval_due:
                 self.evaluate()
         if bar is not None:
             bar.close()
@@ -614,8 +686,9 @@ class Trainer:
         self.close()
         return self.evaluations[-1] if self.evaluations and self.ctx.is_main else None
 
-    def _check_finite(self, finite: bool, metrics: Dict[str, float]) -> None:
-        if finite:
+    def _check_finite(self, iteration: int, metrics: Dict[str, float]) -> None:
+        """Count consecutive non-finite steps (``iteration``: the one that ended with ``metrics``)."""
+        if all(math.isfinite(v) for v in metrics.values()):
             self.nonfinite_steps = 0
             return
         self.nonfinite_steps += 1
@@ -623,7 +696,7 @@ class Trainer:
             kept = (f"the last good checkpoint ({self.checkpoint_path()}, iteration {self.saved_iteration}) "
                     f"is kept" if self.saved_iteration is not None else "no checkpoint had been written yet")
             raise TrainingDiverged(
-                f"stopping at iteration {self.iteration}: {self.nonfinite_steps} consecutive steps "
+                f"stopping at iteration {iteration}: {self.nonfinite_steps} consecutive steps "
                 f"with non-finite losses (train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}); "
                 f"last losses: {', '.join(f'{k}={v:.4g}' for k, v in metrics.items())}; those steps "
                 f"were skipped and {kept}. Lower train.lr or use train.precision fp32.")
@@ -715,8 +788,8 @@ class Trainer:
         return checkpoint_dict(
             self.model,
             discriminators={h: d.state_dict() for h, d in self.discriminators.items()},
-            optimizers={"generator": self.opt_g.state_dict(),
-                        **{f"d_{h}": o.state_dict() for h, o in self.opt_d.items()}},
+            optimizers={"generator": _float_lrs(self.opt_g.state_dict()),
+                        **{f"d_{h}": _float_lrs(o.state_dict()) for h, o in self.opt_d.items()}},
             scaler=self.scaler.state_dict(),
             iteration=self.iteration,
             schedule={"kind": "poly", "lr": t.lr, "lr_d": t.lr_d, "power": t.power,
@@ -772,6 +845,48 @@ class Trainer:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class LaggedMetrics:
+    """Each step's losses, copied to the host without waiting and read one step later: the host
+    queues step i + 1 before it waits for step i, so the device always has work queued."""
+
+    def __init__(self):
+        self.pending: Optional[tuple] = None  # (iteration, host tensor, CUDA event or None)
+
+    def push(self, iteration: int, metrics: torch.Tensor) -> List[tuple]:
+        """Queue the copy of ``metrics`` (step ``iteration``); returns the previous step's
+        (iteration, values) if any."""
+        ready = self.drain()
+        event = None
+        if metrics.device.type == "cuda":
+            host = torch.empty(metrics.shape, dtype=metrics.dtype, pin_memory=True)
+            host.copy_(metrics, non_blocking=True)  # queued before the next step can overwrite a captured output
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = metrics.clone()
+        self.pending = (iteration, host, event)
+        return ready
+
+    def drain(self) -> List[tuple]:
+        """The pending step's (iteration, values), waiting for it: [] if none."""
+        if self.pending is None:
+            return []
+        iteration, host, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        return [(iteration, host.tolist())]
+
+
+def _float_lrs(state: Dict[str, Any]) -> Dict[str, Any]:
+    """An optimiser state dict with host learning rates (the sync-free step keeps them on the
+    device), so checkpoints resume on any device and path."""
+    for group in state["param_groups"]:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])
+    return state
 
 
 def _all_finite(state_dicts) -> bool:

@@ -6,8 +6,10 @@
 Each variant builds a real :class:`advent_fast.trainer.Trainer` from a preset (on a GPU the paper's
 GTA5 -> Cityscapes ResNet-101 setting: source 1280x720, target 1024x512, batch 1 + 1, two heads, two
 discriminators; on a CPU the embedded preset's small model at small sizes) and times
-``Trainer.train_step`` on fixed random batches already on the device (data loading is
-``bench_data.py``'s subject). Columns: ms per step (median), images per second (source + target),
+``Trainer.step_async`` on fixed random batches already on the device (data loading is
+``bench_data.py``'s subject), as the training loop calls it: the timed steps run back to back and
+the clock stops when the device has finished the last one. Columns: ms per step (mean over the
+timed steps), images per second (source + target),
 peak memory, and on GPUs the fraction of the wall time the GPU is busy (kernel time from the
 profiler over a few steps / their wall time). ``--track N`` trains the release fp32 step and the
 ``--track-variants`` (default: the fast path, and the fast path in fp32) from the same initial
@@ -21,7 +23,8 @@ Variants (``--variants``):
   fast           train.fast_path=true (bf16 + channels_last on GPUs, fused upsample+losses, fused optimisers)
   fast_fp32      the fast path in fp32 (with --track: separates the effect of bf16 from that of the rest)
   fast_compile   the fast path with torch.compile of G and D (train.compile=default)
-  fast_cudagraph the fast path with torch.compile(mode="reduce-overhead") (CUDA graphs)
+  fast_graph     the fast path with the whole step replayed as one CUDA graph (train.cuda_graph; CUDA only)
+  fast_cudagraph the fast path with torch.compile(mode="reduce-overhead") (CUDA graphs of G and D)
   fast_frozen_bn the fast path with model.freeze_bn=true (BatchNorm folded into the convolutions; a
                  deviation from the release, whose BatchNorm trains in batch-1 train mode)
 """
@@ -51,10 +54,12 @@ VARIANTS = {
     "fast": ["train.fast_path=true"],
     "fast_fp32": ["train.fast_path=true", "train.precision=fp32"],
     "fast_compile": ["train.fast_path=true", "train.compile=default"],
+    "fast_graph": ["train.fast_path=true", "train.cuda_graph=true"],
     "fast_cudagraph": ["train.fast_path=true", "train.compile=reduce-overhead"],
     "fast_frozen_bn": ["train.fast_path=true", "model.freeze_bn=true"],
 }
-QUICK_VARIANTS = ["release_fp32", "release_bf16", "fast", "fast_frozen_bn"]
+QUICK_VARIANTS = ["release_fp32", "release_bf16", "fast", "fast_graph", "fast_frozen_bn"]
+CUDA_ONLY = {"fast_graph"}
 
 
 class RandomScenes(Dataset):
@@ -80,7 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", default=["minent", "advent"],
                    choices=["source_only", "minent", "minent_er", "advent", "advent_minent"])
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
-                   help=f"default: all on GPUs; {', '.join(QUICK_VARIANTS)} on CPUs and with --quick")
+                   help=f"default: all on GPUs; {', '.join(QUICK_VARIANTS)} with --quick; on CPUs those "
+                        f"but {', '.join(sorted(CUDA_ONLY))}")
     p.add_argument("--config", default=None, help="preset (default: gta2cityscapes_r101 on GPUs, embedded on CPUs)")
     p.add_argument("--source-size", nargs=2, type=int, metavar=("W", "H"), default=None)
     p.add_argument("--target-size", nargs=2, type=int, metavar=("W", "H"), default=None)
@@ -106,8 +112,10 @@ def defaults(args, device):
     warmup = args.warmup or (5 if args.quick else 8) if gpu else args.warmup or 2
     if args.variants:
         variants = args.variants
+    elif gpu:
+        variants = QUICK_VARIANTS if args.quick else list(VARIANTS)
     else:
-        variants = QUICK_VARIANTS if (args.quick or not gpu) else list(VARIANTS)
+        variants = [v for v in QUICK_VARIANTS if v not in CUDA_ONLY]
     return config, source_size, target_size, steps, warmup, variants
 
 
@@ -171,27 +179,28 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
     batches = fixed_batches(trainer, 2)
     state = {"i": 0}
 
+    losses = []
+
     def step():
         source, target = batches[state["i"] % len(batches)]
         state["i"] += 1
-        finite, _, _ = trainer.train_step(source, target if trainer.plan.target else None)
-        if not finite:
-            raise RuntimeError(f"{variant}/{mode}: non-finite losses")
+        metrics, _ = trainer.step_async(source, target if trainer.plan.target else None)
+        losses.append(metrics.clone())  # a captured step overwrites its outputs at the next replay
 
     setup_start = time.perf_counter()
-    for _ in range(warmup):  # compilation, cudnn autotuning, allocator warm-up
+    for _ in range(warmup):  # compilation, cudnn autotuning, CUDA-graph capture, allocator warm-up
         step()
     sync(device)
     warmup_s = time.perf_counter() - setup_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):  # train_step ends with a host sync (the losses), so wall time is step time
-        start = time.perf_counter()
+    start = time.perf_counter()
+    for _ in range(steps):  # back to back, as in training: the host queues ahead where the step lets it
         step()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    ms = statistics.median(times)
+    sync(device)
+    ms = (time.perf_counter() - start) * 1e3 / steps
+    if not torch.isfinite(torch.stack(losses)).all():
+        raise RuntimeError(f"{variant}/{mode}: non-finite losses")
     row = {"mode": mode, "variant": variant, "settings": trainer.settings.describe(), "ms_per_step": ms,
            "images_per_s": (trainer.config.train.source_batch_size
                             + (trainer.config.train.target_batch_size if trainer.plan.target else 0)) / ms * 1e3,

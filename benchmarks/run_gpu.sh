@@ -45,9 +45,12 @@ echo "== install: $((SECONDS - START)) s" | tee -a "$OUT/stages.txt"
 
 # The public losses on CUDA tensors: values, no host synchronisation, CUDA-graph capture.
 stage pytest_losses_cuda 60 "$PY" -m pytest -q tests/test_losses_cuda.py
-# The training step: release fp32 / bf16 vs the fast path; 200 iterations of loss tracking.
+# The training step: release fp32 / bf16 vs the fast path (eager, one CUDA graph, frozen BN); 200
+# iterations of loss tracking.
 stage bench_train_step 240 "$PY" benchmarks/bench_train_step.py --quick --track 200 \
     --json "$OUT/bench_train_step.json"
+# The captured step against the eager one; a training run with it (loader workers, evaluation).
+stage pytest_train_cuda 90 "$PY" -m pytest -q tests/test_train.py -k cuda_graph
 # The fused losses (issue 2's targets) against eager and torch.compile.
 stage bench_entropy 120 "$PY" benchmarks/bench_entropy.py ${BENCH_ARGS:---quick} --json "$OUT/bench_entropy.json"
 # The trainer end to end on the embedded data: loaders, fast path, checkpoint, evaluation.
@@ -65,7 +68,7 @@ stage bench_train_step_compile 150 "$PY" benchmarks/bench_train_step.py --modes 
 cp /tmp/advent_fast_run/metrics.jsonl "$OUT/train_embedded_metrics.jsonl" 2>/dev/null
 
 echo
-for name in pytest_losses_cuda pytest_upsampled_cuda pytest_kernels_cuda; do
+for name in pytest_losses_cuda pytest_train_cuda pytest_upsampled_cuda pytest_kernels_cuda; do
     echo "-- $name"; tail -1 "$OUT/$name.md" 2>/dev/null
 done
 echo "-- training run"; tail -2 "$OUT/train_embedded.md" 2>/dev/null

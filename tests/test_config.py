@@ -72,6 +72,13 @@ def test_validation_names_the_key(override, key):
         load_config("embedded", [override])
 
 
+@pytest.mark.parametrize("other", ["train.fast_path=false", "train.precision=fp16", "train.compile=reduce-overhead"])
+def test_cuda_graph_needs_a_sync_free_fast_path(other):
+    assert load_config("embedded", ["train.cuda_graph=true"]).train.cuda_graph
+    with pytest.raises(ConfigError, match=re.escape("train.cuda_graph")):
+        load_config("embedded", ["train.cuda_graph=true", other])
+
+
 def test_overrides_parse_yaml_values():
     c = load_config("embedded", ["train.lr=1e-4", "train.lr_d=2.5E-5", "data.source_size=[64, 32]",
                                  "train.class_prior=null", "train.stop_iter=7", "train.max_iters=7"])
@@ -119,3 +126,6 @@ def test_cli_errors_name_the_key(capsys):
     assert train.main(["--no-fast-path", "--no-channels-last", "--compile", "default", "--print-config"]) == 0
     printed = parse_yaml(capsys.readouterr().out)["train"]
     assert (printed["fast_path"], printed["channels_last"], printed["compile"]) == (False, False, "default")
+    assert printed["cuda_graph"] is False
+    assert train.main(["--cuda-graph", "--print-config"]) == 0
+    assert parse_yaml(capsys.readouterr().out)["train"]["cuda_graph"] is True

@@ -273,7 +273,9 @@ def sgd_041_reference(params0, entry_order, grads_per_step, lr, momentum, weight
     return params
 
 
-def test_release_sgd_matches_torch_041_on_repeated_entries():
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_release_sgd_matches_torch_041_on_repeated_entries(fused, weight_decay):
     torch.manual_seed(0)
     a, b = (nn.Parameter(torch.randn(n, dtype=torch.float64)) for n in (5, 3))
     start = [a.detach().clone(), b.detach().clone()]
@@ -282,24 +284,26 @@ def test_release_sgd_matches_torch_041_on_repeated_entries():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no duplicate-parameter warning: repeats are counted
         opt = ReleaseSGD([{"params": [(a, b)[i] for i in order], "lr": 0.1}], lr=0.1,
-                         momentum=0.9, weight_decay=0.05)
+                         momentum=0.9, weight_decay=weight_decay, fused=fused)
     assert opt.param_groups[0]["multiplicity"] == [4, 2]
     for ga, gb in grads:
         a.grad, b.grad = ga.clone(), gb.clone()
         opt.step()
         assert torch.equal(a.grad, ga) and torch.equal(b.grad, gb)  # unlike 0.4.1, gradients stay as they were
-    expected = sgd_041_reference(start, order, grads, 0.1, 0.9, 0.05)
+    expected = sgd_041_reference(start, order, grads, 0.1, 0.9, weight_decay)
     torch.testing.assert_close(a.detach(), expected[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(b.detach(), expected[1], rtol=0, atol=1e-12)
 
 
-def test_release_sgd_equals_torch_sgd_without_repeats():
+@pytest.mark.parametrize("fused", [False, True])
+def test_release_sgd_equals_torch_sgd_without_repeats(fused):
     torch.manual_seed(0)
     model = DeepLabV2Small(5, width=4)
     twin = DeepLabV2Small(5, width=4)
     twin.load_state_dict(model.state_dict())
-    ours = ReleaseSGD(model.optim_parameters(0.01, "clean"), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    ref = torch.optim.SGD(twin.optim_parameters(0.01, "clean"), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    ours = ReleaseSGD(model.optim_parameters(0.01, "clean"), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=fused)
+    ref = torch.optim.SGD(twin.optim_parameters(0.01, "clean"), lr=0.01, momentum=0.9, weight_decay=5e-4,
+                          fused=fused)
     x = torch.randn(1, 3, 32, 32)
     for _ in range(2):
         for net, opt in ((model, ours), (twin, ref)):
@@ -309,6 +313,26 @@ def test_release_sgd_equals_torch_sgd_without_repeats():
             opt.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_fused_release_sgd_skips_on_found_inf_and_takes_a_tensor_lr():
+    torch.manual_seed(0)
+    a, b = (nn.Parameter(torch.randn(n)) for n in (5, 3))
+    lr = torch.tensor(0.1)
+    opt = ReleaseSGD([{"params": [a, b, a], "lr": lr}], lr=lr, momentum=0.9, weight_decay=0.05, fused=True)
+    a.grad, b.grad = torch.randn(5), torch.full((3,), float("nan"))
+    before = [a.detach().clone(), b.detach().clone()]
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()  # skipped on the device: weights and momentum untouched
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert all(not buf.any() for buf in (opt.state[a]["momentum_buffer"], opt.state[b]["momentum_buffer"]))
+    b.grad = torch.randn(3)
+    opt.found_inf = torch.tensor(0.0)
+    lr.fill_(0.2)  # read at the step, as a CUDA-graph replay would
+    opt.step()
+    expected = sgd_041_reference(before, [0, 1, 0], [[a.grad, b.grad]], 0.2, 0.9, 0.05)
+    torch.testing.assert_close(a.detach(), expected[0])
+    torch.testing.assert_close(b.detach(), expected[1])
 
 
 # ---- init weights and checkpoints ----------------------------------------------------------

@@ -1,5 +1,6 @@
 """The trainer end to end on tiny generated data: every mode, the release step, resume, bad input."""
 import copy
+import inspect
 import json
 import math
 import os
@@ -247,32 +248,91 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tiny_data, tmp_path):
     assert strip(steps_a) == strip(steps_b)
 
 
-def test_nonfinite_losses_stop_and_keep_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_nonfinite_losses_stop_and_keep_the_last_good_checkpoint(tiny_data, tmp_path, fast_path):
+    """The release-style step decides on the host; the fast path's fused optimisers skip the step on
+    the device (found_inf) and the host learns of it a step later: same outcome."""
     config = tiny_config(tiny_data, "advent", "train.stop_iter=8", "run.snapshot_every=1",
-                         "train.max_nonfinite_steps=2")
+                         "train.max_nonfinite_steps=2", f"train.fast_path={str(fast_path).lower()}")
     trainer = Trainer(config, run_dir=str(tmp_path / "run"))
-    real = trainer_mod.segmentation_loss
+    assert trainer.settings.sync_free == fast_path
+    real = trainer._segmentation_loss
 
     def poisoned(logits, label):  # from the fourth iteration on
         loss = real(logits, label)
         return loss * float("nan") if trainer.iteration >= 3 else loss
 
-    monkeypatch.setattr(trainer_mod, "segmentation_loss", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"2 consecutive steps with non-finite losses.*iteration 3"):
+    trainer._segmentation_loss = poisoned
+    with pytest.raises(TrainingDiverged, match=r"at iteration 5: 2 consecutive steps with non-finite.*iteration 3"):
         trainer.fit()
     kept = load(str(tmp_path / "run" / "checkpoint.pt"))
     assert kept["iteration"] == 3
     weights = state_tensors(kept["model"])
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
-    # The skipped steps did not touch the weights either.
+    # The skipped steps did not touch the weights, momentum buffers or Adam states either.
     for name, value in trainer.model.named_parameters():
         assert torch.equal(value, kept["model"][name]), name
+    now = state_tensors(trainer.state_dict()["optimizers"])
+    for name, value in state_tensors(kept["optimizers"]).items():
+        assert torch.equal(now[name].cpu(), value), name
     # Non-finite BatchNorm statistics are never saved over a good checkpoint.
     trainer.nonfinite_steps = 0
     trainer.model.stage1[1].running_var[0] = float("nan")
     with pytest.raises(TrainingDiverged, match="BatchNorm statistics at iteration 5"):
         trainer.save()
     assert load(str(tmp_path / "run" / "checkpoint.pt"))["iteration"] == 3
+
+
+def test_a_streak_is_caught_one_step_late_between_checkpoints(tiny_data, tmp_path):
+    """Without a checkpoint or log line to wait for, the host reads each step's losses one step
+    later (the device keeps working meanwhile); the streak is still counted per step."""
+    config = tiny_config(tiny_data, "minent", "train.stop_iter=8", "run.log_every=100",
+                         "train.max_nonfinite_steps=2", "train.fast_path=true")
+    trainer = Trainer(config, run_dir=str(tmp_path / "run"))
+    real, seen = trainer._segmentation_loss, []
+
+    def poisoned(logits, label):
+        seen.append(trainer.iteration)
+        loss = real(logits, label)
+        return loss * float("nan") if trainer.iteration in (2, 4, 5) else loss
+
+    trainer._segmentation_loss = poisoned
+    with pytest.raises(TrainingDiverged, match=r"stopping at iteration 6: 2 consecutive"):
+        trainer.fit()
+    assert max(seen) == 6  # the step of iteration 7 ran before those of iteration 6 were read
+
+
+class NoHostSync(torch.overrides.TorchFunctionMode):
+    """Fails on any tensor-to-host read, which would make the step wait for the device (and break
+    CUDA-graph capture)."""
+
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "numpy", "cpu"}
+    HOST_ONLY_CHECKS = {"_check_labels", "_check_prior"}  # value checks of CPU tensors, skipped on CUDA
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS and not any(
+                frame.function in self.HOST_ONLY_CHECKS for frame in inspect.stack(context=0)):
+            raise AssertionError(f"host synchronisation in the step: Tensor.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode, extra", [
+    ("advent_minent", ("train.class_prior=PRIOR",)),
+    ("minent_er", ()),
+])
+def test_the_fast_path_step_never_waits_for_the_device(tiny_data, tmp_path, mode, extra):
+    extra = [e.replace("PRIOR", write_prior(tmp_path / "prior.json")) for e in extra]
+    trainer = Trainer(tiny_config(tiny_data, mode, "train.fast_path=true", *extra))
+    (source, target), = fixed_batches(1)
+    with NoHostSync():
+        metrics, kept = trainer.step_async(source, target)
+    assert kept is None and torch.isfinite(metrics).all()
+    lrs = [g["lr"] for opt in trainer.optimizers for g in opt.param_groups]
+    assert all(isinstance(lr, torch.Tensor) for lr in lrs)
+    # The release-style step waits for its verdict.
+    release = Trainer(tiny_config(tiny_data, mode, "train.fast_path=false", *extra))
+    with pytest.raises(AssertionError, match="host synchronisation"), NoHostSync():
+        release.step_async(source, target)
 
 
 def test_precision_options_and_channels_last(tiny_data, tmp_path):
@@ -309,6 +369,13 @@ def test_step_settings_resolve_per_device():
     config = load_config("embedded", ["train.fast_path=true", "train.target_losses=reference", "model.freeze_bn=true"])
     ref = trainer_mod.StepSettings.resolve(config, torch.device("cuda"))
     assert (ref.upsampled_losses, ref.fold_frozen_bn) == (False, True)
+    assert gpu.sync_free and not cpu.sync_free and not off.sync_free  # the fast path's step never waits
+    fp16 = load_config("embedded", ["train.precision=fp16"])
+    assert not trainer_mod.StepSettings.resolve(fp16, torch.device("cuda")).sync_free  # its scaler decides on the host
+    graph = load_config("embedded", ["train.cuda_graph=true"])
+    assert trainer_mod.StepSettings.resolve(graph, torch.device("cuda")).cuda_graph
+    with pytest.raises(ValueError, match="train.cuda_graph needs a CUDA device"):
+        trainer_mod.StepSettings.resolve(graph, torch.device("cpu"))
 
 
 def run_steps(config, batches):
@@ -505,3 +572,87 @@ def test_bad_input_fails_with_a_clear_message(tiny_data, tmp_path, capsys):
     fails(base, "--run-dir", run, match="already holds a run")
     fails([], "--resume", str(tmp_path / "other.pt"), match="model snapshot")
     assert load(os.path.join(run, "checkpoint.pt"))["format"] == FORMAT
+
+
+# ---- CUDA graphs (run on a GPU machine: benchmarks/run_gpu.sh) ----------------------------------
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def cuda_trainer(config):
+    from advent_fast.distributed import DistContext
+
+    return Trainer(config, DistContext(device=torch.device("cuda")))
+
+
+def cuda_batches(trainer, steps, seed=0):
+    return [(trainer_mod.to_device(s, trainer.device, trainer.settings.channels_last),
+             trainer_mod.to_device(t, trainer.device, trainer.settings.channels_last))
+            for s, t in fixed_batches(steps, seed)]
+
+
+@cuda_only
+@pytest.mark.parametrize("mode, extra", [
+    ("advent_minent", ("train.class_prior=PRIOR",)),
+    ("minent_er", ()),
+])
+def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, mode, extra):
+    """3 eager warm-up steps, the capture, replays: same losses and weights as the eager fast path,
+    the learning-rate schedule included."""
+    from advent_fast.cuda_graph import WARMUP_STEPS
+
+    extra = [e.replace("PRIOR", write_prior(tmp_path / "prior.json")) for e in extra]
+    common = (*extra, "train.fast_path=true", "train.precision=fp32", "train.cudnn_benchmark=false",
+              "train.lr=1e-2", "train.max_iters=8")
+    runs = {}
+    for graph in (False, True):
+        trainer = cuda_trainer(tiny_config(tiny_data, mode, *common, f"train.cuda_graph={str(graph).lower()}"))
+        history, kept = [], None
+        for source, target in cuda_batches(trainer, WARMUP_STEPS + 3):
+            finite, values, kept = trainer.train_step(source, target, keep_logits=True)
+            trainer.iteration += 1
+            history.append(values)
+        runs[graph] = trainer, history, kept
+    assert runs[True][0].captured.graph is not None
+    for ref, got in zip(runs[False][1], runs[True][1]):
+        assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    assert runs[True][2].shape == (1, 19, 32, 64)  # the last replay's target logits, at full resolution
+    torch.testing.assert_close(runs[True][2], runs[False][2], rtol=1e-4, atol=1e-5)
+    ref_state = runs[False][0].model.state_dict()
+    for name, value in runs[True][0].model.state_dict().items():
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@cuda_only
+def test_cuda_graph_skips_a_nonfinite_replay_and_keeps_training(tiny_data):
+    from advent_fast.cuda_graph import WARMUP_STEPS
+
+    trainer = cuda_trainer(tiny_config(tiny_data, "advent", "train.fast_path=true", "train.cuda_graph=true"))
+    batches = cuda_batches(trainer, WARMUP_STEPS + 3)
+    for source, target in batches[:WARMUP_STEPS + 1]:
+        assert trainer.train_step(source, target)[0]
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    source, target = batches[WARMUP_STEPS + 1]
+    poisoned = dict(target, image=target["image"].clone())
+    poisoned["image"][0, 0, 0, 0] = float("nan")
+    finite, metrics, _ = trainer.train_step(source, poisoned)
+    assert not finite and not math.isfinite(metrics["adv_main"])
+    params = dict(trainer.model.named_parameters())
+    for name, value in params.items():
+        assert torch.equal(value, weights[name]), name
+    assert trainer.train_step(*batches[WARMUP_STEPS + 2])[0]
+    assert any(not torch.equal(value, weights[name]) for name, value in params.items())
+    with pytest.raises(ValueError, match="fixed shapes"):
+        trainer.train_step(source, {"image": target["image"][..., :32]})
+
+
+@cuda_only
+def test_cuda_graph_run_end_to_end(tiny_data, tmp_path):
+    """Loader workers with pinned memory, the lagged loss reads, checkpoints, evaluation."""
+    overrides = tiny_overrides(tiny_data, "advent", "train.stop_iter=8", "eval.every=4", "data.num_workers=2")
+    run = str(tmp_path / "run")
+    assert train.main([a for o in overrides for a in ("--set", o)]
+                      + ["--run-dir", run, "--device", "cuda", "--cuda-graph"]) == 0
+    steps, evals = read_metrics(run)
+    assert [r["iter"] for r in steps] == list(range(1, 9)) and len(evals) == 2
+    assert all(math.isfinite(v) for r in steps for k, v in r.items() if k != "iter")
+    assert load(os.path.join(run, "checkpoint.pt"))["iteration"] == 8

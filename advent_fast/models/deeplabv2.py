@@ -397,10 +397,15 @@ class ReleaseSGD(torch.optim.Optimizer):
     314-entry list. Duplicates are counted at construction (the group keeps each tensor once and
     a ``multiplicity`` list beside ``params``); with multiplicity 1 everywhere this is exactly
     ``torch.optim.SGD(momentum=m, weight_decay=wd)``. Unlike 0.4.1, ``p.grad`` is left untouched.
+
+    ``fused=True`` runs each pass as torch's fused SGD kernel, which also takes a tensor ``lr``
+    and, like torch's fused optimisers, skips the whole step on the device when the optimiser's
+    ``found_inf`` attribute (a float tensor set before :meth:`step`) is non-zero: the step then
+    needs no host synchronisation and can be captured in a CUDA graph.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+    def __init__(self, params, lr, momentum: float = 0.0, weight_decay: float = 0.0, fused: bool = False):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "fused": fused})
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(_count_duplicates(param_group))
@@ -413,17 +418,26 @@ class ReleaseSGD(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             entries = [(p, k) for p, k in zip(group["params"], group["multiplicity"]) if p.grad is not None]
-            if entries:
+            if not entries:
+                continue
+            if group["fused"]:
+                self._update_fused(entries, group["lr"], group["momentum"], group["weight_decay"])
+            else:
                 self._update(entries, group["lr"], group["momentum"], group["weight_decay"])
         return loss
+
+    def _momentum_buffers(self, params, momentum: float):
+        if momentum == 0:
+            return None
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return [self.state[p]["momentum_buffer"] for p in params]
 
     def _update(self, entries, lr: float, momentum: float, weight_decay: float) -> None:
         params = [p for p, _ in entries]
         grads = [p.grad for p in params]  # read only; with weight decay, pass 0 makes new tensors
-        if momentum != 0:
-            for p in params:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        buffers = self._momentum_buffers(params, momentum)
         # Pass r updates the tensors listed more than r times; foreach keeps it a few launches.
         for r in range(max(k for _, k in entries)):
             live = [i for i, (_, k) in enumerate(entries) if k > r]
@@ -433,11 +447,29 @@ class ReleaseSGD(torch.optim.Optimizer):
             elif weight_decay != 0:
                 torch._foreach_add_(g_live, p_live, alpha=weight_decay)
             direction = g_live
-            if momentum != 0:
-                direction = [self.state[p]["momentum_buffer"] for p in p_live]
+            if buffers is not None:
+                direction = [buffers[i] for i in live]
                 torch._foreach_mul_(direction, momentum)
                 torch._foreach_add_(direction, g_live)
             torch._foreach_add_(p_live, direction, alpha=-lr)
+
+    def _update_fused(self, entries, lr, momentum: float, weight_decay: float) -> None:
+        params = [p for p, _ in entries]
+        # The weight decay accumulates in the working gradients (0.4.1's in-place add), so the
+        # kernel runs without it; a zero buffer makes its first update buf = g, as SGD's first step.
+        grads = [p.grad for p in params]
+        buffers = self._momentum_buffers(params, momentum)
+        found_inf = getattr(self, "found_inf", None)
+        for r in range(max(k for _, k in entries)):
+            live = [i for i, (_, k) in enumerate(entries) if k > r]
+            p_live, g_live = [params[i] for i in live], [grads[i] for i in live]
+            if weight_decay != 0 and r == 0:
+                grads = g_live = torch._foreach_add(g_live, p_live, alpha=weight_decay)
+            elif weight_decay != 0:
+                torch._foreach_add_(g_live, p_live, alpha=weight_decay)
+            torch._fused_sgd_(p_live, g_live, [] if buffers is None else [buffers[i] for i in live],
+                              weight_decay=0.0, momentum=momentum, lr=lr, dampening=0.0, nesterov=False,
+                              maximize=False, is_first_step=False, found_inf=found_inf)
 
 
 def _count_duplicates(group: dict) -> dict:
