@@ -450,7 +450,10 @@ class Trainer:
     def _compiled(self, module: torch.nn.Module) -> torch.nn.Module:
         if self.settings.compile == "none":
             return module
-        return torch.compile(module, mode=None if self.settings.compile == "default" else self.settings.compile)
+        # The step's shapes are fixed: one specialised graph per input shape (G sees the source and
+        # the target size) rather than a symbolic-shape recompile at the second shape.
+        return torch.compile(module, mode=None if self.settings.compile == "default" else self.settings.compile,
+                             dynamic=False)
 
     def _autocast(self):
         if self.autocast_dtype is None:

@@ -25,6 +25,7 @@ Variants (``--variants``):
   fast_compile   the fast path with torch.compile of G and D (train.compile=default)
   fast_graph     the fast path with the whole step replayed as one CUDA graph (train.cuda_graph; CUDA only)
   fast_cudagraph the fast path with torch.compile(mode="reduce-overhead") (CUDA graphs of G and D)
+  fast_compile_graph the fast path with torch.compile of G and D inside the whole-step CUDA graph (CUDA only)
   fast_frozen_bn the fast path with model.freeze_bn=true (BatchNorm folded into the convolutions; a
                  deviation from the release, whose BatchNorm trains in batch-1 train mode)
 """
@@ -56,10 +57,11 @@ VARIANTS = {
     "fast_compile": ["train.fast_path=true", "train.compile=default"],
     "fast_graph": ["train.fast_path=true", "train.cuda_graph=true"],
     "fast_cudagraph": ["train.fast_path=true", "train.compile=reduce-overhead"],
+    "fast_compile_graph": ["train.fast_path=true", "train.compile=default", "train.cuda_graph=true"],
     "fast_frozen_bn": ["train.fast_path=true", "model.freeze_bn=true"],
 }
 QUICK_VARIANTS = ["release_fp32", "release_bf16", "fast", "fast_graph", "fast_frozen_bn"]
-CUDA_ONLY = {"fast_graph"}
+CUDA_ONLY = {"fast_graph", "fast_compile_graph"}
 
 
 class RandomScenes(Dataset):
