@@ -60,7 +60,7 @@ VARIANTS = {
     "fast_compile_graph": ["train.fast_path=true", "train.compile=default", "train.cuda_graph=true"],
     "fast_frozen_bn": ["train.fast_path=true", "model.freeze_bn=true"],
 }
-QUICK_VARIANTS = ["release_fp32", "release_bf16", "fast", "fast_graph", "fast_frozen_bn"]
+QUICK_VARIANTS = ["release_fp32", "release_bf16", "fast", "fast_frozen_bn", "fast_graph"]
 CUDA_ONLY = {"fast_graph", "fast_compile_graph"}
 
 

@@ -45,12 +45,16 @@ echo "== install: $((SECONDS - START)) s" | tee -a "$OUT/stages.txt"
 
 # The public losses on CUDA tensors: values, no host synchronisation, CUDA-graph capture.
 stage pytest_losses_cuda 60 "$PY" -m pytest -q tests/test_losses_cuda.py
-# The training step: release fp32 / bf16 vs the fast path (eager, one CUDA graph, frozen BN); 200
+# The training step: release fp32 / bf16 vs the eager fast path (with frozen BN folded); 200
 # iterations of loss tracking.
-stage bench_train_step 240 "$PY" benchmarks/bench_train_step.py --quick --track 200 \
-    --json "$OUT/bench_train_step.json"
-# The captured step against the eager one; a training run with it (loader workers, evaluation).
+stage bench_train_step 210 "$PY" benchmarks/bench_train_step.py --quick --track 200 \
+    --variants release_fp32 release_bf16 fast fast_frozen_bn --json "$OUT/bench_train_step.json"
+# The whole step as one CUDA graph, in its own processes (a failed capture can leave the CUDA context
+# unusable): the captured step against the eager one and a training run with it, then its timing
+# against release_fp32 and the eager fast path in the same run.
 stage pytest_train_cuda 90 "$PY" -m pytest -q tests/test_train.py -k cuda_graph
+stage bench_train_step_graph 60 "$PY" benchmarks/bench_train_step.py --quick \
+    --variants release_fp32 fast fast_graph --json "$OUT/bench_train_step_graph.json"
 # The fused losses (issue 2's targets) against eager and torch.compile.
 stage bench_entropy 120 "$PY" benchmarks/bench_entropy.py ${BENCH_ARGS:---quick} --json "$OUT/bench_entropy.json"
 # The trainer end to end on the embedded data: loaders, fast path, checkpoint, evaluation.
@@ -73,7 +77,8 @@ for name in pytest_losses_cuda pytest_train_cuda pytest_upsampled_cuda pytest_ke
     echo "-- $name"; tail -1 "$OUT/$name.md" 2>/dev/null
 done
 echo "-- training run"; tail -2 "$OUT/train_embedded.md" 2>/dev/null
-for name in bench_entropy bench_eval bench_upsampled bench_data bench_train_step_compile bench_train_step; do
+for name in bench_entropy bench_eval bench_upsampled bench_data bench_train_step_compile bench_train_step_graph \
+    bench_train_step; do
     echo "-- $name"; grep '^|' "$OUT/$name.md" 2>/dev/null | tail -40
 done
 echo "-- stages ($((SECONDS - START)) s)"; cat "$OUT/stages.txt"
