@@ -434,11 +434,13 @@ class ReleaseSGD(torch.optim.Optimizer):
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
         return [self.state[p]["momentum_buffer"] for p in params]
 
-    def _update(self, entries, lr: float, momentum: float, weight_decay: float) -> None:
+    @staticmethod
+    def _passes(entries, weight_decay: float):
+        """Pass r updates the tensors listed more than r times: yields (their indices, the tensors,
+        their working gradients), the weight decay added to the gradients once more each pass
+        (0.4.1's in-place add; pass 0 makes new tensors, so ``p.grad`` stays as it was)."""
         params = [p for p, _ in entries]
-        grads = [p.grad for p in params]  # read only; with weight decay, pass 0 makes new tensors
-        buffers = self._momentum_buffers(params, momentum)
-        # Pass r updates the tensors listed more than r times; foreach keeps it a few launches.
+        grads = [p.grad for p in params]
         for r in range(max(k for _, k in entries)):
             live = [i for i, (_, k) in enumerate(entries) if k > r]
             p_live, g_live = [params[i] for i in live], [grads[i] for i in live]
@@ -446,6 +448,11 @@ class ReleaseSGD(torch.optim.Optimizer):
                 grads = g_live = torch._foreach_add(g_live, p_live, alpha=weight_decay)
             elif weight_decay != 0:
                 torch._foreach_add_(g_live, p_live, alpha=weight_decay)
+            yield live, p_live, g_live
+
+    def _update(self, entries, lr: float, momentum: float, weight_decay: float) -> None:
+        buffers = self._momentum_buffers([p for p, _ in entries], momentum)
+        for live, p_live, g_live in self._passes(entries, weight_decay):  # foreach: a few launches a pass
             direction = g_live
             if buffers is not None:
                 direction = [buffers[i] for i in live]
@@ -454,19 +461,11 @@ class ReleaseSGD(torch.optim.Optimizer):
             torch._foreach_add_(p_live, direction, alpha=-lr)
 
     def _update_fused(self, entries, lr, momentum: float, weight_decay: float) -> None:
-        params = [p for p, _ in entries]
-        # The weight decay accumulates in the working gradients (0.4.1's in-place add), so the
-        # kernel runs without it; a zero buffer makes its first update buf = g, as SGD's first step.
-        grads = [p.grad for p in params]
-        buffers = self._momentum_buffers(params, momentum)
+        # The kernel runs without weight decay (the passes accumulate it in the working gradients);
+        # a zero momentum buffer makes its first update buf = g, as SGD's first step.
+        buffers = self._momentum_buffers([p for p, _ in entries], momentum)
         found_inf = getattr(self, "found_inf", None)
-        for r in range(max(k for _, k in entries)):
-            live = [i for i, (_, k) in enumerate(entries) if k > r]
-            p_live, g_live = [params[i] for i in live], [grads[i] for i in live]
-            if weight_decay != 0 and r == 0:
-                grads = g_live = torch._foreach_add(g_live, p_live, alpha=weight_decay)
-            elif weight_decay != 0:
-                torch._foreach_add_(g_live, p_live, alpha=weight_decay)
+        for live, p_live, g_live in self._passes(entries, weight_decay):
             torch._fused_sgd_(p_live, g_live, [] if buffers is None else [buffers[i] for i in live],
                               weight_decay=0.0, momentum=momentum, lr=lr, dampening=0.0, nesterov=False,
                               maximize=False, is_first_step=False, found_inf=found_inf)
