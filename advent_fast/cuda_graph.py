@@ -18,16 +18,18 @@ INPUT_KEYS = ("image", "label")  # what the step reads from a batch
 
 
 class CapturedStep:
-    """Calls ``step(source, target)`` eagerly for the first :data:`WARMUP_STEPS` calls (on a side
-    stream, as capture requires), captures it at the next call, and replays the graph from then on.
+    """Calls ``step(source, target)`` eagerly for the first :data:`WARMUP_STEPS` calls, captures it at
+    the next call, and replays the graph from then on. Warm-up and capture run on one side stream, as
+    capture requires: libraries that keep per-stream state (cuBLAS workspaces) set it up during warm-up.
     Every call is a real training step. ``step`` returns tensors only (nested in tuples, or None);
     the graph returns the same tensor objects at every replay, overwritten in place."""
 
-    def __init__(self, step: Callable, device: torch.device, warmup_steps: int = WARMUP_STEPS):
+    def __init__(self, step: Callable, device: torch.device):
         self.step = step
         self.device = device
-        self.warmup_left = warmup_steps
+        self.warmup_left = WARMUP_STEPS
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.stream: Optional[torch.cuda.Stream] = None
         self.inputs: tuple = ()
         self.outputs: Any = None
 
@@ -44,11 +46,12 @@ class CapturedStep:
 
     def _eager_on_side_stream(self, source, target):
         main = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
             outputs = self.step(source, target)
-        main.wait_stream(side)
+        main.wait_stream(self.stream)
         for tensor in _tensors(outputs):  # allocated on the side stream, used on the main one
             tensor.record_stream(main)
         return outputs
@@ -57,7 +60,7 @@ class CapturedStep:
         self.inputs = (_static_copy(source), _static_copy(target))
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the data loader's pin-memory thread may call CUDA while this thread captures.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
             self.outputs = self.step(*self.inputs)
 
 

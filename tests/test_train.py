@@ -303,16 +303,17 @@ def test_a_streak_is_caught_one_step_late_between_checkpoints(tiny_data, tmp_pat
 
 
 class NoHostSync(torch.overrides.TorchFunctionMode):
-    """Fails on any tensor-to-host read, which would make the step wait for the device (and break
-    CUDA-graph capture)."""
+    """Fails on any tensor-to-host read, which would make the step wait for the device, and on tensors
+    made from host values (a copy from pageable memory): either breaks CUDA-graph capture."""
 
-    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "numpy", "cpu"}
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "numpy", "cpu",
+             "tensor", "as_tensor"}
     HOST_ONLY_CHECKS = {"_check_labels", "_check_prior"}  # value checks of CPU tensors, skipped on CUDA
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", "") in self.READS and not any(
                 frame.function in self.HOST_ONLY_CHECKS for frame in inspect.stack(context=0)):
-            raise AssertionError(f"host synchronisation in the step: Tensor.{func.__name__}")
+            raise AssertionError(f"host synchronisation in the step: {func.__name__}")
         return func(*args, **(kwargs or {}))
 
 
