@@ -816,9 +816,9 @@ class Trainer:
         load_model_state(self.model, state["model"])
         for h, d in self.discriminators.items():
             d.load_state_dict(state["discriminators"][h])
-        self.opt_g.load_state_dict(state["optimizers"]["generator"])
+        _load_optimizer_state(self.opt_g, state["optimizers"]["generator"])
         for h, opt in self.opt_d.items():
-            opt.load_state_dict(state["optimizers"][f"d_{h}"])
+            _load_optimizer_state(opt, state["optimizers"][f"d_{h}"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
@@ -881,6 +881,19 @@ class LaggedMetrics:
         if event is not None:
             event.synchronize()
         return [(iteration, host.tolist())]
+
+
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable")  # how an optimiser steps, not what it computes
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """``load_state_dict`` keeping this run's implementation flags: torch restores the saved ones,
+    which would run a fast-path checkpoint's fused kernels on the release path, or the release
+    path's foreach update (which cannot skip a step on the device) on the fast path."""
+    flags = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, flags):
+        group.update(own)
 
 
 def _float_lrs(state: Dict[str, Any]) -> Dict[str, Any]:

@@ -452,16 +452,39 @@ def test_bf16_fast_path_tracks_the_fp32_release_step(tiny_data):
     assert any(got != pytest.approx(ref, rel=1e-6) for ref, got in zip(release, fast))
 
 
-def test_a_fast_path_run_resumes_without_it(tiny_data, tmp_path):
-    """Checkpoints do not depend on the step settings: fused optimiser states, folded BatchNorm and
-    channels_last weights load into a release-style run (and the resumed run says so)."""
-    overrides = tiny_overrides(tiny_data, "advent", "model.freeze_bn=true", "train.stop_iter=2")
+def test_runs_resume_across_the_fast_path_switch(tiny_data, tmp_path):
+    """Checkpoints do not depend on the step settings: a release-style run resumes on the fast path
+    and back (fused optimiser states, device learning rates, folded BatchNorm, channels_last
+    weights), each part with its own optimiser implementation, not the checkpoint's."""
+    overrides = tiny_overrides(tiny_data, "advent", "model.freeze_bn=true", "train.stop_iter=1")
     run = str(tmp_path / "run")
-    assert train.main([a for o in overrides for a in ("--set", o)] + ["--run-dir", run, "--fast-path"]) == 0
+    assert train.main([a for o in overrides for a in ("--set", o)] + ["--run-dir", run, "--no-fast-path"]) == 0
+    assert train.main(["--resume", run, "--fast-path", "--set", "train.stop_iter=2"]) == 0
     assert train.main(["--resume", run, "--no-fast-path", "--set", "train.stop_iter=3"]) == 0
     state = load(os.path.join(run, "checkpoint.pt"))
     assert state["iteration"] == 3 and state["config"]["train"]["fast_path"] is False
     assert [r["iter"] for r in read_metrics(run)[0]] == [1, 2, 3]
+    for fast in (True, False):
+        config = load_config(os.path.join(run, "config.yaml"), [f"train.fast_path={str(fast).lower()}"])
+        trainer = Trainer(config, resume=state)
+        groups_now = [g for opt in trainer.optimizers for g in opt.param_groups]
+        assert all(bool(g["fused"]) == fast for g in groups_now)
+        assert all(isinstance(g["lr"], torch.Tensor) == fast for g in groups_now)
+
+
+def test_release_sgd_state_loads_with_this_runs_implementation():
+    from advent_fast.models import ReleaseSGD
+
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(2))
+    saved = ReleaseSGD([{"params": [a, b, a]}], lr=0.1, momentum=0.9, fused=False)
+    a.grad, b.grad = torch.randn(4), torch.randn(2)
+    saved.step()
+    state = saved.state_dict()
+    del state["param_groups"][0]["fused"]  # as written before ReleaseSGD had the flag
+    fused = ReleaseSGD([{"params": [a, b, a]}], lr=0.1, momentum=0.9, fused=True)
+    trainer_mod._load_optimizer_state(fused, state)
+    assert fused.param_groups[0]["fused"] is True and fused.param_groups[0]["multiplicity"] == [2, 1]
+    assert torch.equal(fused.state[a]["momentum_buffer"], saved.state[a]["momentum_buffer"])
 
 
 def test_opencv_image_reader_for_the_training_streams_only(tiny_data, tmp_path):
