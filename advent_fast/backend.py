@@ -33,12 +33,21 @@ def set_backend(name: Optional[str]) -> None:
     _forced = None if name is None else _check_name(name, "backend")
 
 
-def cpp_available() -> bool:
+def _import_cpp() -> bool:
     try:
         importlib.import_module("advent_fast._C")
     except ImportError:
         return False
     return True
+
+
+# Tried once, at import: a loss call then costs no import attempt, and torch.compile, which cannot
+# trace an import, reads a constant.
+_CPP_AVAILABLE = _import_cpp()
+
+
+def cpp_available() -> bool:
+    return _CPP_AVAILABLE
 
 
 def _warn_once(key: str, message: str) -> None:

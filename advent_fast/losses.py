@@ -3,7 +3,8 @@
 Every public function is a thin front of ONE pair of torch.library custom ops,
 ``advent_fast::target_forward`` / ``advent_fast::target_backward``, which read the logits once
 (forward) and once more for the gradient (backward). The ops run on the backend chosen by
-:mod:`advent_fast.backend`; their exact semantics are in ``docs/backend_contract.md``.
+:mod:`advent_fast.backend`; their exact semantics are in ``docs/backend_contract.md``. Eager calls
+skip the dispatcher (:mod:`advent_fast.eager_ops`); compiled graphs trace the custom ops.
 Inputs are validated here, on the host, so a bad call fails with the argument's name.
 
 Empty inputs (N = 0 or no pixels) launch nothing: maps are empty and scalar losses are NaN,
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from . import reference
 from .backend import get_backend
+from .eager_ops import FusedOp
 from .reference import TargetLosses, ranked_pixel_count
 
 __all__ = [
@@ -54,11 +56,20 @@ def _backend_ops(device: torch.device):
 ForwardOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
+def _forward_impl(x, prior, k, mu, want_info, want_emap, want_ent, want_cp) -> ForwardOut:
+    forward, _ = _backend_ops(x.device)
+    return tuple(forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp))
+
+
+def _backward_impl(x, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean, prior, mu) -> Tensor:
+    _, backward = _backend_ops(x.device)
+    return backward(x, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean, prior, mu)
+
+
 @torch.library.custom_op("advent_fast::target_forward", mutates_args=())
 def _target_forward(x: Tensor, prior: Optional[Tensor], k: int, mu: float, want_info: bool,
                     want_emap: bool, want_ent: bool, want_cp: bool) -> ForwardOut:
-    forward, _ = _backend_ops(x.device)
-    return tuple(forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp))
+    return _forward_impl(x, prior, k, mu, want_info, want_emap, want_ent, want_cp)
 
 
 @_target_forward.register_fake
@@ -90,8 +101,7 @@ def _target_backward(x: Tensor, grad_info: Optional[Tensor], grad_emap: Optional
                      grad_ent: Optional[Tensor], grad_cp: Optional[Tensor], emap: Optional[Tensor],
                      thresh: Optional[Tensor], kept: Optional[Tensor], cmean: Optional[Tensor],
                      prior: Optional[Tensor], mu: float) -> Tensor:
-    _, backward = _backend_ops(x.device)
-    return backward(x, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean, prior, mu)
+    return _backward_impl(x, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean, prior, mu)
 
 
 @_target_backward.register_fake
@@ -105,6 +115,7 @@ def _setup_context(ctx, inputs, output):
     ranked = want_ent and k > 0
     ctx.flags = (want_info, want_emap, want_ent, want_cp, ranked)
     ctx.mu = mu
+    ctx.backward_op = _target_backward
     ctx.save_for_backward(x, prior if want_cp else None, emap if ranked else None,
                           thresh if ranked else None, kept if ranked else None,
                           cmean if want_cp else None)
@@ -125,7 +136,7 @@ def _grad_or_none(grad: Optional[Tensor], wanted: bool, keep_strides: bool = Fal
 def _backward(ctx, g_info, g_emap, g_ent, g_cp, _g_thresh, _g_kept, _g_cmean):
     want_info, want_emap, want_ent, want_cp, ranked = ctx.flags
     x, prior, emap, thresh, kept, cmean = ctx.saved_tensors
-    grad_x = _target_backward(
+    grad_x = ctx.backward_op(
         x, _grad_or_none(g_info, want_info, keep_strides=True), _grad_or_none(g_emap, want_emap),
         _grad_or_none(g_ent, want_ent), _grad_or_none(g_cp, want_cp),
         emap, thresh, kept, cmean, prior, ctx.mu,
@@ -134,6 +145,7 @@ def _backward(ctx, g_info, g_emap, g_ent, g_cp, _g_thresh, _g_kept, _g_cmean):
 
 
 _target_forward.register_autograd(_backward, setup_context=_setup_context)
+_target_op = FusedOp(_target_forward, _forward_impl, _setup_context, _backward, _backward_impl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +240,7 @@ def target_losses(
 
     x = logits.reshape(n, c, num_pixels)  # a view for contiguous and channels_last inputs
     k = ranked_pixel_count(top_k, num_pixels) if (entropy and top_k is not None) else 0
-    info, emap, ent, cp, _, _, _ = _target_forward(
+    info, emap, ent, cp, _, _, _ = _target_op(
         x, prior, k, float(mu), self_information, entropy_map, entropy, prior is not None)
     return TargetLosses(
         info.view(logits.shape) if self_information else None,

@@ -12,7 +12,8 @@ On the Triton backend (``advent_fast.get_backend(device) == "triton"``) the kern
 ``kernels/upsampled_*.py`` interpolate inside the loss kernels and gather the gradient onto the
 low-resolution logits (no atomics; ``kernels/bilinear.py``). They run as the custom ops
 ``advent_fast::upsampled_cross_entropy_{forward,backward}`` and
-``advent_fast::upsampled_target_{forward,backward}``. On every other backend, for empty batches, and
+``advent_fast::upsampled_target_{forward,backward}`` (eager calls skip the dispatcher:
+:mod:`advent_fast.eager_ops`). On every other backend, for empty batches, and
 for axes too long for the kernels' exact index math (low-res x full-res size >= 2**22 on one axis),
 the functions interpolate and call the ordinary losses instead: the same results, with the
 full-resolution memory.
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import get_backend
+from .eager_ops import FusedOp
 from .losses import (PriorLike, _check_logits, _check_prior, _check_top_k, _grad_or_none,
                      fake_target_outputs, target_losses)
 from .reference import TargetLosses, ranked_pixel_count
@@ -74,13 +76,23 @@ def _check_triton(x: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 # Custom ops: source cross-entropy
 # ----------------------------------------------------------------------------------------------
+def _ce_forward_impl(x, labels, ignore_index, want_grad):
+    _check_triton(x)
+    ce, _ = _kernels()
+    return ce.upsampled_cross_entropy_forward(x, labels, ignore_index, want_grad)
+
+
+def _ce_backward_impl(x, parts, count, grad_loss):
+    _check_triton(x)
+    ce, _ = _kernels()
+    return ce.upsampled_cross_entropy_backward(x, parts, count, grad_loss)
+
+
 @torch.library.custom_op("advent_fast::upsampled_cross_entropy_forward", mutates_args=())
 def _ce_forward(x: Tensor, labels: Tensor, ignore_index: int, want_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """-> (loss, count of non-ignored pixels, (4, N, h, w, C) float32 tap partials of the unscaled
     gradient, or an empty tensor unless want_grad)."""
-    _check_triton(x)
-    ce, _ = _kernels()
-    return ce.upsampled_cross_entropy_forward(x, labels, ignore_index, want_grad)
+    return _ce_forward_impl(x, labels, ignore_index, want_grad)
 
 
 @_ce_forward.register_fake
@@ -94,9 +106,7 @@ def _(x, labels, ignore_index, want_grad):
 @torch.library.custom_op("advent_fast::upsampled_cross_entropy_backward", mutates_args=())
 def _ce_backward(x: Tensor, parts: Tensor, count: Tensor, grad_loss: Tensor) -> Tensor:
     """grad_x = gather(parts) * grad_loss / count (0 when count == 0), in x's dtype and layout."""
-    _check_triton(x)
-    ce, _ = _kernels()
-    return ce.upsampled_cross_entropy_backward(x, parts, count, grad_loss)
+    return _ce_backward_impl(x, parts, count, grad_loss)
 
 
 @_ce_backward.register_fake
@@ -108,6 +118,7 @@ def _ce_setup_context(ctx, inputs, output):
     x, _, _, want_grad = inputs
     _, count, parts = output
     ctx.want_grad = want_grad
+    ctx.backward_op = _ce_backward
     ctx.save_for_backward(x, parts, count)
 
 
@@ -118,10 +129,11 @@ def _ce_autograd(ctx, grad_loss, _grad_count, _grad_parts):
     x, parts, count = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None
-    return _ce_backward(x, parts, count, grad_loss.float()), None, None, None
+    return ctx.backward_op(x, parts, count, grad_loss.float()), None, None, None
 
 
 _ce_forward.register_autograd(_ce_autograd, setup_context=_ce_setup_context)
+_ce_op = FusedOp(_ce_forward, _ce_forward_impl, _ce_setup_context, _ce_autograd, _ce_backward_impl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,15 +142,27 @@ _ce_forward.register_autograd(_ce_autograd, setup_context=_ce_setup_context)
 ForwardOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
+def _target_forward_impl(x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent, want_cp) -> ForwardOut:
+    _check_triton(x)
+    _, target = _kernels()
+    return tuple(target.upsampled_target_forward(x, out_h, out_w, prior, k, mu, want_info, want_emap,
+                                                 want_ent, want_cp))
+
+
+def _target_backward_impl(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean,
+                          prior, mu) -> Tensor:
+    _check_triton(x)
+    _, target = _kernels()
+    return target.upsampled_target_backward(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, emap,
+                                            thresh, kept, cmean, prior, mu)
+
+
 @torch.library.custom_op("advent_fast::upsampled_target_forward", mutates_args=())
 def _target_forward(x: Tensor, out_h: int, out_w: int, prior: Optional[Tensor], k: int, mu: float,
                     want_info: bool, want_emap: bool, want_ent: bool, want_cp: bool) -> ForwardOut:
     """-> (info, emap, ent, cp, thresh, kept, cmean) of the contract, info (N, C, out_h, out_w) and
     emap (N, out_h, out_w)."""
-    _check_triton(x)
-    _, target = _kernels()
-    return tuple(target.upsampled_target_forward(x, out_h, out_w, prior, k, mu, want_info, want_emap,
-                                                 want_ent, want_cp))
+    return _target_forward_impl(x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent, want_cp)
 
 
 @_target_forward.register_fake
@@ -152,10 +176,8 @@ def _target_backward(x: Tensor, out_h: int, out_w: int, grad_info: Optional[Tens
                      grad_emap: Optional[Tensor], grad_ent: Optional[Tensor], grad_cp: Optional[Tensor],
                      emap: Optional[Tensor], thresh: Optional[Tensor], kept: Optional[Tensor],
                      cmean: Optional[Tensor], prior: Optional[Tensor], mu: float) -> Tensor:
-    _check_triton(x)
-    _, target = _kernels()
-    return target.upsampled_target_backward(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, emap,
-                                            thresh, kept, cmean, prior, mu)
+    return _target_backward_impl(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept,
+                                 cmean, prior, mu)
 
 
 @_target_backward.register_fake
@@ -169,6 +191,7 @@ def _target_setup_context(ctx, inputs, output):
     ranked = want_ent and k > 0
     ctx.flags = (want_info, want_emap, want_ent, want_cp)
     ctx.args = (out_h, out_w, mu)
+    ctx.backward_op = _target_backward
     ctx.save_for_backward(x, prior if want_cp else None, emap if ranked else None,
                           thresh if ranked else None, kept if ranked else None,
                           cmean if want_cp else None)
@@ -178,7 +201,7 @@ def _target_autograd(ctx, g_info, g_emap, g_ent, g_cp, _g_thresh, _g_kept, _g_cm
     want_info, want_emap, want_ent, want_cp = ctx.flags
     out_h, out_w, mu = ctx.args
     x, prior, emap, thresh, kept, cmean = ctx.saved_tensors
-    grad_x = _target_backward(
+    grad_x = ctx.backward_op(
         x, out_h, out_w, _grad_or_none(g_info, want_info, keep_strides=True), _grad_or_none(g_emap, want_emap),
         _grad_or_none(g_ent, want_ent), _grad_or_none(g_cp, want_cp), emap, thresh, kept, cmean, prior, mu,
     )
@@ -186,6 +209,8 @@ def _target_autograd(ctx, g_info, g_emap, g_ent, g_cp, _g_thresh, _g_kept, _g_cm
 
 
 _target_forward.register_autograd(_target_autograd, setup_context=_target_setup_context)
+_target_op = FusedOp(_target_forward, _target_forward_impl, _target_setup_context, _target_autograd,
+                     _target_backward_impl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +285,7 @@ def upsampled_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 
     if not _use_kernels(logits, size):
         return F.cross_entropy(_interpolate(logits.float(), size), labels.long(), ignore_index=int(ignore_index))
     want_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _, _ = _ce_forward(logits, labels, int(ignore_index), want_grad)
+    loss, _, _ = _ce_op(logits, labels, int(ignore_index), want_grad)
     return loss
 
 
@@ -298,7 +323,7 @@ def upsampled_target_losses(
     if not (self_information or entropy or entropy_map or prior is not None):
         return TargetLosses(None, None, None, None)
     k = ranked_pixel_count(top_k, out_h * out_w) if (entropy and top_k is not None) else 0
-    info, emap, ent, cp, _, _, _ = _target_forward(
+    info, emap, ent, cp, _, _, _ = _target_op(
         logits, out_h, out_w, prior, k, float(mu), self_information, entropy_map, entropy, prior is not None)
     return TargetLosses(
         info if self_information else None,

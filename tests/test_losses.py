@@ -251,6 +251,32 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
+def test_compiled_graphs_trace_the_custom_op_with_the_automatic_backend():
+    """Eager calls skip the dispatcher (advent_fast.eager_ops); a compiled graph holds the custom op
+    (also when the backend is chosen automatically) and gives the eager values and gradients."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    torch._dynamo.reset()
+    calls = []
+
+    def recording(gm, example_inputs):
+        calls.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return aot_eager(gm, example_inputs)
+
+    def step(x):
+        res = af.target_losses(x, self_information=True, entropy=True)
+        return res.self_information.float().square().mean() + res.entropy_loss
+
+    logits = make_logits((2, 19, 5, 6))
+    x1, x2 = (logits.clone().requires_grad_(True) for _ in range(2))
+    compiled = torch.compile(step, fullgraph=True, backend=recording)
+    torch.testing.assert_close(compiled(x1), step(x2), rtol=0, atol=0)
+    assert "advent_fast.target_forward.default" in calls
+    compiled(x1).backward()
+    step(x2).backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda: af.entropy_loss(torch.randn(19, 8)), ValueError, "logits must have shape"),
     (lambda: af.entropy_loss(torch.zeros(1, 19, 4, 4, dtype=torch.int64)), TypeError, "logits must be float"),
