@@ -336,11 +336,14 @@ def test_the_fast_path_step_never_waits_for_the_device(tiny_data, tmp_path, mode
         release.step_async(source, target)
 
 
-def test_precision_options_and_channels_last(tiny_data, tmp_path):
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_precision_options_and_channels_last(tiny_data, tmp_path, fast_path):
+    """bf16 and fp16 on both paths; fp16's gradient scaler decides on the host even on the fast path."""
     for precision in ("bf16", "fp16"):
         config = tiny_config(tiny_data, "advent_minent", f"train.precision={precision}", "train.channels_last=true",
-                             "train.stop_iter=2")
+                             "train.stop_iter=2", f"train.fast_path={str(fast_path).lower()}")
         trainer = Trainer(config, run_dir=str(tmp_path / precision))
+        assert trainer.settings.sync_free == (fast_path and precision == "bf16")
         trainer.fit()
         steps = read_metrics(tmp_path / precision)[0]
         assert all(math.isfinite(v) for r in steps for v in r.values())
