@@ -253,6 +253,37 @@ def to_device(batch: Dict[str, Any], device: torch.device, channels_last: bool) 
     return out
 
 
+class DeviceBatches:
+    """A stream's batches on the device, one batch ahead: on CUDA the next batch's host-to-device
+    copy (and channels_last conversion) runs on its own stream while the current step computes."""
+
+    def __init__(self, batches: Iterator[Dict[str, Any]], device: torch.device, channels_last: bool):
+        self.batches, self.device, self.channels_last = batches, device, channels_last
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ahead = self._load()
+
+    def _load(self) -> Dict[str, Any]:
+        batch = next(self.batches)
+        if self.copy_stream is None:
+            return to_device(batch, self.device, self.channels_last)
+        with torch.cuda.stream(self.copy_stream):
+            return to_device(batch, self.device, self.channels_last)
+
+    def __iter__(self) -> "DeviceBatches":
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        batch = self.ahead
+        if self.copy_stream is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self.copy_stream)
+            for value in batch.values():
+                if isinstance(value, torch.Tensor) and value.is_cuda:
+                    value.record_stream(main)  # made on the copy stream, used (and freed) on the main one
+        self.ahead = self._load()
+        return batch
+
+
 # ----------------------------------------------------------------------------------------------
 # Building the pieces
 # ----------------------------------------------------------------------------------------------
@@ -625,9 +656,10 @@ class Trainer:
         return metrics, kept
 
     # ---- the loop -------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, stream: str, batch_size: int) -> Iterator[Dict[str, Any]]:
-        return training_batches(dataset, stream, batch_size, self.ctx, self.config.train.seed,
-                                start=self.position[stream], workers=self.config.data.num_workers)
+    def _loader(self, dataset: Dataset, stream: str, batch_size: int) -> DeviceBatches:
+        batches = training_batches(dataset, stream, batch_size, self.ctx, self.config.train.seed,
+                                   start=self.position[stream], workers=self.config.data.num_workers)
+        return DeviceBatches(batches, self.device, self.settings.channels_last)
 
     def fit(self) -> Optional[Dict[str, Any]]:
         """Train to ``train.stop_iter``; returns the final evaluation (on the main process)."""
@@ -643,9 +675,8 @@ class Trainer:
         window: Dict[str, float] = {}
         window_start, window_steps = time.perf_counter(), 0
         while self.iteration < t.stop_iter:
-            source = to_device(next(source_batches), self.device, self.settings.channels_last)
-            target = (to_device(next(target_batches), self.device, self.settings.channels_last)
-                      if target_batches is not None else None)
+            source = next(source_batches)
+            target = next(target_batches) if target_batches is not None else None
             want_images = self._images_due()
             lr = self._lr(self.opt_g.param_groups[0])
             metrics, logits = self.step_async(source, target, keep_logits=want_images)

@@ -551,6 +551,24 @@ def test_optimisers_and_schedule():
     assert poly_lr(2.5e-4, 125_000, 250_000, 0.9) == pytest.approx(2.5e-4 * 0.5 ** 0.9)
 
 
+def test_device_batches_are_the_loader_batches_one_ahead():
+    """The trainer's streams hold the next batch on the device already (on CUDA its copy overlaps the
+    current step); the order and content are the loader's."""
+    pulled = []
+
+    def batches():
+        for i in range(3):
+            pulled.append(i)
+            yield {"image": torch.full((1, 3, 2, 2), float(i)), "label": torch.full((1, 2, 2), i), "name": [f"b{i}"]}
+
+    stream = trainer_mod.DeviceBatches(batches(), torch.device("cpu"), channels_last=True)
+    assert pulled == [0]
+    first = next(stream)
+    assert pulled == [0, 1] and first["name"] == ["b0"] and first["label"].eq(0).all()
+    assert first["image"].is_contiguous(memory_format=torch.channels_last)
+    assert next(stream)["image"].eq(1).all() and pulled == [0, 1, 2]
+
+
 def test_sampler_is_a_resumable_shardable_stream():
     from advent_fast.distributed import DistContext
     from advent_fast.trainer import InfiniteSampler
