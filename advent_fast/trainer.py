@@ -254,13 +254,18 @@ def to_device(batch: Dict[str, Any], device: torch.device, channels_last: bool) 
 
 
 class DeviceBatches:
-    """A stream's batches on the device, one batch ahead: on CUDA the next batch's host-to-device
-    copy (and channels_last conversion) runs on its own stream while the current step computes."""
+    """A stream's batches on the device. :meth:`prefetch` (called once the step is queued) takes the
+    next batch from the loader and, on CUDA, copies it to the device on its own stream while the
+    current step computes."""
 
     def __init__(self, batches: Iterator[Dict[str, Any]], device: torch.device, channels_last: bool):
         self.batches, self.device, self.channels_last = batches, device, channels_last
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.ahead = self._load()
+        self.ahead: Optional[Dict[str, Any]] = None
+
+    def prefetch(self) -> None:
+        if self.ahead is None:
+            self.ahead = self._load()
 
     def _load(self) -> Dict[str, Any]:
         batch = next(self.batches)
@@ -273,14 +278,14 @@ class DeviceBatches:
         return self
 
     def __next__(self) -> Dict[str, Any]:
-        batch = self.ahead
+        self.prefetch()
+        batch, self.ahead = self.ahead, None
         if self.copy_stream is not None:
             main = torch.cuda.current_stream(self.device)
             main.wait_stream(self.copy_stream)
             for value in batch.values():
                 if isinstance(value, torch.Tensor) and value.is_cuda:
                     value.record_stream(main)  # made on the copy stream, used (and freed) on the main one
-        self.ahead = self._load()
         return batch
 
 
@@ -680,6 +685,9 @@ class Trainer:
             want_images = self._images_due()
             lr = self._lr(self.opt_g.param_groups[0])
             metrics, logits = self.step_async(source, target, keep_logits=want_images)
+            for batches in (source_batches, target_batches):  # the loaders' work overlaps the queued step
+                if batches is not None:
+                    batches.prefetch()
             self.iteration += 1
             self.position["source"] += t.source_batch_size
             if target is not None:
