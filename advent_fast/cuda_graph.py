@@ -59,9 +59,13 @@ class CapturedStep:
     def _capture(self, source, target) -> None:
         self.inputs = (_static_copy(source), _static_copy(target))
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the data loader's pin-memory thread may call CUDA while this thread captures.
-        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
-            self.outputs = self.step(*self.inputs)
+        try:
+            # thread_local: the data loader's pin-memory thread may call CUDA while this thread captures.
+            with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
+                self.outputs = self.step(*self.inputs)
+        except Exception as exc:
+            raise RuntimeError(f"train.cuda_graph: capturing the training step failed ({type(exc).__name__}: "
+                               f"{exc}); train without it (--no-cuda-graph)") from exc
 
 
 def _static_copy(batch: Optional[Dict[str, Any]]) -> Optional[Dict[str, torch.Tensor]]:
