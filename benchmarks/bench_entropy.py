@@ -87,12 +87,16 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", default=None, help="subset of the cases")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="NxCxHxW",
+                        help="logits shapes instead of the defaults (e.g. 1x19x4x4: the per-call host cost)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     timer = Timer(device)
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    if args.quick:  # the shape of the targets: (4, 19, 512, 1024) on GPUs
+    if args.shapes:
+        shapes = [tuple(int(d) for d in shape.split("x")) for shape in args.shapes]
+    elif args.quick:  # the shape of the targets: (4, 19, 512, 1024) on GPUs
         shapes = [shapes[1] if len(shapes) > 1 else shapes[0]]
     reps, warmup = (10, 3) if args.quick else (30, 5)
     copy_gbs = copy_bandwidth(device, timer, reps)
