@@ -88,3 +88,15 @@ def test_bench_train_step(tmp_path):
     assert set(tracked) == {(v, loss) for v in ("fast", "fast_fp32") for loss in losses}
     # On a CPU the fast path runs in fp32: the losses agree to float rounding.
     assert max(r["max_rel_diff"] for r in tracked.values()) < 1e-4
+
+
+def test_bench_activations(tmp_path):
+    out = tmp_path / "bench_activations.json"
+    stdout = run_script("bench_activations.py", "--device", "cpu", "--model", "deeplabv2_small", "--width", "4",
+                        "--sizes", "64x32", "32x16", "--precisions", "fp32", "--json", str(out))
+    assert "saved MiB" in stdout
+    rows = {(r["bn"], r["input"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(bn, size) for bn in ("train", "folded") for size in ("64x32", "32x16")}
+    for bn in ("train", "folded"):  # saved activations grow with the input; train-mode BN keeps more
+        assert rows[bn, "64x32"]["saved_MiB"] > rows[bn, "32x16"]["saved_MiB"] > 0
+    assert rows["train", "64x32"]["saved_MiB"] > rows["folded", "64x32"]["saved_MiB"]
