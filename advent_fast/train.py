@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
-from .config import (DEFAULT_PRESET, MODES, ConfigError, dump_config, from_dict, list_presets,
+from .config import (CHOICES, DEFAULT_PRESET, MODES, ConfigError, dump_config, from_dict, list_presets,
                      load_config, merge, set_value, validate)
 from .trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged, default_run_dir
 
@@ -44,11 +44,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="train.fast_path (default: on for GPUs): upsampling fused into the losses, fused "
                         "optimisers, bf16 autocast and channels_last unless set otherwise; --no-fast-path "
                         "runs the release-style step")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+    p.add_argument("--precision", choices=CHOICES["train.precision"],
                    help="train.precision (auto: bf16 on the GPU fast path, else fp32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="train.channels_last (default: with the fast path)")
-    p.add_argument("--compile", choices=("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
+    p.add_argument("--compile", choices=CHOICES["train.compile"],
                    help="train.compile: torch.compile mode of the generator and discriminators")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="train.cuda_graph: replay the whole step as one CUDA graph (fast path, one GPU)")

@@ -111,7 +111,7 @@ class StepSettings:
 
     @property
     def fused_optimizers(self) -> bool:
-        """SGD / Adam with fused=True on the fast path (ReleaseSGD is foreach already)."""
+        """Fused SGD / ReleaseSGD / Adam on the fast path (foreach on the release path)."""
         return self.fast_path
 
     def describe(self) -> str:
@@ -907,7 +907,7 @@ class LaggedMetrics:
             event = torch.cuda.Event()
             event.record()
         else:
-            host = metrics.clone()
+            host = metrics  # a new tensor every step on a CPU
         self.pending = (iteration, host, event)
         return ready
 
