@@ -93,6 +93,9 @@ class TrainConfig:
     # The whole step (both G passes, both D, the optimisers) replayed as one CUDA graph after a few
     # eager steps: needs the fast path on one CUDA device, fp32 or bf16, and no reduce-overhead.
     cuda_graph: bool = False
+    # Keep only each backbone block's input for the backward and recompute the block there: a
+    # fraction of the activation memory for about one more backbone forward per step. Exact.
+    activation_checkpointing: bool = False
     target_losses: str = "fused"  # fused (advent_fast ops) | reference (advent_fast.reference)
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with a non-finite loss
     cudnn_benchmark: bool = True  # release setting; set False for bit-exact GPU runs

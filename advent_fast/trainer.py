@@ -86,6 +86,7 @@ class StepSettings:
     # gradient scaler decides on the host).
     sync_free: bool
     cuda_graph: bool  # the whole step replayed as one CUDA graph (advent_fast.cuda_graph)
+    activation_checkpointing: bool  # backbone blocks recomputed in the backward (memory for compute)
 
     @classmethod
     def resolve(cls, config: Config, device: torch.device) -> "StepSettings":
@@ -107,6 +108,7 @@ class StepSettings:
             loss_backend=advent_fast.get_backend(device),
             sync_free=fast and precision != "fp16",
             cuda_graph=t.cuda_graph,
+            activation_checkpointing=t.activation_checkpointing,
         )
 
     @property
@@ -127,6 +129,7 @@ class StepSettings:
         parts += ["channels_last"] if self.channels_last else []
         parts += [f"torch.compile({self.compile})"] if self.compile != "none" else []
         parts += ["whole step as one CUDA graph"] if self.cuda_graph else []
+        parts += ["activation checkpointing"] if self.activation_checkpointing else []
         return ", ".join(parts)
 
 
@@ -429,6 +432,7 @@ class Trainer:
             from .models import fold_frozen_batchnorm
 
             fold_frozen_batchnorm(self.model)
+        self.model.activation_checkpointing = self.settings.activation_checkpointing
         self.model.to(self.device, memory_format=self.memory_format)
         fused = self.settings.fused_optimizers
         self.opt_g = build_generator_optimizer(self.model, config, fused=fused)

@@ -1,14 +1,16 @@
 """Activation memory of one generator forward: what the backward keeps, per BatchNorm mode and input size.
 
     python benchmarks/bench_activations.py                    # ResNet-101, 1280x720 and 1024x512
-    python benchmarks/bench_activations.py --precisions bf16 --bn train folded
+    python benchmarks/bench_activations.py --precisions bf16 --bn train folded --checkpointing on
 
 The training step's peak memory is the weights and optimiser states plus what autograd saves for the
 backward of one generator forward (the source pass's activations are freed by its backward before
 the target pass). This counts the latter exactly, on any device: every tensor autograd saves goes
 through ``saved_tensors_hooks`` and the unique storages are summed. BatchNorm modes: ``train`` (the
 release: train-mode statistics, each BatchNorm keeps its input besides the convolution's) and
-``folded`` (``model.freeze_bn: true`` on the fast path: folded into the convolutions). Autocast's
+``folded`` (``model.freeze_bn: true`` on the fast path: folded into the convolutions); activation
+checkpointing (``train.activation_checkpointing``) off or on (each backbone block keeps only its
+input; the checkpoint keeps it through a saved tensor, so it is counted). Autocast's
 per-op precisions may differ between devices: compare rows of one device. Columns: saved MiB,
 storages, parameters MiB (float32; gradients and SGD momentum add the same twice), forward seconds.
 """
@@ -33,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=None, help="deeplabv2_small's width")
     p.add_argument("--sizes", nargs="+", default=["1280x720", "1024x512"], metavar="WxH")
     p.add_argument("--bn", nargs="+", default=["train", "folded"], choices=["train", "folded"])
+    p.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"],
+                   help="train.activation_checkpointing")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default="bench_activations.json", help="where to write the results")
@@ -46,7 +50,9 @@ def saved_bytes(model: torch.nn.Module, image: torch.Tensor, dtype) -> tuple:
     def pack(tensor):
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-        return tensor
+        # Detached: a packed output that kept its grad_fn would form a cycle with its node that
+        # nothing frees when the graph is dropped without a backward (each row's memory would leak).
+        return tensor.detach()
 
     autocast = torch.autocast(image.device.type, dtype=dtype, enabled=dtype is not None)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
@@ -61,8 +67,8 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()}"
     print(f"# Activation memory of one {args.model} forward (both heads): {name}, torch {torch.__version__}")
     print()
-    print("| BatchNorm | precision | input | saved MiB | storages | parameters MiB | forward s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| BatchNorm | checkpointing | precision | input | saved MiB | storages | parameters MiB | forward s |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     options = {} if args.width is None else {"width": args.width}
     for bn in args.bn:
@@ -71,19 +77,22 @@ def main(argv=None) -> int:
             fold_frozen_batchnorm(model)
         model = model.to(device, memory_format=torch.channels_last)
         param_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-        for precision in args.precisions:
-            for size in args.sizes:
-                w, h = (int(v) for v in size.split("x"))
-                image = torch.randn(1, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
-                start = time.perf_counter()
-                nbytes, count = saved_bytes(model, image, PRECISIONS[precision])
-                seconds = time.perf_counter() - start
-                row = {"bn": bn, "precision": precision, "input": size, "saved_MiB": nbytes / 2**20,
-                       "storages": count, "parameters_MiB": param_mib, "forward_s": seconds}
-                rows.append(row)
-                print(f"| {bn} | {precision} | {size} | {row['saved_MiB']:,.0f} | {count} | {param_mib:,.0f} | "
-                      f"{seconds:.1f} |")
-                sys.stdout.flush()
+        for checkpointing in args.checkpointing:
+            model.activation_checkpointing = checkpointing == "on"
+            for precision in args.precisions:
+                for size in args.sizes:
+                    w, h = (int(v) for v in size.split("x"))
+                    image = torch.randn(1, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
+                    start = time.perf_counter()
+                    nbytes, count = saved_bytes(model, image, PRECISIONS[precision])
+                    seconds = time.perf_counter() - start
+                    row = {"bn": bn, "checkpointing": checkpointing, "precision": precision, "input": size,
+                           "saved_MiB": nbytes / 2**20, "storages": count, "parameters_MiB": param_mib,
+                           "forward_s": seconds}
+                    rows.append(row)
+                    print(f"| {bn} | {checkpointing} | {precision} | {size} | {row['saved_MiB']:,.0f} | {count} | "
+                          f"{param_mib:,.0f} | {seconds:.1f} |")
+                    sys.stdout.flush()
     write_results(args.json, {"device": name, "torch": torch.__version__, "model": args.model, "rows": rows})
     return 0
 

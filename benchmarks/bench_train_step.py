@@ -28,6 +28,8 @@ Variants (``--variants``):
   fast_compile_graph the fast path with torch.compile of G and D inside the whole-step CUDA graph (CUDA only)
   fast_frozen_bn the fast path with model.freeze_bn=true (BatchNorm folded into the convolutions; a
                  deviation from the release, whose BatchNorm trains in batch-1 train mode)
+  fast_checkpointed the fast path with train.activation_checkpointing (backbone blocks recomputed in
+                 the backward: what the memory saving costs in time)
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ VARIANTS = {
     "fast_cudagraph": ["train.fast_path=true", "train.compile=reduce-overhead"],
     "fast_compile_graph": ["train.fast_path=true", "train.compile=default", "train.cuda_graph=true"],
     "fast_frozen_bn": ["train.fast_path=true", "model.freeze_bn=true"],
+    "fast_checkpointed": ["train.fast_path=true", "train.activation_checkpointing=true"],
 }
 QUICK_VARIANTS = ["release_fp32", "release_bf16", "fast", "fast_frozen_bn", "fast_graph"]
 CUDA_ONLY = {"fast_graph", "fast_compile_graph"}

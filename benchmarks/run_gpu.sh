@@ -51,10 +51,10 @@ stage bench_train_step 210 "$PY" benchmarks/bench_train_step.py --quick --track 
     --variants release_fp32 release_bf16 fast fast_frozen_bn --json "$OUT/bench_train_step.json"
 # The whole step as one CUDA graph, in its own processes (a failed capture can leave the CUDA context
 # unusable): the captured step against the eager one and a training run with it, then its timing
-# against release_fp32 and the eager fast path in the same run.
+# against release_fp32 and the eager fast path in the same run (and what activation checkpointing costs).
 stage pytest_train_cuda 90 "$PY" -m pytest -q tests/test_train.py -k cuda_graph
-stage bench_train_step_graph 60 "$PY" benchmarks/bench_train_step.py --quick \
-    --variants release_fp32 fast fast_graph --json "$OUT/bench_train_step_graph.json"
+stage bench_train_step_graph 75 "$PY" benchmarks/bench_train_step.py --quick \
+    --variants release_fp32 fast fast_graph fast_checkpointed --json "$OUT/bench_train_step_graph.json"
 # The fused losses (issue 2's targets) against eager and torch.compile.
 stage bench_entropy 120 "$PY" benchmarks/bench_entropy.py ${BENCH_ARGS:---quick} --json "$OUT/bench_entropy.json"
 # The trainer end to end on the embedded data: loaders, fast path, checkpoint, evaluation.

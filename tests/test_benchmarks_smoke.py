@@ -95,8 +95,11 @@ def test_bench_activations(tmp_path):
     stdout = run_script("bench_activations.py", "--device", "cpu", "--model", "deeplabv2_small", "--width", "4",
                         "--sizes", "64x32", "32x16", "--precisions", "fp32", "--json", str(out))
     assert "saved MiB" in stdout
-    rows = {(r["bn"], r["input"]): r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {(bn, size) for bn in ("train", "folded") for size in ("64x32", "32x16")}
-    for bn in ("train", "folded"):  # saved activations grow with the input; train-mode BN keeps more
-        assert rows[bn, "64x32"]["saved_MiB"] > rows[bn, "32x16"]["saved_MiB"] > 0
-    assert rows["train", "64x32"]["saved_MiB"] > rows["folded", "64x32"]["saved_MiB"]
+    rows = {(r["bn"], r["checkpointing"], r["input"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(bn, c, size) for bn in ("train", "folded") for c in ("off", "on")
+                         for size in ("64x32", "32x16")}
+    for bn in ("train", "folded"):  # saved activations grow with the input; checkpointing keeps less
+        for c in ("off", "on"):
+            assert rows[bn, c, "64x32"]["saved_MiB"] > rows[bn, c, "32x16"]["saved_MiB"] > 0
+        assert rows[bn, "on", "64x32"]["saved_MiB"] < rows[bn, "off", "64x32"]["saved_MiB"]
+    assert rows["train", "off", "64x32"]["saved_MiB"] > rows["folded", "off", "64x32"]["saved_MiB"]

@@ -129,3 +129,6 @@ def test_cli_errors_name_the_key(capsys):
     assert printed["cuda_graph"] is False
     assert train.main(["--cuda-graph", "--print-config"]) == 0
     assert parse_yaml(capsys.readouterr().out)["train"]["cuda_graph"] is True
+    assert printed["activation_checkpointing"] is False
+    assert train.main(["--activation-checkpointing", "--print-config"]) == 0
+    assert parse_yaml(capsys.readouterr().out)["train"]["activation_checkpointing"] is True

@@ -510,18 +510,42 @@ def test_fast_path_counts_an_image_without_labels_as_zero(triton_backend):
     assert torch.isfinite(logits.grad).all() and logits.grad[1].abs().max() == 0
 
 
-def test_compiled_step_equals_eager(tiny_data):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_step_equals_eager(tiny_data, checkpointing):
+    """torch.compile of G and D; with activation checkpointing the compiled graphs recompute the
+    blocks, and train-mode BatchNorm statistics still update once per forward."""
     common = ("train.precision=fp32", "train.lr=1e-2")
     batches = fixed_batches(2, seed=1)
-    _, eager = run_steps(tiny_config(tiny_data, "advent", *common), batches)
-    compiled, got = run_steps(tiny_config(tiny_data, "advent", "train.compile=default", *common), batches)
-    assert compiled.settings.compile == "default"
+    eager, eager_metrics = run_steps(tiny_config(tiny_data, "advent", *common), batches)
+    compiled, got = run_steps(tiny_config(tiny_data, "advent", "train.compile=default", *common,
+                                          f"train.activation_checkpointing={str(checkpointing).lower()}"), batches)
+    assert compiled.settings.compile == "default" and compiled.model.activation_checkpointing == checkpointing
     from torch._dynamo.eval_frame import OptimizedModule
 
     modules = [compiled.generator, *compiled.d_train.values(), *compiled.d_frozen.values()]
     assert len(modules) == 5 and all(isinstance(m, OptimizedModule) for m in modules)
-    for ref, value in zip(eager, got):
+    for ref, value in zip(eager_metrics, got):
         assert value == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    ref_state = eager.model.state_dict()
+    for name, value in compiled.model.state_dict().items():
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_activation_checkpointing_gives_the_same_step(tiny_data, fast_path):
+    common = ("train.lr=1e-2", "train.lambda_adv_main=5", "train.precision=fp32",
+              f"train.fast_path={str(fast_path).lower()}")
+    batches = fixed_batches(2, seed=3)
+    plain, plain_metrics = run_steps(tiny_config(tiny_data, "advent_minent", *common), batches)
+    recomputed, metrics = run_steps(tiny_config(tiny_data, "advent_minent", "train.activation_checkpointing=true",
+                                                *common), batches)
+    assert recomputed.model.activation_checkpointing and not plain.model.activation_checkpointing
+    assert "activation checkpointing" in recomputed.settings.describe()
+    for ref, got in zip(plain_metrics, metrics):
+        assert got == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    ref_state = plain.model.state_dict()  # weights, momentum-updated, and BatchNorm statistics
+    for name, value in recomputed.model.state_dict().items():
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_tensorboard_scalars_and_images(tiny_data, tmp_path):
@@ -641,6 +665,7 @@ def cuda_batches(trainer, steps, seed=0):
 @pytest.mark.parametrize("mode, extra", [
     ("advent_minent", ("train.class_prior=PRIOR",)),
     ("minent_er", ()),
+    ("advent", ("train.activation_checkpointing=true",)),  # recomputation inside the captured backward
 ])
 def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, mode, extra):
     """3 eager warm-up steps, the capture, replays: same losses and weights as the eager fast path,

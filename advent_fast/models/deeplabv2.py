@@ -4,17 +4,21 @@ All three return ``(aux, main)`` logits at output stride 8 (``aux`` is None for 
 models) and share the release's BatchNorm semantics: affine parameters frozen, layers in train
 mode (batch statistics every forward, running statistics updated). ``freeze_bn=True`` is a
 named deviation that keeps BatchNorm in eval mode even under ``model.train()``.
+``activation_checkpointing = True`` keeps only each backbone block's input for the backward and
+recomputes the block there (same values and gradients, BatchNorm statistics updated once).
 Also here: ``build_model`` (by arch name), ``fold_frozen_batchnorm`` (frozen BatchNorm folded
 into the preceding convolutions, exact, state dict unchanged) and ``ReleaseSGD``, the optimiser
 update that the release's repeated-tensor parameter group implies.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 ASPP_DILATIONS = (6, 12, 18, 24)
 GROUPINGS = ("release", "clean")
@@ -50,6 +54,36 @@ def frozen_batchnorm(channels: int) -> nn.BatchNorm2d:
     return bn
 
 
+@contextlib.contextmanager
+def _running_statistics_kept(block: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm in ``block`` normalises with its batch statistics as usual but leaves the
+    running statistics and the batch count as they are: momentum 0 (the same op and saved tensors,
+    which checkpoint's recomputation check requires; dropping the running buffers would change them)."""
+    layers = [m for m in block.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked) for m in layers]
+    for m in layers:
+        m.momentum, m.num_batches_tracked = 0.0, None
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(layers, saved):
+            m.momentum, m.num_batches_tracked = momentum, count
+
+
+def checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` keeping only ``x`` for the backward, which runs the block again first.
+
+    No RNG state is saved: the models have no randomness. Eagerly, the recomputation must not update
+    train-mode BatchNorm statistics a second time; torch.compile applies such updates once, in the
+    compiled forward, and recomputes only pure ops (nor does it trace a custom ``context_fn``).
+    """
+    if torch.compiler.is_compiling():
+        return checkpoint(block, x, use_reentrant=False, preserve_rng_state=False)
+    return checkpoint(block, x, use_reentrant=False, preserve_rng_state=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _running_statistics_kept(block)))
+
+
 class SegmentationModel(nn.Module):
     """Common behaviour: BN mode handling, model meta data and optimiser parameter groups.
 
@@ -57,6 +91,9 @@ class SegmentationModel(nn.Module):
     """
 
     arch: str
+    # Recompute each backbone block in the backward instead of keeping its activations: about one
+    # more backbone forward per training step for a fraction of the activation memory.
+    activation_checkpointing: bool = False
 
     def __init__(self, num_classes: int, multi_level: bool, freeze_bn: bool):
         super().__init__()
@@ -75,6 +112,14 @@ class SegmentationModel(nn.Module):
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
         return self
+
+    def _run_blocks(self, blocks: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
+        """``x`` through ``blocks`` in order, each checkpointed with ``activation_checkpointing``
+        when a backward may follow."""
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        for block in blocks:
+            x = checkpointed(block, x) if recompute else block(x)
+        return x
 
     def backbone_roots(self) -> list[nn.Module]:
         """Top-level backbone modules, trained at the base lr."""
@@ -187,9 +232,9 @@ class DeepLabV2ResNet101(SegmentationModel):
 
     def forward(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x = self._run_blocks([*self.layer1, *self.layer2, *self.layer3], x)  # bottlenecks
         aux = self.layer5(x) if self.multi_level else None
-        return aux, self.layer6(self.layer4(x))
+        return aux, self.layer6(self._run_blocks(self.layer4, x))
 
     def backbone_roots(self) -> list[nn.Module]:
         return [self.conv1, self.bn1, self.layer1, self.layer2, self.layer3, self.layer4]
@@ -241,10 +286,15 @@ class DeepLabV2VGG16(SegmentationModel):
         ]
         self.features = nn.Sequential(*layers)
         self.classifier = ASPPHead(1024, num_classes)
+        # The blocks activation checkpointing recomputes: conv1-conv3 each up to its pool, conv4,
+        # conv5, fc6-fc7. Views of `features` (a tuple: no second registration, same state dict).
+        ends = [i + 1 for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
+        ends += [ends[-1] + 6, ends[-1] + 12, len(layers)]  # 3 conv+ReLU pairs each
+        self.blocks = tuple(self.features[a:b] for a, b in zip([0, *ends], ends))
         self.train()
 
     def forward(self, x: torch.Tensor) -> tuple[None, torch.Tensor]:
-        return None, self.classifier(self.features(x))
+        return None, self.classifier(self._run_blocks(self.blocks, x))
 
     def backbone_roots(self) -> list[nn.Module]:
         return [self.features]
@@ -289,9 +339,9 @@ class DeepLabV2Small(SegmentationModel):
         return {**super().meta(), "width": self.width}
 
     def forward(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        x = self.stage3(self.stage2(self.stage1(x)))
+        x = self._run_blocks([self.stage1, *self.stage2, *self.stage3], x)  # conv-BN-ReLU blocks
         aux = self.layer5(x) if self.multi_level else None
-        return aux, self.layer6(self.stage4(x))
+        return aux, self.layer6(self._run_blocks(self.stage4, x))
 
     def backbone_roots(self) -> list[nn.Module]:
         return [self.stage1, self.stage2, self.stage3, self.stage4]
