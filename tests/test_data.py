@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import warnings
 
 import cv2
 import numpy as np
@@ -243,12 +244,29 @@ def test_unreadable_and_truncated_files_name_themselves(tmp_path):
         SynthiaDataset(synthia)[0]
 
 
-def test_image_label_size_mismatch_names_both_files(tmp_path):
+def test_image_label_size_mismatch_is_resized_like_the_release_or_named(tmp_path):
+    """GTA5 has pairs whose image and label differ in size: the release resizes each to its training
+    size; a label kept at its native size cannot be aligned, and the error names both files."""
     root = str(tmp_path / "gta5")
-    write_rgb(os.path.join(root, "images", "00001.png"), 40, 30)
-    write_paletted(os.path.join(root, "labels", "00001.png"), np.zeros((31, 40)))
-    with pytest.raises(DatasetError, match=r"images.00001\.png.*40x30.*labels.00001\.png.*40x31"):
-        GTA5Dataset(root)[0]
+    for name in ("00001.png", "00002.png"):
+        write_rgb(os.path.join(root, "images", name), 40, 30)
+        write_paletted(os.path.join(root, "labels", name), np.full((31, 40), 7))  # road
+    dataset = GTA5Dataset(root, size=(20, 16))
+    with pytest.warns(UserWarning, match=r"images.00001\.png.*40x30.*labels.00001\.png.*40x31.*resized"):
+        item = dataset[0]
+    assert item["image"].shape == (3, 16, 20) and item["label"].shape == (16, 20)
+    assert (item["label"] == 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once per dataset
+        assert dataset[1]["label"].shape == (16, 20)
+    # Evaluation keeps Cityscapes labels at their native size.
+    cityscapes = str(tmp_path / "cityscapes")
+    write_cityscapes(cityscapes, "val", cities=("a_city",), per_city=1, size=(32, 16))
+    label = os.path.join(cityscapes, "gtFine", "val", "a_city", "a_city_000000_000019_gtFine_labelIds.png")
+    cv2.imwrite(label, np.zeros((17, 32), dtype=np.uint8))
+    with pytest.raises(DatasetError, match=r"a_city_000000_000019_leftImg8bit\.png is 32x16 but label "
+                                           r".*_gtFine_labelIds\.png is 32x17.*native size"):
+        CityscapesDataset(cityscapes, "val", size=(16, 8), label_size=None)[0]
 
 
 def test_colour_label_is_rejected(tmp_path):

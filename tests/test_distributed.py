@@ -29,7 +29,8 @@ def test_single_process_helpers_are_no_ops():
 
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_data, tmp_path):
     """...also when the two processes take the fast path (folded frozen BN, channels_last, fused
-    optimisers, losses from the low-resolution logits) and the single one the release step."""
+    optimisers, losses from the low-resolution logits) with activation checkpointing (the blocks
+    recomputed in DDP's backward) and the single one the release step."""
     prior = write_prior(tmp_path / "prior.json")
     # Frozen BatchNorm: with train-mode BN each process would normalise its own images only.
     overrides = tiny_overrides(tiny_data, "advent_minent", f"train.class_prior={prior}", "model.freeze_bn=true",
@@ -41,10 +42,11 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_da
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "advent_fast.train", *args, "--run-dir", double, "--device", "cpu", "--fast-path"]
+           "-m", "advent_fast.train", *args, "--run-dir", double, "--device", "cpu", "--fast-path",
+           "--activation-checkpointing"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "on cpu x2 | fast path" in proc.stdout and proc.stdout.count("target val mIoU") == 1  # one writer
+    assert "on cpu x2 | fast path" in proc.stdout and "activation checkpointing" in proc.stdout and proc.stdout.count("target val mIoU") == 1  # one writer
 
     a, b = load(os.path.join(single, "checkpoint.pt")), load(os.path.join(double, "checkpoint.pt"))
     assert a["data_position"] == b["data_position"] == {"source": 6, "target": 6}

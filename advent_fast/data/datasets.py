@@ -5,10 +5,15 @@ preprocessed as the ADVENT release does it: Pillow RGB, bicubic resize, RGB -> B
 mean, values 0..255. Labels are read as ids, mapped to train ids (255 = ignore) and resized with
 nearest neighbour. Sizes are (width, height), as Pillow takes them. The datasets hold only paths,
 so they pickle cheaply into DataLoader workers.
+
+A pair whose image and label differ in native size (GTA5 has a few) is resized to the training sizes
+like any other, as the release does, with one warning per dataset and process; with the label kept at
+its native size its pixels cannot be matched to the image's, and that is an error naming both files.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import cv2
@@ -137,6 +142,7 @@ class SegmentationDataset(Dataset):
         self.mean = np.asarray(mean, dtype=np.float32)
         self.bgr = bgr
         self.image_reader = image_reader
+        self._size_mismatch_reported = False
 
     def __len__(self) -> int:
         return len(self.items)
@@ -148,12 +154,22 @@ class SegmentationDataset(Dataset):
         if self.labels:
             ids = self._read_label_ids(label_path)
             if (ids.shape[1], ids.shape[0]) != native:
-                raise DatasetError(
-                    f"size mismatch: image {image_path} is {native[0]}x{native[1]} but label "
-                    f"{label_path} is {ids.shape[1]}x{ids.shape[0]}"
-                )
+                self._size_mismatch(image_path, native, label_path, (ids.shape[1], ids.shape[0]))
             item["label"] = torch.from_numpy(self._train_ids(ids, resize=True).astype(np.int64))
         return item
+
+    def _size_mismatch(self, image_path: str, native: Size, label_path: str, label_native: Size) -> None:
+        message = (f"size mismatch: image {image_path} is {native[0]}x{native[1]} but label {label_path} "
+                   f"is {label_native[0]}x{label_native[1]}")
+        if self.size is None or self.label_size is None:
+            raise DatasetError(f"{message}; the {'image' if self.size is None else 'label'} is kept at its "
+                               f"native size, so the two cannot be aligned")
+        if not self._size_mismatch_reported:
+            self._size_mismatch_reported = True
+            warnings.warn(f"{message}; both are resized to the training sizes (image "
+                          f"{self.size[0]}x{self.size[1]}, label {self.label_size[0]}x{self.label_size[1]}) as "
+                          f"the release does. Further mismatched pairs of this dataset are not reported.",
+                          stacklevel=2)
 
     def load_label(self, index: int, resize: bool = True) -> np.ndarray:
         """Train ids (uint8, 255 = ignore) of one item, at ``label_size`` or the native size."""
