@@ -6,13 +6,17 @@
 The training step's peak memory is the weights and optimiser states plus what autograd saves for the
 backward of one generator forward (the source pass's activations are freed by its backward before
 the target pass). This counts the latter exactly, on any device: every tensor autograd saves goes
-through ``saved_tensors_hooks`` and the unique storages are summed. BatchNorm modes: ``train`` (the
+through ``saved_tensors_hooks`` and the unique storages are summed, the parameters themselves
+left out (they are counted once, in the parameters column; bf16 or folded copies of them are
+activations' memory and counted). On CUDA the memory the forward leaves allocated besides its
+outputs is measured too (allocated MiB: the same quantity, as the allocator sees it). BatchNorm modes: ``train`` (the
 release: train-mode statistics, each BatchNorm keeps its input besides the convolution's) and
 ``folded`` (``model.freeze_bn: true`` on the fast path: folded into the convolutions); activation
 checkpointing (``train.activation_checkpointing``) off or on (each backbone block keeps only its
 input; the checkpoint keeps it through a saved tensor, so it is counted). Autocast's
 per-op precisions may differ between devices: compare rows of one device. Columns: saved MiB,
-storages, parameters MiB (float32; gradients and SGD momentum add the same twice), forward seconds.
+storages, allocated MiB, parameters MiB (float32; gradients and SGD momentum add the same twice),
+forward seconds.
 """
 from __future__ import annotations
 
@@ -44,21 +48,35 @@ def parse_args(argv=None):
 
 
 def saved_bytes(model: torch.nn.Module, image: torch.Tensor, dtype) -> tuple:
-    """(bytes, storages) autograd keeps for the backward of ``model(image)``."""
+    """(bytes, storages, bytes measured) autograd keeps for the backward of ``model(image)``,
+    the parameters themselves not counted (bf16 copies of them are). On CUDA also the memory the
+    forward leaves allocated besides its outputs (the same thing, measured; None elsewhere)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
+        if storage.data_ptr() in parameters:
+            return tensor
         storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
         # Detached: a packed output that kept its grad_fn would form a cycle with its node that
         # nothing frees when the graph is dropped without a backward (each row's memory would leak).
         return tensor.detach()
 
+    cuda = image.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(image.device)
+        before = torch.cuda.memory_allocated(image.device)
     autocast = torch.autocast(image.device.type, dtype=dtype, enabled=dtype is not None)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
         outputs = model(image)
+    measured = None
+    if cuda:
+        torch.cuda.synchronize(image.device)
+        outputs_bytes = sum(o.untyped_storage().nbytes() for o in outputs if o is not None)
+        measured = torch.cuda.memory_allocated(image.device) - before - outputs_bytes
     del outputs
-    return sum(storages.values()), len(storages)
+    return sum(storages.values()), len(storages), measured
 
 
 def main(argv=None) -> int:
@@ -67,8 +85,9 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()}"
     print(f"# Activation memory of one {args.model} forward (both heads): {name}, torch {torch.__version__}")
     print()
-    print("| BatchNorm | checkpointing | precision | input | saved MiB | storages | parameters MiB | forward s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| BatchNorm | checkpointing | precision | input | saved MiB | storages | allocated MiB | parameters MiB "
+          "| forward s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     options = {} if args.width is None else {"width": args.width}
     for bn in args.bn:
@@ -84,14 +103,16 @@ def main(argv=None) -> int:
                     w, h = (int(v) for v in size.split("x"))
                     image = torch.randn(1, 3, h, w, device=device).contiguous(memory_format=torch.channels_last)
                     start = time.perf_counter()
-                    nbytes, count = saved_bytes(model, image, PRECISIONS[precision])
+                    nbytes, count, measured = saved_bytes(model, image, PRECISIONS[precision])
                     seconds = time.perf_counter() - start
                     row = {"bn": bn, "checkpointing": checkpointing, "precision": precision, "input": size,
-                           "saved_MiB": nbytes / 2**20, "storages": count, "parameters_MiB": param_mib,
-                           "forward_s": seconds}
+                           "saved_MiB": nbytes / 2**20, "storages": count,
+                           "allocated_MiB": None if measured is None else measured / 2**20,
+                           "parameters_MiB": param_mib, "forward_s": seconds}
                     rows.append(row)
+                    allocated = "-" if measured is None else f"{row['allocated_MiB']:,.0f}"
                     print(f"| {bn} | {checkpointing} | {precision} | {size} | {row['saved_MiB']:,.0f} | {count} | "
-                          f"{param_mib:,.0f} | {seconds:.1f} |")
+                          f"{allocated} | {param_mib:,.0f} | {seconds:.1f} |")
                     sys.stdout.flush()
     write_results(args.json, {"device": name, "torch": torch.__version__, "model": args.model, "rows": rows})
     return 0

@@ -93,13 +93,13 @@ def test_bench_train_step(tmp_path):
 def test_bench_activations(tmp_path):
     out = tmp_path / "bench_activations.json"
     stdout = run_script("bench_activations.py", "--device", "cpu", "--model", "deeplabv2_small", "--width", "4",
-                        "--sizes", "64x32", "32x16", "--precisions", "fp32", "--json", str(out))
+                        "--sizes", "256x128", "128x64", "--precisions", "fp32", "--json", str(out))
     assert "saved MiB" in stdout
     rows = {(r["bn"], r["checkpointing"], r["input"]): r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {(bn, c, size) for bn in ("train", "folded") for c in ("off", "on")
-                         for size in ("64x32", "32x16")}
+                         for size in ("256x128", "128x64")}
     for bn in ("train", "folded"):  # saved activations grow with the input; checkpointing keeps less
         for c in ("off", "on"):
-            assert rows[bn, c, "64x32"]["saved_MiB"] > rows[bn, c, "32x16"]["saved_MiB"] > 0
-        assert rows[bn, "on", "64x32"]["saved_MiB"] < rows[bn, "off", "64x32"]["saved_MiB"]
-    assert rows["train", "off", "64x32"]["saved_MiB"] > rows["folded", "off", "64x32"]["saved_MiB"]
+            assert rows[bn, c, "256x128"]["saved_MiB"] > rows[bn, c, "128x64"]["saved_MiB"] > 0
+        assert rows[bn, "on", "256x128"]["saved_MiB"] < rows[bn, "off", "256x128"]["saved_MiB"]
+    assert rows["train", "off", "256x128"]["saved_MiB"] > rows["folded", "off", "256x128"]["saved_MiB"]
