@@ -9,7 +9,9 @@ discriminators; on a CPU the embedded preset's small model at small sizes) and t
 ``Trainer.step_async`` on fixed random batches already on the device (data loading is
 ``bench_data.py``'s subject), as the training loop calls it: the timed steps run back to back and
 the clock stops when the device has finished the last one. Columns: ms per step (mean over the
-timed steps), images per second (source + target),
+timed steps), host ms (the time the host spends in each ``step_async`` call: as long as the step
+where the host waits for the device, as the release path's loss reads do, or where issuing the
+kernels is the bottleneck; much shorter where the device is), images per second (source + target),
 peak memory, and on GPUs the fraction of the wall time the GPU is busy (kernel time from the
 profiler over a few steps / their wall time). ``--track N`` trains the release fp32 step and the
 ``--track-variants`` (default: the fast path, and the fast path in fp32) from the same initial
@@ -199,9 +201,12 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
     warmup_s = time.perf_counter() - setup_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    host_s = 0.0
     start = time.perf_counter()
     for _ in range(steps):  # back to back, as in training: the host queues ahead where the step lets it
+        issued = time.perf_counter()
         step()
+        host_s += time.perf_counter() - issued
     sync(device)
     ms = (time.perf_counter() - start) * 1e3 / steps
     if not torch.isfinite(torch.stack(losses)).all():
@@ -209,7 +214,7 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
     row = {"mode": mode, "variant": variant, "settings": trainer.settings.describe(), "ms_per_step": ms,
            "images_per_s": (trainer.config.train.source_batch_size
                             + (trainer.config.train.target_batch_size if trainer.plan.target else 0)) / ms * 1e3,
-           "warmup_s": warmup_s, "peak_mib": None, "gpu_busy": None}
+           "host_ms": host_s * 1e3 / steps, "warmup_s": warmup_s, "peak_mib": None, "gpu_busy": None}
     if device.type == "cuda":
         row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         try:  # the profiler is a measurement aid: its failure must not cost the timings
@@ -280,17 +285,19 @@ def main(argv=None):
                 rows.append({"mode": mode, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:200]})
             torch._dynamo.reset()
             release_memory(device)
-    print("| mode | variant | ms/step | images/s | x release_fp32 | peak MiB | GPU busy | warm-up s | settings |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| mode | variant | ms/step | host ms | images/s | x release_fp32 | peak MiB | GPU busy | warm-up s "
+          "| settings |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['mode']} | {row['variant']} | failed: {row['error']} |||||||")
+            print(f"| {row['mode']} | {row['variant']} | failed: {row['error']} ||||||||")
             continue
         base = next((r for r in rows if r["mode"] == row["mode"] and r["variant"] == "release_fp32"
                      and "error" not in r), None)
         speedup = base["ms_per_step"] / row["ms_per_step"] if base else None
         busy = None if row["gpu_busy"] is None else 100 * row["gpu_busy"]
-        print(f"| {row['mode']} | {row['variant']} | {row['ms_per_step']:.1f} | {row['images_per_s']:.1f} | "
+        print(f"| {row['mode']} | {row['variant']} | {row['ms_per_step']:.1f} | {row['host_ms']:.1f} | "
+              f"{row['images_per_s']:.1f} | "
               f"{fmt(speedup, '.2f')} | {fmt(row['peak_mib'], ',.0f')} | {fmt(busy, '.0f')}% | "
               f"{row['warmup_s']:.1f} | {row['settings']} |".replace("| -% |", "| - |"))
     tracked = []

@@ -82,6 +82,7 @@ def test_bench_train_step(tmp_path):
     assert [(r["mode"], r["variant"]) for r in result["rows"]] == [("advent", "release_fp32"), ("advent", "fast")]
     for r in result["rows"]:
         assert r["ms_per_step"] > 0 and r["images_per_s"] > 0 and r["gpu_busy"] is None
+        assert 0 < r["host_ms"] <= r["ms_per_step"]  # the host's part of each step
     assert "fast path, fp32" in result["rows"][1]["settings"]
     tracked = {(r["variant"], r["loss"]): r for r in result["track"]}
     losses = {"seg_main", "seg_aux", "adv_main", "adv_aux", "d_main", "d_aux"}
