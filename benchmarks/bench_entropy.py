@@ -7,7 +7,8 @@ and shape, times forward+backward (a leaf tensor -> loss -> backward, upstream g
 for scalars and random for maps: what a user pays, Python and autograd included) and forward
 alone, for: the release-style eager reference, torch.compile of it, and advent_fast's fused op.
 Columns: median ms, effective GB/s of the bytes the op must move, % of the copy bandwidth
-measured in this run, peak extra memory (CUDA only), speed-up vs eager and vs compile.
+measured in this run, peak extra memory (CUDA only) in MiB and as a multiple of the logits' size
+(issue 2's bound: 1.05, the gradient itself), speed-up vs eager and vs compile.
 On a machine without a GPU it runs the CPU (C++) backend on a smaller default shape.
 """
 from __future__ import annotations
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
           f"measured copy bandwidth {copy_gbs:.0f} GB/s")
     rows = []
     header = ("case", "shape", "dtype", "impl", "fwd+bwd ms", "fwd ms", "GB/s", "% copy", "peak MiB",
-              "x eager", "x compile")
+              "peak / logits", "x eager", "x compile")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for shape in shapes:
@@ -134,15 +135,17 @@ def main(argv=None) -> int:
                         "peak_MiB": peak_extra_mib(run, device),
                     }
                 _, total_bytes = min_bytes(case, logits.numel(), logits.element_size())
+                logits_mib = logits.numel() * logits.element_size() / 2**20
                 for impl, r in results.items():
                     gbs = total_bytes / r["fwd_bwd_ms"] / 1e6
                     row = dict(case=case, shape=list(shape), dtype=dname, impl=impl, GBps=gbs,
                                pct_copy=100 * gbs / copy_gbs,
+                               peak_x_logits=None if r["peak_MiB"] is None else r["peak_MiB"] / logits_mib,
                                x_eager=results["eager"]["fwd_bwd_ms"] / r["fwd_bwd_ms"],
                                x_compile=(results["compile"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
                                           if "compile" in results else None), **r)
                     rows.append(row)
-                    peak = "-" if r["peak_MiB"] is None else f"{r['peak_MiB']:.0f}"
+                    peak = "- | -" if r["peak_MiB"] is None else f"{r['peak_MiB']:.0f} | {row['peak_x_logits']:.3f}"
                     xc = "-" if row["x_compile"] is None else f"{row['x_compile']:.2f}"
                     print(f"| {case} | {'x'.join(map(str, shape))} | {dname} | {impl} | "
                           f"{r['fwd_bwd_ms']:.3f} | {r['fwd_ms']:.3f} | {gbs:.0f} | "

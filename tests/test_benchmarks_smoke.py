@@ -1,5 +1,4 @@
-"""The data, evaluation and training-step benchmark scripts run end to end (smallest options) and
-write their JSON."""
+"""The benchmark scripts run end to end (smallest options) and write their JSON."""
 import json
 import os
 import subprocess
@@ -104,3 +103,29 @@ def test_bench_activations(tmp_path):
             assert rows[bn, c, "256x128"]["saved_MiB"] > rows[bn, c, "128x64"]["saved_MiB"] > 0
         assert rows[bn, "on", "256x128"]["saved_MiB"] < rows[bn, "off", "256x128"]["saved_MiB"]
     assert rows["train", "off", "256x128"]["saved_MiB"] > rows["folded", "off", "256x128"]["saved_MiB"]
+
+
+def test_bench_entropy(tmp_path):
+    out = tmp_path / "bench_entropy.json"
+    stdout = run_script("bench_entropy.py", "--shapes", "1x19x8x16", "--dtypes", "fp32", "bf16", "--no-compile",
+                        "--quick", "--json", str(out))
+    assert "peak / logits" in stdout
+    rows = json.loads(out.read_text())["results"]
+    cases = ("minent", "minent_er", "self_info", "class_prior", "target_fused")
+    assert {(r["case"], r["dtype"], r["impl"]) for r in rows} == {
+        (c, d, i) for c in cases for d in ("fp32", "bf16") for i in ("eager", "fused")}
+    for r in rows:
+        assert r["fwd_bwd_ms"] > 0 and r["fwd_ms"] > 0 and r["GBps"] > 0 and r["x_compile"] is None
+        assert r["peak_MiB"] is None and r["peak_x_logits"] is None  # measured on CUDA only
+
+
+def test_bench_upsampled(tmp_path):
+    out = tmp_path / "bench_upsampled.json"
+    stdout = run_script("bench_upsampled.py", "--quick", "--no-compile", "--json", str(out))
+    assert "release" in stdout
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["case"], r["impl"]) for r in rows} == {
+        ("source_ce", "release"), ("source_ce", "fused"),
+        *((case, impl) for case in ("advent", "minent") for impl in ("release", "interp+fused", "fused"))}
+    for r in rows:
+        assert r["fwd_bwd_ms"] > 0 and r["x_release"] > 0 and r["peak_MiB"] is None

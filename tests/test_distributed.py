@@ -46,7 +46,8 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_da
            "--activation-checkpointing"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "on cpu x2 | fast path" in proc.stdout and "activation checkpointing" in proc.stdout and proc.stdout.count("target val mIoU") == 1  # one writer
+    assert "on cpu x2 | fast path" in proc.stdout and "activation checkpointing" in proc.stdout
+    assert proc.stdout.count("target val mIoU") == 1  # one writer
 
     a, b = load(os.path.join(single, "checkpoint.pt")), load(os.path.join(double, "checkpoint.pt"))
     assert a["data_position"] == b["data_position"] == {"source": 6, "target": 6}
