@@ -53,7 +53,7 @@ def _backend_ops(device: torch.device):
     raise RuntimeError("the reference backend does not run the fused ops")  # unreachable by design
 
 
-ForwardOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+ForwardOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _forward_impl(x, prior, k, mu, want_info, want_emap, want_ent, want_cp) -> ForwardOut:
@@ -61,9 +61,9 @@ def _forward_impl(x, prior, k, mu, want_info, want_emap, want_ent, want_cp) -> F
     return tuple(forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp))
 
 
-def _backward_impl(x, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean, prior, mu) -> Tensor:
+def _backward_impl(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior, mu) -> Tensor:
     _, backward = _backend_ops(x.device)
-    return backward(x, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean, prior, mu)
+    return backward(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior, mu)
 
 
 @torch.library.custom_op("advent_fast::target_forward", mutates_args=())
@@ -80,44 +80,44 @@ def _(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
 
 def fake_target_outputs(x, make_info, pixel_shape, k, want_info, want_emap, want_ent, want_cp) -> ForwardOut:
     """Shapes of a target forward op's outputs (docs/backend_contract.md): ``make_info()`` builds
-    the self-information map, ``pixel_shape`` is the entropy map's shape after N."""
+    the self-information map, ``pixel_shape`` is the entropy map's (and the keep mask's) shape after N."""
     n, c = x.shape[:2]
     f32 = dict(dtype=torch.float32, device=x.device)
     none = x.new_empty(0, dtype=torch.float32)
     ranked = want_ent and k > 0
     return (
         make_info() if want_info else x.new_empty(0),
-        x.new_empty((n, *pixel_shape), **f32) if (want_emap or ranked) else none.clone(),
+        x.new_empty((n, *pixel_shape), **f32) if want_emap else none.clone(),
         x.new_empty((), **f32) if want_ent else none.clone(),
         x.new_empty((), **f32) if want_cp else none.clone(),
         x.new_empty((n,), **f32) if ranked else none.clone(),
         x.new_empty((n,), **f32) if ranked else none.clone(),
         x.new_empty((n, c), **f32) if want_cp else none.clone(),
+        x.new_empty((n, *pixel_shape), dtype=torch.uint8) if ranked else x.new_empty(0, dtype=torch.uint8),
     )
 
 
 @torch.library.custom_op("advent_fast::target_backward", mutates_args=())
 def _target_backward(x: Tensor, grad_info: Optional[Tensor], grad_emap: Optional[Tensor],
-                     grad_ent: Optional[Tensor], grad_cp: Optional[Tensor], emap: Optional[Tensor],
-                     thresh: Optional[Tensor], kept: Optional[Tensor], cmean: Optional[Tensor],
-                     prior: Optional[Tensor], mu: float) -> Tensor:
-    return _backward_impl(x, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean, prior, mu)
+                     grad_ent: Optional[Tensor], grad_cp: Optional[Tensor], keep: Optional[Tensor],
+                     kept: Optional[Tensor], cmean: Optional[Tensor], prior: Optional[Tensor],
+                     mu: float) -> Tensor:
+    return _backward_impl(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior, mu)
 
 
 @_target_backward.register_fake
-def _(x, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean, prior, mu):
+def _(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior, mu):
     return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output):
     x, prior, k, mu, want_info, want_emap, want_ent, want_cp = inputs
-    _, emap, _, _, thresh, kept, cmean = output
+    _, _, _, _, _, kept, cmean, keep = output
     ranked = want_ent and k > 0
     ctx.flags = (want_info, want_emap, want_ent, want_cp, ranked)
     ctx.mu = mu
     ctx.backward_op = _target_backward
-    ctx.save_for_backward(x, prior if want_cp else None, emap if ranked else None,
-                          thresh if ranked else None, kept if ranked else None,
+    ctx.save_for_backward(x, prior if want_cp else None, keep if ranked else None, kept if ranked else None,
                           cmean if want_cp else None)
 
 
@@ -133,13 +133,13 @@ def _grad_or_none(grad: Optional[Tensor], wanted: bool, keep_strides: bool = Fal
     return grad if keep_strides else grad.float().contiguous()
 
 
-def _backward(ctx, g_info, g_emap, g_ent, g_cp, _g_thresh, _g_kept, _g_cmean):
+def _backward(ctx, g_info, g_emap, g_ent, g_cp, _g_thresh, _g_kept, _g_cmean, _g_keep):
     want_info, want_emap, want_ent, want_cp, ranked = ctx.flags
-    x, prior, emap, thresh, kept, cmean = ctx.saved_tensors
+    x, prior, keep, kept, cmean = ctx.saved_tensors
     grad_x = ctx.backward_op(
         x, _grad_or_none(g_info, want_info, keep_strides=True), _grad_or_none(g_emap, want_emap),
         _grad_or_none(g_ent, want_ent), _grad_or_none(g_cp, want_cp),
-        emap, thresh, kept, cmean, prior, ctx.mu,
+        keep, kept, cmean, prior, ctx.mu,
     )
     return grad_x, None, None, None, None, None, None, None
 
@@ -240,7 +240,7 @@ def target_losses(
 
     x = logits.reshape(n, c, num_pixels)  # a view for contiguous and channels_last inputs
     k = ranked_pixel_count(top_k, num_pixels) if (entropy and top_k is not None) else 0
-    info, emap, ent, cp, _, _, _ = _target_op(
+    info, emap, ent, cp, _, _, _, _ = _target_op(
         x, prior, k, float(mu), self_information, entropy_map, entropy, prior is not None)
     return TargetLosses(
         info.view(logits.shape) if self_information else None,

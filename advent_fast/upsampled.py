@@ -139,7 +139,7 @@ _ce_op = FusedOp(_ce_forward, _ce_forward_impl, _ce_setup_context, _ce_autograd,
 # ----------------------------------------------------------------------------------------------
 # Custom ops: target losses (docs/backend_contract.md on the upsampled logits)
 # ----------------------------------------------------------------------------------------------
-ForwardOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+ForwardOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _target_forward_impl(x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent, want_cp) -> ForwardOut:
@@ -149,19 +149,19 @@ def _target_forward_impl(x, out_h, out_w, prior, k, mu, want_info, want_emap, wa
                                                  want_ent, want_cp))
 
 
-def _target_backward_impl(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean,
-                          prior, mu) -> Tensor:
+def _target_backward_impl(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior,
+                          mu) -> Tensor:
     _check_triton(x)
     _, target = _kernels()
-    return target.upsampled_target_backward(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, emap,
-                                            thresh, kept, cmean, prior, mu)
+    return target.upsampled_target_backward(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, keep, kept,
+                                            cmean, prior, mu)
 
 
 @torch.library.custom_op("advent_fast::upsampled_target_forward", mutates_args=())
 def _target_forward(x: Tensor, out_h: int, out_w: int, prior: Optional[Tensor], k: int, mu: float,
                     want_info: bool, want_emap: bool, want_ent: bool, want_cp: bool) -> ForwardOut:
-    """-> (info, emap, ent, cp, thresh, kept, cmean) of the contract, info (N, C, out_h, out_w) and
-    emap (N, out_h, out_w)."""
+    """-> (info, emap, ent, cp, thresh, kept, cmean, keep) of the contract, info (N, C, out_h, out_w),
+    emap and keep (N, out_h, out_w)."""
     return _target_forward_impl(x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent, want_cp)
 
 
@@ -174,36 +174,35 @@ def _(x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent, want_cp):
 @torch.library.custom_op("advent_fast::upsampled_target_backward", mutates_args=())
 def _target_backward(x: Tensor, out_h: int, out_w: int, grad_info: Optional[Tensor],
                      grad_emap: Optional[Tensor], grad_ent: Optional[Tensor], grad_cp: Optional[Tensor],
-                     emap: Optional[Tensor], thresh: Optional[Tensor], kept: Optional[Tensor],
-                     cmean: Optional[Tensor], prior: Optional[Tensor], mu: float) -> Tensor:
-    return _target_backward_impl(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept,
-                                 cmean, prior, mu)
+                     keep: Optional[Tensor], kept: Optional[Tensor], cmean: Optional[Tensor],
+                     prior: Optional[Tensor], mu: float) -> Tensor:
+    return _target_backward_impl(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean,
+                                 prior, mu)
 
 
 @_target_backward.register_fake
-def _(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean, prior, mu):
+def _(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior, mu):
     return torch.empty_like(x)
 
 
 def _target_setup_context(ctx, inputs, output):
     x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent, want_cp = inputs
-    _, emap, _, _, thresh, kept, cmean = output
+    _, _, _, _, _, kept, cmean, keep = output
     ranked = want_ent and k > 0
     ctx.flags = (want_info, want_emap, want_ent, want_cp)
     ctx.args = (out_h, out_w, mu)
     ctx.backward_op = _target_backward
-    ctx.save_for_backward(x, prior if want_cp else None, emap if ranked else None,
-                          thresh if ranked else None, kept if ranked else None,
+    ctx.save_for_backward(x, prior if want_cp else None, keep if ranked else None, kept if ranked else None,
                           cmean if want_cp else None)
 
 
-def _target_autograd(ctx, g_info, g_emap, g_ent, g_cp, _g_thresh, _g_kept, _g_cmean):
+def _target_autograd(ctx, g_info, g_emap, g_ent, g_cp, _g_thresh, _g_kept, _g_cmean, _g_keep):
     want_info, want_emap, want_ent, want_cp = ctx.flags
     out_h, out_w, mu = ctx.args
-    x, prior, emap, thresh, kept, cmean = ctx.saved_tensors
+    x, prior, keep, kept, cmean = ctx.saved_tensors
     grad_x = ctx.backward_op(
         x, out_h, out_w, _grad_or_none(g_info, want_info, keep_strides=True), _grad_or_none(g_emap, want_emap),
-        _grad_or_none(g_ent, want_ent), _grad_or_none(g_cp, want_cp), emap, thresh, kept, cmean, prior, mu,
+        _grad_or_none(g_ent, want_ent), _grad_or_none(g_cp, want_cp), keep, kept, cmean, prior, mu,
     )
     return (grad_x,) + (None,) * 9
 
@@ -323,7 +322,7 @@ def upsampled_target_losses(
     if not (self_information or entropy or entropy_map or prior is not None):
         return TargetLosses(None, None, None, None)
     k = ranked_pixel_count(top_k, out_h * out_w) if (entropy and top_k is not None) else 0
-    info, emap, ent, cp, _, _, _ = _target_op(
+    info, emap, ent, cp, _, _, _, _ = _target_op(
         logits, out_h, out_w, prior, k, float(mu), self_information, entropy_map, entropy, prior is not None)
     return TargetLosses(
         info if self_information else None,

@@ -359,15 +359,10 @@ void backward_chunks(const BackwardArgs& args, int64_t chunk_begin, int64_t chun
         const float* g = args.grad_entropy_map + pixel_offset;
         for (int64_t j = 0; j < count; ++j) weight[j] += g[j];
       }
-      if (args.threshold != nullptr) {
-        // Keep decided on the saved fp32 map, exactly as the forward did.
-        const float* e = args.entropy_map + pixel_offset;
-        const float threshold = args.threshold[n];
+      if (args.keep != nullptr) {  // the forward's selection
+        const uint8_t* keep = args.keep + pixel_offset;
         const float kept_weight = args.kept_pixel_weight[n];
-        for (int64_t j = 0; j < count; ++j) {
-          const bool keep = e[j] >= threshold || e[j] != e[j];
-          weight[j] += keep ? kept_weight : 0.0f;
-        }
+        for (int64_t j = 0; j < count; ++j) weight[j] += keep[j] ? kept_weight : 0.0f;
       }
 
       // q_c = p_c a_c with a_c = -(g_c + w) (log p_c + 1) / L - h_c

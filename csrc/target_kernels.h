@@ -55,10 +55,9 @@ struct BackwardArgs {
   StridedView grad_logits;                  // dL/dx (N, C, S), written
   const float* grad_entropy_map = nullptr;  // dL/dE (N, S) contiguous, or nullptr
   float uniform_pixel_weight = 0.0f;        // dL/dE_ns of every pixel (the plain MinEnt mean)
-  // Entropy ranking: pixel (n, s) gets kept_pixel_weight[n] when entropy_map[n, s] >= threshold[n]
-  // or is NaN. All three (N, S) / (N,) / (N,) contiguous, or all nullptr.
-  const float* entropy_map = nullptr;
-  const float* threshold = nullptr;
+  // Entropy ranking: pixel (n, s) gets kept_pixel_weight[n] where the forward's keep[n, s] is set.
+  // Both (N, S) / (N,) contiguous, or both nullptr.
+  const uint8_t* keep = nullptr;
   const float* kept_pixel_weight = nullptr;
   // h (N, C): dL/dp_c = -h_nc from the class prior, or nullptr.
   const float* class_prob_grad = nullptr;

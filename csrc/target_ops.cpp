@@ -111,14 +111,14 @@ float kth_largest(std::vector<uint32_t>& keys, int64_t rank) {
 }
 
 // Entropy ranking of one image: t = k-th largest E (NaN counts as the largest), the kept pixels
-// (E >= t or NaN), their count and the sum of their E.
+// (E >= t or NaN: written to keep), their count and the sum of their E.
 struct RankedImage {
   float threshold;
   int64_t kept;
   double kept_sum;
 };
 
-RankedImage rank_image(const float* entropy, int64_t num_pixels, int64_t k,
+RankedImage rank_image(const float* entropy, int64_t num_pixels, int64_t k, uint8_t* keep,
                        std::vector<uint32_t>& keys) {
   // NaN has no place in an order: count the NaNs, select among the rest.
   keys.clear();
@@ -134,7 +134,8 @@ RankedImage rank_image(const float* entropy, int64_t num_pixels, int64_t k,
       k > nan_count ? kth_largest(keys, k - nan_count) : std::numeric_limits<float>::quiet_NaN();
   RankedImage ranked{threshold, 0, 0.0};
   for (int64_t s = 0; s < num_pixels; ++s) {
-    if (entropy[s] >= threshold || std::isnan(entropy[s])) {
+    keep[s] = entropy[s] >= threshold || std::isnan(entropy[s]);
+    if (keep[s]) {
       ++ranked.kept;
       ranked.kept_sum += entropy[s];
     }
@@ -142,7 +143,7 @@ RankedImage rank_image(const float* entropy, int64_t num_pixels, int64_t k,
   return ranked;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> target_forward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> target_forward_cpu(
     const Tensor& x, const std::optional<Tensor>& prior, int64_t k, double mu, bool want_info,
     bool want_emap, bool want_ent, bool want_cp) {
   const StridedView logits = strided_view(x, "x");
@@ -163,6 +164,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> target_forwar
   // Each output is its own tensor, even when unused: custom ops may not return aliases.
   const auto unused = [&] { return at::empty({0}, float_options); };
   Tensor info = want_info ? at::empty_like(x) : at::empty({0}, x.options());
+  // Ranking needs the map for its selection only: the backward reads the keep mask.
   Tensor emap = (want_emap || ranking) ? at::empty({N, S}, float_options) : unused();
 
   ForwardArgs args;
@@ -186,6 +188,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> target_forwar
   };
 
   Tensor ent = unused(), thresh = unused(), kept = unused();
+  Tensor keep = at::empty({0}, x.options().dtype(at::kByte));
   if (want_ent && !ranking) {
     double sum = 0.0;
     for (int64_t n = 0; n < N; ++n) sum += chunk_sum(n, 0);
@@ -193,13 +196,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> target_forwar
   } else if (ranking) {
     thresh = at::empty({N}, float_options);
     kept = at::empty({N}, float_options);
+    keep = at::empty({N, S}, x.options().dtype(at::kByte));
+    uint8_t* keep_ptr = keep.data_ptr<uint8_t>();
     std::vector<double> image_loss(N);
     const float* entropy = emap.data_ptr<float>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::vector<uint32_t> scratch;
       scratch.reserve(S);
       for (int64_t n = begin; n < end; ++n) {
-        const RankedImage r = rank_image(entropy + n * S, S, k, scratch);
+        const RankedImage r = rank_image(entropy + n * S, S, k, keep_ptr + n * S, scratch);
         thresh.data_ptr<float>()[n] = r.threshold;
         kept.data_ptr<float>()[n] = static_cast<float>(r.kept);
         image_loss[n] = r.kept_sum / static_cast<double>(r.kept);
@@ -227,14 +232,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> target_forwar
     }
     cp = at::scalar_tensor(sum / static_cast<double>(N), float_options);
   }
-  return {info, emap, ent, cp, thresh, kept, cmean};
+  if (!want_emap) emap = unused();
+  return {info, emap, ent, cp, thresh, kept, cmean, keep};
 }
 
 Tensor target_backward_cpu(const Tensor& x, const std::optional<Tensor>& grad_info,
                            const std::optional<Tensor>& grad_emap,
                            const std::optional<Tensor>& grad_ent,
-                           const std::optional<Tensor>& grad_cp, const std::optional<Tensor>& emap,
-                           const std::optional<Tensor>& thresh, const std::optional<Tensor>& kept,
+                           const std::optional<Tensor>& grad_cp, const std::optional<Tensor>& keep,
+                           const std::optional<Tensor>& kept,
                            const std::optional<Tensor>& cmean, const std::optional<Tensor>& prior,
                            double mu) {
   const Problem shape{x.size(0), x.size(1), x.size(2)};
@@ -258,26 +264,23 @@ Tensor target_backward_cpu(const Tensor& x, const std::optional<Tensor>& grad_in
   }
 
   // Entropy loss: dL/dE_ns = g / (N S) for the plain mean; with ranking g / (N K_n) on kept pixels.
-  Tensor emap_f, thresh_f;
+  Tensor keep_u8;
   std::vector<float> kept_weight;
   if (const Tensor* g = given(grad_ent)) {
     const double grad = read_scalar(*g, "grad_ent");
-    if (const Tensor* t = given(thresh)) {
-      const Tensor* e = given(emap);
+    if (const Tensor* keep_t = given(keep)) {
       const Tensor* kept_t = given(kept);
-      TORCH_CHECK(e != nullptr && kept_t != nullptr && e->numel() == N * S && t->numel() == N &&
+      TORCH_CHECK(kept_t != nullptr && keep_t->numel() == N * S && keep_t->scalar_type() == at::kByte &&
                       kept_t->numel() == N,
-                  "advent_fast_C: ranking needs the saved emap (N, S), thresh (N,) and kept (N,)");
-      emap_f = contiguous_float(*e);
-      thresh_f = contiguous_float(*t);
+                  "advent_fast_C: ranking needs the saved keep mask (N, S) uint8 and kept (N,)");
+      keep_u8 = keep_t->contiguous();
       const Tensor kept_f = contiguous_float(*kept_t);
       kept_weight.resize(N);
       for (int64_t n = 0; n < N; ++n) {
         const double kept_count = kept_f.data_ptr<float>()[n];
         kept_weight[n] = static_cast<float>(grad / (static_cast<double>(N) * kept_count));
       }
-      args.entropy_map = emap_f.data_ptr<float>();
-      args.threshold = thresh_f.data_ptr<float>();
+      args.keep = keep_u8.data_ptr<uint8_t>();
       args.kept_pixel_weight = kept_weight.data();
     } else {
       args.uniform_pixel_weight = static_cast<float>(grad / static_cast<double>(N * S));
@@ -318,10 +321,10 @@ Tensor target_backward_cpu(const Tensor& x, const std::optional<Tensor>& grad_in
 TORCH_LIBRARY(advent_fast_C, m) {
   m.def(
       "target_forward(Tensor x, Tensor? prior, int k, float mu, bool want_info, bool want_emap, "
-      "bool want_ent, bool want_cp) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool want_ent, bool want_cp) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "target_backward(Tensor x, Tensor? grad_info, Tensor? grad_emap, Tensor? grad_ent, "
-      "Tensor? grad_cp, Tensor? emap, Tensor? thresh, Tensor? kept, Tensor? cmean, Tensor? prior, "
+      "Tensor? grad_cp, Tensor? keep, Tensor? kept, Tensor? cmean, Tensor? prior, "
       "float mu) -> Tensor");
 }
 

@@ -9,7 +9,9 @@ digits 0..j-1 equal the ones already chosen (int32 atomics: exact and order-free
 The chosen digit is the largest d with count(keys in the range with digit >= d) >= k_rem; keys with a
 larger digit are strictly above the threshold and leave k_rem. There is no select kernel: every
 consumer replays the choices from the (N, 4, 256) histogram buffer, a few hundred integers per image,
-so the whole select stays on the device with no state but the histograms.
+so the whole select stays on the device with no state but the histograms. The last pass also writes the
+(N, S) uint8 keep mask that the backward reads: the same selection, at a quarter of the entropy map's bytes,
+so the map itself need not outlive the forward.
 
 Launches: 4 histogram passes and 1 kept-sum pass, each one kernel over the (N, S) entropy map.
 """
@@ -64,6 +66,7 @@ def _rank_pass_kernel(
     emap_ptr,  # (N, S) float32 entropy map
     hist_ptr,  # (N, NUM_PASSES, RADIX) int32, zeroed before pass 0
     kept_sum_ptr,  # (N, programs) float32 partial sums of kept E (last pass only)
+    keep_ptr,  # (N, S) uint8 keep mask out (last pass only)
     S,
     k,
     PASS: tl.constexpr,  # 0..3: histogram of digit PASS; NUM_PASSES: sum of the kept E
@@ -74,6 +77,7 @@ def _rank_pass_kernel(
     num_programs = tl.num_programs(0)
     offs = tl.arange(0, BLOCK)
     emap_row = emap_ptr + n.to(tl.int64) * S
+    keep_row = keep_ptr + n.to(tl.int64) * S
     hist_row = hist_ptr + n * (NUM_PASSES * RADIX)
     prefix, _, _ = radix_replay(hist_row, k, PASS)
 
@@ -98,23 +102,26 @@ def _rank_pass_kernel(
             s = start + offs
             in_range = s < S
             ent = tl.load(emap_row + s, mask=in_range, other=0.0)
-            acc += tl.where(in_range & (rank_key(ent) >= prefix), ent, 0.0)
+            keep = in_range & (rank_key(ent) >= prefix)
+            tl.store(keep_row + s, keep.to(tl.uint8), mask=in_range)
+            acc += tl.where(keep, ent, 0.0)
         tl.store(kept_sum_ptr + n * num_programs + pid, tl.sum(acc, axis=0))
 
 
 def rank_entropy(emap, k):
     """Radix-select the k-th largest entropy of each image of the (N, S) float32 map `emap`.
 
-    Returns (hist, kept_sum): the (N, 4, 256) digit histograms (the finishing kernel replays them into
-    thresh and kept) and the (N, programs) partial sums of the kept E.
+    Returns (hist, kept_sum, keep): the (N, 4, 256) digit histograms (the finishing kernel replays them
+    into thresh and kept), the (N, programs) partial sums of the kept E and the (N, S) uint8 keep mask.
     """
     num_images, num_pixels = emap.shape
     programs = programs_per_image(triton.cdiv(num_pixels, BLOCK_R), num_images)
     hist = torch.zeros((num_images, NUM_PASSES, RADIX), dtype=torch.int32, device=emap.device)
     kept_sum = torch.empty((num_images, programs), dtype=torch.float32, device=emap.device)
+    keep = torch.empty((num_images, num_pixels), dtype=torch.uint8, device=emap.device)
     grid = (programs, num_images)
     for pass_index in range(NUM_PASSES.value + 1):
         _rank_pass_kernel[grid](
-            emap, hist, kept_sum, num_pixels, k, PASS=pass_index, BLOCK=BLOCK_R, num_warps=NUM_WARPS
+            emap, hist, kept_sum, keep, num_pixels, k, PASS=pass_index, BLOCK=BLOCK_R, num_warps=NUM_WARPS
         )
-    return hist, kept_sum
+    return hist, kept_sum, keep

@@ -1,10 +1,10 @@
-"""Fused target backward: one kernel, reads the logits (+ grad_info, + the saved entropy map when
-ranking) once and writes grad_x once. Upstream scalar gradients, thresholds, counts and class means are
-device tensors read inside the kernel: no host synchronisation.
+"""Fused target backward: one kernel, reads the logits (+ grad_info, + the saved keep mask when
+ranking) once and writes grad_x once. Upstream scalar gradients, counts and class means are device
+tensors read inside the kernel: no host synchronisation.
 
 Per pixel, with p, plogp recomputed from the logits (softmax_entropy.py):
   w    = grad_emap[n, s] + grad_ent / (N S)                      (MinEnt)
-                         + grad_ent / (N K_n) * keep_ns          (ranked; keep from the saved E and t)
+                         + grad_ent / (N K_n) * keep_ns          (ranked; the forward's keep mask)
   h_c  = grad_cp / (N S) * [mu prior_c - m_nc > 0]               (class prior hinge)
   q_c  = p_c dL/dp_c = -(grad_info_c + w) (plogp_c + p_c) / log C - p_c h_c
   grad_x_c = q_c - p_c sum_j q_j                                 (softmax backward)
@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .entropy_ranking import rank_key
 from .softmax_entropy import NUM_WARPS, block_sizes, softmax_entropy
 
 
@@ -24,7 +23,6 @@ from .softmax_entropy import NUM_WARPS, block_sizes, softmax_entropy
 def target_grad_constants(
     grad_ent_ptr,
     grad_cp_ptr,
-    thresh_ptr,
     kept_ptr,
     cmean_ptr,
     prior_ptr,
@@ -39,24 +37,21 @@ def target_grad_constants(
     HAS_GRAD_CP: tl.constexpr,
 ):
     """The per-pixel gradient's pieces that do not depend on the pixel, for image n (the pointers as in
-    _target_bwd_kernel) -> (w_all, thresh_key, w_kept, hinge_grad), 0 where their term is off:
-    w_all = grad_ent / (N S) (MinEnt); thresh_key = key(t_n), w_kept = grad_ent / (N K_n) (ranked);
-    hinge_grad = h_nc (class prior).
+    _target_bwd_kernel) -> (w_all, w_kept, hinge_grad), 0 where their term is off:
+    w_all = grad_ent / (N S) (MinEnt); w_kept = grad_ent / (N K_n) (ranked); hinge_grad = h_nc (class prior).
     """
     w_all = 0.0
-    thresh_key = 0
     w_kept = 0.0
     hinge_grad = 0.0
     if ENT_MODE == 1:
         w_all = tl.load(grad_ent_ptr) * inv_num_pixels
     if ENT_MODE == 2:
-        thresh_key = rank_key(tl.load(thresh_ptr + n))
         w_kept = tl.load(grad_ent_ptr) * inv_num_images / tl.load(kept_ptr + n)
     if HAS_GRAD_CP:
         target = mu * tl.load(prior_ptr + offs_c, mask=c_valid, other=0.0)
         class_mean = tl.load(cmean_ptr + n * C + offs_c, mask=c_valid, other=0.0)
         hinge_grad = tl.where(target - class_mean > 0.0, tl.load(grad_cp_ptr) * inv_num_pixels, 0.0)
-    return w_all, thresh_key, w_kept, hinge_grad
+    return w_all, w_kept, hinge_grad
 
 
 @triton.jit
@@ -67,13 +62,12 @@ def target_pixel_grad(
     info_offset,
     info_offs,  # [PIXELS, BLOCK_C]
     mask,  # [PIXELS, BLOCK_C] valid pixels and classes
-    grad_emap_ptr,  # grad_emap, and emap_ptr the saved entropy map, of the pixels at map_offset + map_offs
-    emap_ptr,
+    grad_emap_ptr,  # grad_emap, and keep_ptr the saved keep mask, of the pixels at map_offset + map_offs
+    keep_ptr,
     map_offset,
     map_offs,  # [PIXELS]
     pix_ok,  # [PIXELS] valid pixels
     w_all,  # target_grad_constants
-    thresh_key,
     w_kept,
     hinge_grad,
     inv_log_c,
@@ -88,10 +82,9 @@ def target_pixel_grad(
     w = tl.zeros([PIXELS], dtype=tl.float32) + w_all
     if HAS_GRAD_EMAP:
         w += tl.load(grad_emap_ptr + map_offset + map_offs, mask=pix_ok, other=0.0)
-    if ENT_MODE == 2:
-        # the same selection as the forward: key(E) >= key(t) <=> E >= t or isnan(E)
-        ent = tl.load(emap_ptr + map_offset + map_offs, mask=pix_ok, other=0.0)
-        w += tl.where(rank_key(ent) >= thresh_key, w_kept, 0.0)
+    if ENT_MODE == 2:  # the forward's selection, E >= t or isnan(E)
+        keep = tl.load(keep_ptr + map_offset + map_offs, mask=pix_ok, other=0)
+        w += tl.where(keep != 0, w_kept, 0.0)
     g = w[:, None]
     if HAS_GRAD_INFO:
         g = g + tl.load(grad_info_ptr + info_offset + info_offs, mask=mask, other=0.0).to(tl.float32)
@@ -110,8 +103,7 @@ def _target_bwd_kernel(
     grad_emap_ptr,  # (N, S) float32 contiguous
     grad_ent_ptr,  # () float32
     grad_cp_ptr,  # () float32
-    emap_ptr,  # (N, S) float32 saved entropy map (ranked)
-    thresh_ptr,  # (N,) float32 saved thresholds t_n (ranked)
+    keep_ptr,  # (N, S) uint8 saved keep mask (ranked)
     kept_ptr,  # (N,) float32 saved kept counts K_n (ranked)
     cmean_ptr,  # (N, C) float32 saved class means m_nc
     prior_ptr,  # (C,) float32
@@ -152,12 +144,12 @@ def _target_bwd_kernel(
     ).to(tl.float32)
     x = tl.where(c_valid[None, :], x, float("-inf"))
     p, plogp, _ = softmax_entropy(x, inv_log_c)
-    w_all, thresh_key, w_kept, hinge_grad = target_grad_constants(
-        grad_ent_ptr, grad_cp_ptr, thresh_ptr, kept_ptr, cmean_ptr, prior_ptr, n, C, offs_c, c_valid,
+    w_all, w_kept, hinge_grad = target_grad_constants(
+        grad_ent_ptr, grad_cp_ptr, kept_ptr, cmean_ptr, prior_ptr, n, C, offs_c, c_valid,
         inv_num_pixels, inv_num_images, mu, ENT_MODE, HAS_GRAD_CP)
     grad_x = target_pixel_grad(
         p, plogp, grad_info_ptr, n64 * stride_gin, offs_s[:, None] * stride_gis + offs_c[None, :] * stride_gic,
-        mask, grad_emap_ptr, emap_ptr, n64 * S, offs_s, s_valid, w_all, thresh_key, w_kept, hinge_grad,
+        mask, grad_emap_ptr, keep_ptr, n64 * S, offs_s, s_valid, w_all, w_kept, hinge_grad,
         inv_log_c, HAS_GRAD_INFO, HAS_GRAD_EMAP, ENT_MODE, HAS_GRAD_CP, BLOCK_S)
     tl.store(
         grad_x_ptr + n64 * stride_gxn + offs_s[:, None] * stride_gxs + offs_c[None, :] * stride_gxc,
@@ -166,22 +158,22 @@ def _target_bwd_kernel(
     )
 
 
-def saved_for_backward(grad_ent, grad_cp, emap, thresh, kept, cmean, prior):
-    """(ENT_MODE, the saved tensors a backward kernel reads: emap, thresh, kept, cmean, prior, with None
-    for those its mode does not need). ENT_MODE: 0 no entropy gradient, 1 MinEnt mean, 2 ranked."""
-    ent_mode = 0 if grad_ent is None else (1 if thresh is None else 2)
+def saved_for_backward(grad_ent, grad_cp, keep, kept, cmean, prior):
+    """(ENT_MODE, the saved tensors a backward kernel reads: keep, kept, cmean, prior, with None for those
+    its mode does not need). ENT_MODE: 0 no entropy gradient, 1 MinEnt mean, 2 ranked."""
+    ent_mode = 0 if grad_ent is None else (1 if keep is None else 2)
     ranked, prior_grad = ent_mode == 2, grad_cp is not None
-    return ent_mode, (emap if ranked else None, thresh if ranked else None, kept if ranked else None,
+    return ent_mode, (keep if ranked else None, kept if ranked else None,
                       cmean if prior_grad else None, prior if prior_grad else None)
 
 
-def target_backward(x, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept, cmean, prior, mu):
+def target_backward(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior, mu):
     """Contract backward (docs/backend_contract.md) -> grad_x, with x's dtype and (when dense) layout."""
     N, C, S = x.shape
     block_s, block_c = block_sizes(C)
     grad_x = torch.empty_like(x)
     has_grad_info = grad_info is not None
-    ent_mode, saved = saved_for_backward(grad_ent, grad_cp, emap, thresh, kept, cmean, prior)
+    ent_mode, saved = saved_for_backward(grad_ent, grad_cp, keep, kept, cmean, prior)
     _target_bwd_kernel[(triton.cdiv(S, block_s), N)](
         x,
         grad_x,

@@ -6,7 +6,8 @@ Launches:
   1 finishing kernel (single program) when a loss is asked for: reduces the partials in a fixed order
     (deterministic, no float atomics) into the MinEnt mean, the class means m_nc and the class-prior
     hinge loss; with ranking, it replays the radix select into thresh and kept.
-  ranking (k > 0) adds 5 passes over the entropy map and a zeroed histogram (entropy_ranking.py).
+  ranking (k > 0) adds 5 passes over the entropy map (a temporary unless asked for) and a zeroed
+    histogram (entropy_ranking.py); the last writes the keep mask the backward reads.
 No host synchronisation: counts and scalars stay in device memory (safe under CUDA graph capture).
 """
 import math
@@ -156,7 +157,7 @@ def empty_f32_if(wanted, shape, device):
 
 
 def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
-    """Contract forward (docs/backend_contract.md) -> (info, emap, ent, cp, thresh, kept, cmean).
+    """Contract forward (docs/backend_contract.md) -> (info, emap, ent, cp, thresh, kept, cmean, keep).
 
     x: (N, C, S) logits of any strides (read in place). Outputs that were not asked for are
     empty tensors (info: x.dtype, the others float32); the kernels get None pointers for them.
@@ -193,15 +194,16 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
         BLOCK_C=block_c,
         num_warps=NUM_WARPS,
     )
-    return finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_ent, want_cp, S, programs,
-                                 block_s, block_c, NUM_WARPS)
+    return finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_emap, want_ent, want_cp, S,
+                                 programs, block_s, block_c, NUM_WARPS)
 
 
-def finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_ent, want_cp, num_pixels,
-                          num_parts, block_p, block_c, num_warps):
-    """What follows a target forward's main kernel -> (info, emap, ent, cp, thresh, kept, cmean).
+def finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_emap, want_ent, want_cp,
+                          num_pixels, num_parts, block_p, block_c, num_warps):
+    """What follows a target forward's main kernel -> (info, emap, ent, cp, thresh, kept, cmean, keep).
 
-    Ranking (want_ent and k > 0) runs its passes over emap, (N, num_pixels) once flattened; then the
+    Ranking (want_ent and k > 0) runs its passes over emap, (N, num_pixels) once flattened (returned only
+    if want_emap: the backward reads the keep mask, a quarter of its bytes); then the
     finishing kernel reduces ent_part (N, num_parts) and cls_part (N, num_parts, block_c), the main
     kernel's partial sums, reading block_p rows of block_c at a time. Outputs not asked for, info
     included, come back as fresh empty tensors (info: x.dtype, the others float32).
@@ -212,10 +214,12 @@ def finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_
     ent, cp = empty_f32_if(want_ent, (), device), empty_f32_if(want_cp, (), device)
     thresh, kept = empty_f32_if(ranked, (N,), device), empty_f32_if(ranked, (N,), device)
     cmean = empty_f32_if(want_cp, (N, C), device)
+    keep = None
     if want_ent or want_cp:
         hist = None
         if ranked:
-            hist, ent_part = rank_entropy(emap.view(N, num_pixels), k)
+            hist, ent_part, keep = rank_entropy(emap.view(N, num_pixels), k)
+            keep = keep.view(emap.shape)
         _target_finish_kernel[(1,)](
             ent_part,
             cls_part,
@@ -241,5 +245,7 @@ def finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_
         )
     if info is None:
         info = torch.empty(0, dtype=x.dtype, device=device)
-    outputs = (info, emap, ent, cp, thresh, kept, cmean)
+    if keep is None:
+        keep = torch.empty(0, dtype=torch.uint8, device=device)
+    outputs = (info, emap if want_emap else None, ent, cp, thresh, kept, cmean, keep)
     return tuple(torch.empty(0, dtype=torch.float32, device=device) if t is None else t for t in outputs)

@@ -11,9 +11,9 @@ Launches:
            self-information map (x.dtype) and/or entropy map (float32) once, per-program partial sums of
            E and of p; the finishing kernel of target_forward.py (1 program); ranking adds the 5 passes of
            entropy_ranking.py over the entropy map.
-  backward: 1 cell kernel: reads grad_info (+ grad_emap, + the saved entropy map when ranking) once,
+  backward: 1 cell kernel: reads grad_info (+ grad_emap, + the saved keep mask when ranking) once,
             writes the (4, N, h, w, C) float32 tap partials; combine_taps writes grad_x once.
-No host synchronisation: upstream scalar gradients, thresholds, counts and class means are device tensors.
+No host synchronisation: upstream scalar gradients, counts and class means are device tensors.
 """
 import math
 
@@ -109,8 +109,7 @@ def _upsampled_target_bwd_kernel(
     grad_emap_ptr,  # (N, H, W) float32 contiguous
     grad_ent_ptr,  # () float32
     grad_cp_ptr,  # () float32
-    emap_ptr,  # (N, H, W) float32 saved entropy map (ranked)
-    thresh_ptr,  # (N,) float32 saved thresholds t_n (ranked)
+    keep_ptr,  # (N, H, W) uint8 saved keep mask (ranked)
     kept_ptr,  # (N,) float32 saved kept counts K_n (ranked)
     cmean_ptr,  # (N, C) float32 saved class means m_nc
     prior_ptr,  # (C,) float32
@@ -147,10 +146,10 @@ def _upsampled_target_bwd_kernel(
      tap_mask) = cell_program(C, h, w, H, W, scale_h, scale_w, BLOCK_CELLS, SPAN, BLOCK_C)
     n64 = n.to(tl.int64)
     x_img = x_ptr + n64 * stride_xn
-    map_offset = n64 * H * W  # of grad_emap and emap
+    map_offset = n64 * H * W  # of grad_emap and keep
 
-    w_all, thresh_key, w_kept, hinge_grad = target_grad_constants(
-        grad_ent_ptr, grad_cp_ptr, thresh_ptr, kept_ptr, cmean_ptr, prior_ptr, n, C, offs_c, c_valid,
+    w_all, w_kept, hinge_grad = target_grad_constants(
+        grad_ent_ptr, grad_cp_ptr, kept_ptr, cmean_ptr, prior_ptr, n, C, offs_c, c_valid,
         inv_num_pixels, inv_num_images, mu, ENT_MODE, HAS_GRAD_CP)
 
     a00 = tl.zeros([BLOCK_CELLS, BLOCK_C], dtype=tl.float32)
@@ -172,7 +171,7 @@ def _upsampled_target_bwd_kernel(
             grad = target_pixel_grad(
                 p, plogp, grad_info_ptr, n64 * stride_gin,
                 offs_c[None, :] * stride_gic + i * stride_gih + j[:, None] * stride_giw, mask, grad_emap_ptr,
-                emap_ptr, map_offset, i * W + j, pix_ok, w_all, thresh_key, w_kept, hinge_grad, inv_log_c,
+                keep_ptr, map_offset, i * W + j, pix_ok, w_all, w_kept, hinge_grad, inv_log_c,
                 HAS_GRAD_INFO, HAS_GRAD_EMAP, ENT_MODE, HAS_GRAD_CP, LANES)
             grad = tl.where(pix_ok[:, None], grad, 0.0)
             t_top += wy0 * grad
@@ -190,10 +189,10 @@ def _launch_shape(x, out_h, out_w):
 
 
 def upsampled_target_forward(x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent, want_cp):
-    """The contract's forward on upsample(x) -> (info, emap, ent, cp, thresh, kept, cmean).
+    """The contract's forward on upsample(x) -> (info, emap, ent, cp, thresh, kept, cmean, keep).
 
     x: (N, C, h, w) logits of any strides. info: (N, C, out_h, out_w) in x.dtype, channels_last when x is;
-    emap: (N, out_h, out_w) float32. Outputs not asked for are empty tensors.
+    emap: (N, out_h, out_w) float32; keep: (N, out_h, out_w) uint8. Outputs not asked for are empty tensors.
     """
     N, C, h, w = x.shape
     device = x.device
@@ -228,23 +227,23 @@ def upsampled_target_forward(x, out_h, out_w, prior, k, mu, want_info, want_emap
         WANT_CLASS_SUM=want_cp,
         **meta,
     )
-    return finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_ent, want_cp, out_h * out_w,
-                                 programs, max(1, meta["BLOCK_CELLS"] * meta["SPAN"]), meta["BLOCK_C"],
+    return finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_emap, want_ent, want_cp,
+                                 out_h * out_w, programs, max(1, meta["BLOCK_CELLS"] * meta["SPAN"]), meta["BLOCK_C"],
                                  CELL_NUM_WARPS)
 
 
-def upsampled_target_backward(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, emap, thresh, kept,
-                              cmean, prior, mu):
+def upsampled_target_backward(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior,
+                              mu):
     """The contract's backward on upsample(x), gathered onto x -> grad_x (x's dtype and, when dense, layout).
 
     grad_info (N, C, out_h, out_w) any strides; grad_emap (N, out_h, out_w) float32 contiguous; the others
-    as in docs/backend_contract.md (None: no gradient from that output; ranking active iff thresh given).
+    as in docs/backend_contract.md (None: no gradient from that output; ranking active iff keep given).
     """
     N, C, h, w = x.shape
     grid, meta = _launch_shape(x, out_h, out_w)
     parts = torch.empty((4, N, h, w, C), dtype=torch.float32, device=x.device)
     has_grad_info = grad_info is not None
-    ent_mode, saved = saved_for_backward(grad_ent, grad_cp, emap, thresh, kept, cmean, prior)
+    ent_mode, saved = saved_for_backward(grad_ent, grad_cp, keep, kept, cmean, prior)
     _upsampled_target_bwd_kernel[grid](
         x,
         parts,

@@ -58,17 +58,16 @@ def make_prior(c, seed=1):
 
 def forward(x, prior=None, k=0, mu=0.5, info=True, emap=True, ent=True, cp=None):
     cp = prior is not None if cp is None else cp
-    names = ("info", "emap", "ent", "cp", "thresh", "kept", "cmean")
+    names = ("info", "emap", "ent", "cp", "thresh", "kept", "cmean", "keep")
     return dict(zip(names, OPS.target_forward(x, prior, k, mu, info, emap, ent, cp)))
 
 
 def backward(x, out, prior=None, mu=0.5, grad_info=None, grad_emap=None, grad_ent=None,
              grad_cp=None):
-    ranked = out["thresh"].numel() > 0
+    ranked = out["keep"].numel() > 0
     return OPS.target_backward(
         x, grad_info, grad_emap, grad_ent, grad_cp,
-        out["emap"] if out["emap"].numel() else None,
-        out["thresh"] if ranked else None, out["kept"] if ranked else None,
+        out["keep"] if ranked else None, out["kept"] if ranked else None,
         out["cmean"] if out["cmean"].numel() else None, prior, mu)
 
 
@@ -170,14 +169,18 @@ def test_half_outputs_are_fp32_results_rounded_to_nearest_even(dtype, layout):
     assert torch.equal(grad_x, grad_x32.to(dtype))
 
 
-def test_unrequested_outputs_are_empty_and_emap_is_kept_for_ranking():
+def test_unrequested_outputs_are_empty_and_ranking_keeps_a_mask_not_the_map():
     x = make_logits(2, 19, 9, 11)
     out = forward(x, info=False, emap=False, ent=True)
-    assert [out[k].numel() for k in ("info", "emap", "cp", "thresh", "kept", "cmean")] == [0] * 6
+    assert [out[k].numel() for k in ("info", "emap", "cp", "thresh", "kept", "cmean", "keep")] == [0] * 7
     assert out["ent"].dim() == 0 and out["ent"].dtype == torch.float32
     ranked = forward(x, k=10, info=False, emap=False, ent=True)
-    assert ranked["emap"].shape == (2, 99) and ranked["thresh"].shape == (2,)
+    assert ranked["emap"].numel() == 0 and ranked["thresh"].shape == (2,)
+    assert ranked["keep"].shape == (2, 99) and ranked["keep"].dtype == torch.uint8
     assert ranked["kept"].shape == (2,) and ranked["cmean"].numel() == 0
+    emap = forward(x)["emap"]
+    assert torch.equal(ranked["keep"].bool(), emap >= ranked["thresh"][:, None])
+    assert torch.equal(ranked["kept"], ranked["keep"].sum(1).float())
 
 
 def test_masked_classes_give_zero_probability_and_exact_zero_gradient():
@@ -266,6 +269,7 @@ def test_ranked_values_and_gradients_match_reference():
     emap = out["emap"]
     assert torch.equal(out["thresh"], emap.topk(k, dim=1).values[:, -1])
     assert torch.equal(out["kept"], (emap >= out["thresh"][:, None]).sum(1).float())
+    assert torch.equal(out["keep"].bool(), emap >= out["thresh"][:, None])
     check_gradients(x, out, ref_x, ref_out, ("emap", "ent"))
 
 
@@ -294,6 +298,7 @@ def test_ranking_keeps_all_ties_at_the_threshold():
     emap = out["emap"][0]
     order = emap[:7].sort(descending=True).values
     assert out["thresh"][0] == order[1] and out["kept"][0] == 18
+    assert torch.equal(out["keep"][0].bool(), emap >= order[1])
     ref_x, ref_out = reference(x, top_k=10 / 63)
     assert ref.ranked_pixel_count(10 / 63, 63) == 10
     assert_close_rel(out["ent"], ref_out["ent"], FP32_TOL, "ent")
@@ -313,6 +318,7 @@ def test_ranking_counts_nan_as_largest():
     assert out["thresh"][1] == out["emap"][1].topk(5).values[-1]
     only_nan = forward(x[:1], k=2)
     assert torch.isnan(only_nan["thresh"][0]) and only_nan["kept"][0] == 2
+    assert torch.equal(only_nan["keep"][0].bool(), only_nan["emap"][0].isnan())
     grad_x = backward(x, out, grad_ent=torch.tensor(1.0))
     assert torch.isnan(grad_x[0, :, 4]).all() and torch.isfinite(grad_x[1]).all()
 

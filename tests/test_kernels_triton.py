@@ -18,7 +18,7 @@ target_forward, target_backward = kernels.target_forward, kernels.target_backwar
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-OUTPUTS = ("info", "emap", "ent", "cp", "thresh", "kept", "cmean")
+OUTPUTS = ("info", "emap", "ent", "cp", "thresh", "kept", "cmean", "keep")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (rtol, atol as a fraction of the largest reference magnitude) for outputs stored in x.dtype:
 # fp32 is the kernels' own arithmetic error, fp16/bf16 about two roundings of the output.
@@ -141,8 +141,7 @@ def check_backward(x, sources, prior=None, k=0, mu=0.5, grads=None, one_hot=Fals
         grads["emap"],
         grads["ent"],
         grads["cp"],
-        out["emap"] if ranked else None,
-        out["thresh"] if ranked else None,
+        out["keep"] if ranked else None,
         out["kept"] if ranked else None,
         out["cmean"] if prior is not None else None,
         prior,
@@ -210,16 +209,20 @@ def test_only_requested_outputs(want):
     ranked = want["ent"] and k > 0
     requested = {
         "info": want["info"],
-        "emap": want["emap"] or ranked,
+        "emap": want["emap"],  # ranking selects on a temporary map and keeps a uint8 mask for the backward
         "ent": want["ent"],
         "cp": prior is not None,
         "thresh": ranked,
         "kept": ranked,
         "cmean": prior is not None,
+        "keep": ranked,
     }
     for name, is_requested in requested.items():
         assert (out[name].numel() > 0) == is_requested, name
-    ref = reference(x, prior, keep=kept_mask(out["emap"], out["thresh"]) if ranked else None)
+    if ranked:
+        assert out["keep"].dtype == torch.uint8 and out["keep"].shape == (x.shape[0], x.shape[2])
+        assert torch.equal(out["kept"], out["keep"].sum(dim=1).float())
+    ref = reference(x, prior, keep=out["keep"].bool() if ranked else None)
     for name in ("info", "emap", "ent", "cp", "cmean"):
         if requested[name]:
             torch.testing.assert_close(out[name].double(), ref[name], **F32_TOL)
@@ -297,7 +300,7 @@ def test_one_image_and_one_pixel(n, s):
 
 def test_backward_no_upstream_gradient_is_zero():
     x = make_logits(19)
-    grad_x = target_backward(x, None, None, None, None, None, None, None, None, None, 0.5)
+    grad_x = target_backward(x, None, None, None, None, None, None, None, None, 0.5)
     assert torch.equal(grad_x, torch.zeros_like(x))
 
 
@@ -356,11 +359,11 @@ def test_non_finite_logit_propagates(bad, k):
         # NaN counts as the largest: with k = 1 the threshold is NaN and only the NaN pixel is kept
         assert out["thresh"][1].isnan() == (k == 1)
         assert out["kept"][1] == kept_mask(out["emap"], out["thresh"])[1].sum()
+        assert torch.equal(out["keep"].bool(), kept_mask(out["emap"], out["thresh"]))
     grads = upstream_grads(x, ("info", "emap", "ent", "cp"))
     grad_x = target_backward(
         x, grads["info"], grads["emap"], grads["ent"], grads["cp"],
-        out["emap"] if k else None, out["thresh"] if k else None, out["kept"] if k else None,
-        out["cmean"], prior, 0.5,
+        out["keep"] if k else None, out["kept"] if k else None, out["cmean"], prior, 0.5,
     )  # fmt: skip
     assert grad_x[1, :, 17].isnan().all()
 
@@ -394,6 +397,7 @@ def test_ranking_threshold_is_topk_kth_value(k, values):
     emap = out["emap"]
     assert torch.equal(out["thresh"], emap.topk(k, dim=1).values[:, -1])
     keep = kept_mask(emap, out["thresh"])
+    assert torch.equal(out["keep"].bool(), keep)
     assert torch.equal(out["kept"], keep.sum(dim=1).float())
     expected = (torch.where(keep, emap.double(), 0.0).sum(dim=1) / keep.sum(dim=1)).mean()
     torch.testing.assert_close(out["ent"].double(), expected, rtol=1e-6, atol=0.0)
@@ -491,12 +495,12 @@ def compile_for_sm90():
         if layout == "channels_last":
             x = x.reshape(n, c, s, 1).contiguous(memory_format=torch.channels_last).reshape(n, c, s)
         prior, emap, per_image, cmean = torch.zeros(c), torch.zeros(n, s), torch.zeros(n), torch.zeros(n, c)
-        scalar, grad_info = torch.zeros(()), torch.zeros_like(x)
+        scalar, grad_info, keep = torch.zeros(()), torch.zeros_like(x), torch.zeros(n, s, dtype=torch.uint8)
         target_forward(x, prior, 0, 0.5, True, True, True, True)
         target_forward(x, None, 0, 0.5, False, False, True, False)
         target_forward(x, prior, 1, 0.5, False, True, True, True)
-        target_backward(x, grad_info, emap, scalar, scalar, None, None, None, cmean, prior, 0.5)
-        target_backward(x, None, None, scalar, None, emap, per_image, per_image, None, None, 0.5)
+        target_backward(x, grad_info, emap, scalar, scalar, None, None, cmean, prior, 0.5)
+        target_backward(x, None, None, scalar, None, keep, per_image, None, None, 0.5)
 
     # The fused upsample + loss kernels at the paper's training shapes (target 1024x512 and source
     # 1280x720 from their 1/8-resolution logits) and an odd one.
@@ -518,11 +522,11 @@ def compile_for_sm90():
         ce.upsampled_cross_entropy_forward(x, labels.to(torch.uint8), 255, False)
         ce.upsampled_cross_entropy_backward(x, parts, count, scalar)
         prior, grad_info, emap = torch.zeros(c), torch.zeros(n, c, H, W, dtype=dtype), torch.zeros(n, H, W)
-        per_image, cmean = torch.zeros(n), torch.zeros(n, c)
+        per_image, cmean, keep = torch.zeros(n), torch.zeros(n, c), torch.zeros(n, H, W, dtype=torch.uint8)
         up.upsampled_target_forward(x, H, W, prior, 0, 0.5, True, True, True, True)
         up.upsampled_target_forward(x, H, W, None, 7, 0.5, False, False, True, False)
-        up.upsampled_target_backward(x, H, W, grad_info, None, scalar, scalar, None, None, None, cmean, prior, 0.5)
-        up.upsampled_target_backward(x, H, W, None, emap, scalar, None, emap, per_image, per_image, None, None, 0.5)
+        up.upsampled_target_backward(x, H, W, grad_info, None, scalar, scalar, None, None, cmean, prior, 0.5)
+        up.upsampled_target_backward(x, H, W, None, emap, scalar, None, keep, per_image, None, None, 0.5)
     print("compiled")
     return 0
 

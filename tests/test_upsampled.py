@@ -500,11 +500,12 @@ def test_opcheck(triton_backend):
     torch.library.opcheck(ops.upsampled_target_forward.default,
                           (logits.contiguous(memory_format=torch.channels_last), 4, 5, None, 0, 0.5, True, False,
                            True, False))
-    info, emap, ent, cp, thresh, kept, cmean = ops.upsampled_target_forward(
+    info, emap, ent, cp, thresh, kept, cmean, keep = ops.upsampled_target_forward(
         logits.detach(), 4, 5, prior, 6, 0.5, True, True, True, True)
+    assert keep.dtype == torch.uint8 and keep.shape == emap.shape
     torch.library.opcheck(ops.upsampled_target_backward.default,
                           (logits.detach(), 4, 5, torch.randn_like(info), torch.randn_like(emap),
-                           torch.tensor(1.0, device=DEVICE), torch.tensor(2.0, device=DEVICE), emap, thresh, kept,
+                           torch.tensor(1.0, device=DEVICE), torch.tensor(2.0, device=DEVICE), keep, kept,
                            cmean, prior, 0.5))
 
 
