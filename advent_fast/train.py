@@ -28,7 +28,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         epilog="examples:\n"
                "  python -m advent_fast.train --mode advent\n"
                "  python -m advent_fast.train --config gta2cityscapes_r101 --mode minent_er \\\n"
-               "      --source-root GTA5 --target-root Cityscapes --init-weights DeepLab_resnet_pretrained_imagenet.pth\n"
+               "      --source-root GTA5 --target-root Cityscapes \\\n"
+               "      --init-weights DeepLab_resnet_pretrained_imagenet.pth\n"
                "  python -m advent_fast.train --resume runs/NAME --set train.stop_iter=4000\n"
                "  torchrun --nproc_per_node=4 -m advent_fast.train --config gta2cityscapes_r101 ... \\\n"
                "      --set train.source_batch_size=4 --set train.target_batch_size=4",

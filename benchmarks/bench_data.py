@@ -183,7 +183,8 @@ def main(argv=None) -> int:
 
     decode_rows = []
     if decode_images > 0:
-        print("\nSingle-process cost per image (mean ms; __getitem__ = the whole item: image, and label where the stream has one):\n")
+        print("\nSingle-process cost per image (mean ms; __getitem__ = the whole item: image, and label where "
+              "the stream has one):\n")
         header = ("stream", "native", "size", "decode (Pillow)", "resize (Pillow bicubic)", "__getitem__",
                   "__getitem__ (opencv reader)")
         print("| " + " | ".join(header) + " |")
