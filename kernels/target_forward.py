@@ -159,8 +159,8 @@ def empty_f32_if(wanted, shape, device):
 def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     """Contract forward (docs/backend_contract.md) -> (info, emap, ent, cp, thresh, kept, cmean, keep).
 
-    x: (N, C, S) logits of any strides (read in place). Outputs that were not asked for are
-    empty tensors (info: x.dtype, the others float32); the kernels get None pointers for them.
+    x: (N, C, S) logits of any strides (read in place). Outputs that were not asked for are empty
+    tensors (info: x.dtype, keep: uint8, the others float32); the kernels get None pointers for them.
     """
     N, C, S = x.shape
     device = x.device
@@ -206,7 +206,7 @@ def finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_
     if want_emap: the backward reads the keep mask, a quarter of its bytes); then the
     finishing kernel reduces ent_part (N, num_parts) and cls_part (N, num_parts, block_c), the main
     kernel's partial sums, reading block_p rows of block_c at a time. Outputs not asked for, info
-    included, come back as fresh empty tensors (info: x.dtype, the others float32).
+    included, come back as fresh empty tensors (info: x.dtype, keep: uint8, the others float32).
     """
     N, C = x.shape[:2]
     device = x.device
