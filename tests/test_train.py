@@ -512,8 +512,8 @@ def test_fast_path_counts_an_image_without_labels_as_zero(triton_backend):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_step_equals_eager(tiny_data, checkpointing):
-    """torch.compile of G and D; with activation checkpointing the compiled graphs recompute the
-    blocks, and train-mode BatchNorm statistics still update once per forward."""
+    """torch.compile of G and D equals eager; also with activation checkpointing (the checkpoints traced
+    by dynamo, without the eager path's statistics context), train-mode BatchNorm statistics included."""
     common = ("train.precision=fp32", "train.lr=1e-2")
     batches = fixed_batches(2, seed=1)
     eager, eager_metrics = run_steps(tiny_config(tiny_data, "advent", *common), batches)
