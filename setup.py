@@ -12,6 +12,9 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# ADVENT_FAST_BUILD_CPU_OPS=0 skips the C++ ops: they run CPU tensors only, so a GPU machine without a
+# compiler (or in a hurry: benchmarks/run_gpu.sh) can do without; CPU tensors then run the reference.
+BUILD_CPU_OPS = os.environ.get("ADVENT_FAST_BUILD_CPU_OPS", "1") != "0"
 
 
 def cpu_extension():
@@ -34,8 +37,8 @@ setup(
     packages=find_packages(include=["advent_fast", "advent_fast.*"]) + ["advent_fast.kernels"],
     package_dir={"advent_fast.kernels": "kernels"},
     package_data={"advent_fast": ["configs/*.yaml"]},
-    ext_modules=[cpu_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[cpu_extension()] if BUILD_CPU_OPS else [],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)} if BUILD_CPU_OPS else {},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",

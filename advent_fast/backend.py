@@ -7,6 +7,7 @@ on CPU tensors needs ``TRITON_INTERPRET=1`` (how CI runs the kernels).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
@@ -78,3 +79,9 @@ def get_backend(device: torch.device) -> str:
     _warn_once(device.type, f"no fused advent_fast kernels for {device.type} tensors: "
                             "using the naive reference")
     return "reference"
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` the current CUDA device for the block: Triton launches on the current device and
+    its stream, not on its tensors' device (a tensor on cuda:1 while cuda:0 is current would fault)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backend import get_backend
+from .backend import device_guard, get_backend
 from .eager_ops import FusedOp
 from .reference import TargetLosses, ranked_pixel_count
 
@@ -58,12 +58,14 @@ ForwardOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
 def _forward_impl(x, prior, k, mu, want_info, want_emap, want_ent, want_cp) -> ForwardOut:
     forward, _ = _backend_ops(x.device)
-    return tuple(forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp))
+    with device_guard(x.device):
+        return tuple(forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp))
 
 
 def _backward_impl(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior, mu) -> Tensor:
     _, backward = _backend_ops(x.device)
-    return backward(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior, mu)
+    with device_guard(x.device):
+        return backward(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior, mu)
 
 
 @torch.library.custom_op("advent_fast::target_forward", mutates_args=())

@@ -36,9 +36,12 @@ class ConfusionMatrix:
         label, pred = label.reshape(-1).long(), pred.reshape(-1).to(label.device).long()
         valid = (label >= 0) & (label < n)
         # Invalid pixels go to one extra bin that is cut off, instead of a data-dependent boolean
-        # gather, which would force a device->host synchronisation.
+        # gather, which would force a device->host synchronisation. index_add_, not bincount: on CUDA
+        # bincount reads the index range back to the host.
         index = torch.where(valid, label * n + pred.clamp(0, n - 1), n * n)
-        self.matrix += torch.bincount(index, minlength=n * n + 1)[: n * n].view(n, n)
+        counts = torch.zeros(n * n + 1, dtype=torch.int64, device=index.device)
+        counts.index_add_(0, index, index.new_ones(()).expand_as(index))
+        self.matrix += counts[: n * n].view(n, n)
 
     def all_reduce(self) -> "ConfusionMatrix":
         """Sum the matrices of all torch.distributed ranks (a no-op without a process group)."""

@@ -932,11 +932,21 @@ IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable")  # how an optimiser ste
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
     """``load_state_dict`` keeping this run's implementation flags: torch restores the saved ones,
     which would run a fast-path checkpoint's fused kernels on the release path, or the release
-    path's foreach update (which cannot skip a step on the device) on the fast path."""
+    path's foreach update (which cannot skip a step on the device) on the fast path.
+
+    Adam's step counts go where this run's flags want them: torch places them by the saved flags, so a
+    release-path (foreach) checkpoint would leave them on the host, where fused and capturable Adam
+    read them from the parameters' device."""
     flags = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, own in zip(optimizer.param_groups, flags):
         group.update(own)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[param]["step"] = (step.to(param.device, torch.float32) if on_device
+                                                  else step.cpu())
 
 
 def _float_lrs(state: Dict[str, Any]) -> Dict[str, Any]:

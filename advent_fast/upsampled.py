@@ -20,7 +20,8 @@ full-resolution memory.
 
 Non-finite logits behave as with ``F.interpolate`` first: the kernels use ATen's float32 index and
 weight formulas and multiply all four taps, so a -inf logit whose tap weight is exactly 0 gives NaN
-(0 * -inf) exactly where ``F.interpolate`` does, and a NaN reaches every pixel it touches.
+(0 * -inf) exactly where ``F.interpolate`` does on the CPU (on CUDA, ATen may fuse that weight's
+computation into an fma and give -inf there instead), and a NaN reaches every pixel it touches.
 One difference for float16 / bfloat16 logits: the kernels interpolate in float32, whereas
 ``F.interpolate`` on such logits rounds the upsampled values to their dtype first (the kernels are
 the more exact; :func:`upsampled_cross_entropy`'s definition interpolates in float32 anyway).
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import get_backend
+from .backend import device_guard, get_backend
 from .eager_ops import FusedOp
 from .losses import (PriorLike, _check_logits, _check_prior, _check_top_k, _grad_or_none,
                      fake_target_outputs, target_losses)
@@ -79,13 +80,15 @@ def _check_triton(x: Tensor) -> None:
 def _ce_forward_impl(x, labels, ignore_index, want_grad):
     _check_triton(x)
     ce, _ = _kernels()
-    return ce.upsampled_cross_entropy_forward(x, labels, ignore_index, want_grad)
+    with device_guard(x.device):
+        return ce.upsampled_cross_entropy_forward(x, labels, ignore_index, want_grad)
 
 
 def _ce_backward_impl(x, parts, count, grad_loss):
     _check_triton(x)
     ce, _ = _kernels()
-    return ce.upsampled_cross_entropy_backward(x, parts, count, grad_loss)
+    with device_guard(x.device):
+        return ce.upsampled_cross_entropy_backward(x, parts, count, grad_loss)
 
 
 @torch.library.custom_op("advent_fast::upsampled_cross_entropy_forward", mutates_args=())
@@ -145,16 +148,18 @@ ForwardOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 def _target_forward_impl(x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent, want_cp) -> ForwardOut:
     _check_triton(x)
     _, target = _kernels()
-    return tuple(target.upsampled_target_forward(x, out_h, out_w, prior, k, mu, want_info, want_emap,
-                                                 want_ent, want_cp))
+    with device_guard(x.device):
+        return tuple(target.upsampled_target_forward(x, out_h, out_w, prior, k, mu, want_info, want_emap,
+                                                     want_ent, want_cp))
 
 
 def _target_backward_impl(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior,
                           mu) -> Tensor:
     _check_triton(x)
     _, target = _kernels()
-    return target.upsampled_target_backward(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, keep, kept,
-                                            cmean, prior, mu)
+    with device_guard(x.device):
+        return target.upsampled_target_backward(x, out_h, out_w, grad_info, grad_emap, grad_ent, grad_cp, keep,
+                                                kept, cmean, prior, mu)
 
 
 @torch.library.custom_op("advent_fast::upsampled_target_forward", mutates_args=())

@@ -270,6 +270,10 @@ def main(argv=None):
     else:
         device = torch.device(args.device)
     preset, source_size, target_size, steps, warmup, variants = defaults(args, device)
+    if device.type == "cuda":
+        # The GPU busy column profiles replays of captured CUDA graphs: the profiler must be set up
+        # before the first capture, or profiling the replays can fault (pytorch/pytorch#75504, #100441).
+        torch.profiler._utils._init_for_cuda_graphs()
     sizes = (source_size, target_size)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{os.cpu_count()}"
     print(f"# Training step: {name}, torch {torch.__version__}, preset {preset}, source {source_size[0]}x"
@@ -310,18 +314,19 @@ def main(argv=None):
 
     save()  # the timings are kept even if the tracking below is cut short
     if args.track:
-        for mode in args.modes:
-            tracked += track_losses(preset, mode, args.track_variants, args, sizes, args.track, device)
         print()
         print(f"Losses against release_fp32 over {args.track} iterations on the same inputs and initial "
               f"weights (relative difference; small differences grow as G and D train, so compare with fast_fp32):")
         print()
         print("| mode | variant | loss | max rel. diff | at iter | median rel. diff | release first -> last | last |")
         print("|---|---|---|---|---|---|---|---|")
-        for r in tracked:
-            print(f"| {r['mode']} | {r['variant']} | {r['loss']} | {r['max_rel_diff']:.2e} | {r['at_iter']} | "
-                  f"{r['median_rel_diff']:.2e} | {r['first']:.4g} -> {r['last_ref']:.4g} | {r['last']:.4g} |")
-        save()
+        for mode in args.modes:  # each mode's rows as soon as they are measured
+            mode_rows = track_losses(preset, mode, args.track_variants, args, sizes, args.track, device)
+            for r in mode_rows:
+                print(f"| {r['mode']} | {r['variant']} | {r['loss']} | {r['max_rel_diff']:.2e} | {r['at_iter']} | "
+                      f"{r['median_rel_diff']:.2e} | {r['first']:.4g} -> {r['last_ref']:.4g} | {r['last']:.4g} |")
+            tracked += mode_rows
+            save()
     return 0 if all("error" not in r for r in rows) else 1
 
 

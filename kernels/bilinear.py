@@ -1,7 +1,8 @@
 """Bilinear upsampling with align_corners=True inside the loss kernels, and the atomic-free gather of its
 gradient onto the low-resolution grid.
 
-Index math, per axis (in = low-res size, out = full-res size), in float32 like ATen's CPU and CUDA kernels:
+Index math, per axis (in = low-res size, out = full-res size), in float32 like ATen's CPU kernel (its CUDA
+kernel computes the same, unless nvcc contracted src and w1 into one fma: see below):
     scale = (in - 1) / (out - 1)      (0 when out == 1), rounded once to float32 on the host
     src   = float32(i) * scale        (one rounded product)
     i0    = floor(src) (src >= 0: truncation), at most in - 1;   i1 = i0 + 1 if i0 < in - 1 else i0

@@ -129,3 +129,21 @@ def test_bench_upsampled(tmp_path):
         *((case, impl) for case in ("advent", "minent") for impl in ("release", "interp+fused", "fused"))}
     for r in rows:
         assert r["fwd_bwd_ms"] > 0 and r["x_release"] > 0 and r["peak_MiB"] is None
+
+
+def test_run_gpu_script_parses():
+    proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "run_gpu.sh")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("build", ["1", "0"])
+def test_setup_builds_the_cpu_ops_unless_told_not_to(build):
+    """run_gpu.sh installs with ADVENT_FAST_BUILD_CPU_OPS=0 (no compiler needed, no build time)."""
+    probe = ("import runpy, setuptools\n"
+             "setuptools.setup = lambda **kw: print(sorted(e.name for e in kw['ext_modules']))\n"
+             "runpy.run_path('setup.py', run_name='__main__')\n")
+    env = dict(os.environ, ADVENT_FAST_BUILD_CPU_OPS=build)
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ("['advent_fast._C']" if build == "1" else "[]")

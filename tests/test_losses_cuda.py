@@ -91,3 +91,37 @@ def test_no_host_sync_and_graph_capture():
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, eager, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, eager_grad, rtol=0, atol=0)
+
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu_than_the_current_one():
+    """Triton launches on the current device: the ops make the tensors' device current (cuda:1 here while
+    cuda:0 is current), for the losses on the logits and on their upsampling, forward and backward."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 19, 17, 33, device="cuda:1")
+    labels = torch.randint(0, 19, (2, 65, 129), device="cuda:1")
+    prior = prior_for(19, device="cuda:1")
+    torch.cuda.set_device(0)
+
+    def losses_and_grad(x, fused):
+        target = (af if fused else ref).target_losses(x, self_information=True, entropy=True, top_k=0.3,
+                                                      prior=prior)
+        if fused:
+            up = af.upsampled_target_losses(x, (65, 129), entropy=True)
+            ce = af.upsampled_cross_entropy(x, labels)
+        else:
+            u = F.interpolate(x, size=(65, 129), mode="bilinear", align_corners=True)
+            up, ce = ref.target_losses(u, entropy=True), F.cross_entropy(u, labels, ignore_index=255)
+        outs = [target.self_information.sum(), target.entropy_loss, target.class_prior_loss,
+                up.self_information.sum(), up.entropy_loss, ce]
+        sum(outs).backward()
+        return outs + [x.grad]
+
+    fused = losses_and_grad(logits.detach().requires_grad_(True), True)
+    expected = losses_and_grad(logits.detach().double().requires_grad_(True), False)
+    for i, (out, out64) in enumerate(zip(fused, expected)):
+        assert out.device == torch.device("cuda:1")
+        torch.testing.assert_close(out.double(), out64, rtol=1e-4, atol=1e-6, msg=f"output {i}")

@@ -57,6 +57,24 @@ def test_matches_brute_force_over_several_batches():
     assert ((cm.iou()[~cm.iou().isnan()] >= 0) & (cm.iou()[~cm.iou().isnan()] <= 1)).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_update_on_cuda_matches_the_cpu_without_a_host_sync():
+    n = 19
+    batches = random_batches(n, shape=(2, 64, 128))
+    cpu, gpu = ConfusionMatrix(n), ConfusionMatrix(n, device="cuda")
+    device_batches = [(torch.from_numpy(p).cuda(), torch.from_numpy(t).cuda()) for p, t in batches]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # evaluation queues the next image while this one counts
+    try:
+        for pred, label in device_batches:
+            gpu.update(pred, label)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for pred, label in batches:
+        cpu.update(torch.from_numpy(pred), torch.from_numpy(label))
+    assert torch.equal(gpu.matrix.cpu(), cpu.matrix)
+
+
 def test_subset_means_from_one_matrix():
     cm = ConfusionMatrix(16)
     for pred, label in random_batches(16, seed=1):
