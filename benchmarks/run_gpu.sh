@@ -77,6 +77,8 @@ stage bench_eval 45 "$PY" benchmarks/bench_eval.py --quick --json "$OUT/bench_ev
 stage bench_upsampled 40 "$PY" benchmarks/bench_upsampled.py --quick --json "$OUT/bench_upsampled.json"
 stage bench_data 40 "$PY" benchmarks/bench_data.py --quick --counts 100 100 10 --json "$OUT/bench_data.json"
 stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$OUT/bench_activations.json"
+# Tile sizes and warp counts of the kernels (the defaults are untuned guesses until this has run).
+stage tune_kernels 120 "$PY" benchmarks/tune_kernels.py --quick --json "$OUT/tune_kernels.json"
 # torch.compile and CUDA graphs: compiling ResNet-101 takes a while, so last.
 stage bench_train_step_compile 240 "$PY" benchmarks/bench_train_step.py --modes advent \
     --variants fast_compile fast_compile_graph fast_cudagraph --steps 10 --warmup 5 \
@@ -88,8 +90,9 @@ for name in pytest_losses_cuda pytest_train_cuda pytest_upsampled_cuda pytest_ke
     echo "-- $name"; tail -1 "$OUT/$name.md" 2>/dev/null
 done
 echo "-- training run"; tail -2 "$OUT/train_embedded.md" 2>/dev/null
-for name in bench_entropy_compile bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
+for name in tune_kernels bench_entropy_compile bench_eval bench_upsampled bench_data bench_activations \
+    bench_train_step_compile \
     track_losses bench_train_step_graph bench_train_step bench_entropy; do
-    echo "-- $name"; grep '^|' "$OUT/$name.md" 2>/dev/null | tail -40
+    echo "-- $name"; grep -E '^(\||- )' "$OUT/$name.md" 2>/dev/null | tail -40
 done
 echo "-- stages ($((SECONDS - START)) s)"; cat "$OUT/stages.txt"

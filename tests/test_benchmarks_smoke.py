@@ -131,6 +131,21 @@ def test_bench_upsampled(tmp_path):
         assert r["fwd_bwd_ms"] > 0 and r["x_release"] > 0 and r["peak_MiB"] is None
 
 
+def test_tune_kernels(tmp_path):
+    """Under the interpreter: two candidates a family, the same gradients as the defaults' (no error rows)."""
+    out = tmp_path / "tune_kernels.json"
+    stdout = run_script("tune_kernels.py", "--quick", "--dtypes", "fp32", "--reps", "1", "--limit", "2",
+                        "--json", str(out))
+    assert "Best candidate per family" in stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert not [r for r in rows if "error" in r]
+    for family, cases in (("pixel", {"minent fp32", "minent_er fp32", "self_info fp32"}),
+                          ("cell", {"up_self_info fp32", "up_minent fp32", "source_ce fp32"})):
+        family_rows = [r for r in rows if r["family"] == family]
+        assert len({tuple(r["config"].items()) for r in family_rows}) == 2
+        assert {r["case"] for r in family_rows} == cases and all(r["ms"] > 0 for r in family_rows)
+
+
 def test_run_gpu_script_parses():
     proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "run_gpu.sh")], capture_output=True,
                           text=True)

@@ -1,0 +1,202 @@
+"""Launch-parameter sweep of the Triton kernels: which tile size and warp count are fastest on this GPU.
+
+    python benchmarks/tune_kernels.py [--quick] [--json tune_kernels.json]
+
+The kernels take their launch parameters from module constants: kernels/softmax_entropy.py
+(TILE_ELEMENTS, NUM_WARPS: the per-pixel forward and backward), kernels/entropy_ranking.py (BLOCK_R:
+the radix-select passes) and kernels/bilinear.py (CELL_TILE_ELEMENTS, CELL_NUM_WARPS: the upsampling-fused
+kernels). For each candidate this sets the constants in every kernel module that holds them, checks the
+results against the defaults' (a candidate that changes them beyond float rounding is reported, not
+timed) and times the public ops forward+backward at the training shapes:
+  pixel family: MinEnt, MinEnt+ER (0.3) and self-information on (4, 19, 512, 1024) logits;
+  cell family:  the discriminator's input (self-information map) and MinEnt of (1, 19, 65, 129) logits
+                upsampled to 512x1024, the source cross-entropy of (1, 19, 91, 161) logits at 720x1280.
+Columns: median ms, % of the copy bandwidth measured in the same run (pixel family), x the default.
+The defaults change by editing those constants once a table from the target GPUs says so: launch
+parameters set the order of the partial sums, hence the bits of a loss, so they are fixed, not autotuned.
+Without a GPU it runs under TRITON_INTERPRET=1 on small shapes (a smoke run: interpreter times say
+nothing about a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import math
+import os
+import sys
+
+import torch
+
+import advent_fast as af
+from bench_common import Timer, fwd_bwd, write_results
+from bench_entropy import copy_bandwidth, min_bytes
+
+KERNEL_MODULES = ("softmax_entropy", "entropy_ranking", "bilinear", "target_forward", "target_backward",
+                  "upsampled_cross_entropy", "upsampled_target")
+PIXEL_SWEEP = {"TILE_ELEMENTS": (2048, 4096, 8192), "NUM_WARPS": (4, 8, 16)}
+CELL_SWEEP = {"CELL_TILE_ELEMENTS": (512, 1024, 2048), "CELL_NUM_WARPS": (4, 8)}
+QUICK_PIXEL_SWEEP = {"TILE_ELEMENTS": (2048, 4096, 8192), "NUM_WARPS": (4, 8)}
+QUICK_CELL_SWEEP = {"CELL_TILE_ELEMENTS": (512, 1024, 2048), "CELL_NUM_WARPS": (8,)}
+BLOCK_R_SWEEP = (1024, 4096)  # besides the default, with the pixel family's default tile
+GPU_SHAPES = {"pixel": (4, 19, 512, 1024), "cell_target": ((1, 19, 65, 129), (512, 1024)),
+              "cell_source": ((1, 19, 91, 161), (720, 1280))}
+SMOKE_SHAPES = {"pixel": (1, 19, 16, 40), "cell_target": ((1, 19, 3, 5), (17, 33)),
+                "cell_source": ((1, 19, 3, 6), (17, 41))}
+ER_RATIO = 0.3
+
+
+def kernel_modules():
+    return [importlib.import_module(f"advent_fast.kernels.{name}") for name in KERNEL_MODULES]
+
+
+def current_config(names):
+    modules = kernel_modules()
+    return {name: next(getattr(m, name) for m in modules if hasattr(m, name)) for name in names}
+
+
+def apply_config(config):
+    """Set each constant in every kernel module that holds it (launchers read them at call time)."""
+    for module in kernel_modules():
+        for name, value in config.items():
+            if hasattr(module, name):
+                setattr(module, name, value)
+
+
+def candidates(sweep, defaults):
+    """The default first, then every other combination of the sweep's values."""
+    combos = [dict(zip(sweep, values)) for values in itertools.product(*sweep.values())]
+    return [defaults] + [c for c in combos if c != defaults]
+
+
+def cases(family, shapes, device, dtypes):
+    """[(name, logits, fn, upstream, bytes moved by a perfect fwd+bwd or None)] for one family."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    out = []
+    if family == "pixel":
+        shape = shapes["pixel"]
+        for dname, dtype in dtypes.items():
+            logits = (torch.randn(shape, generator=g) * 3).to(device, dtype)
+            upstream = torch.randn(shape, generator=g).to(device, dtype)
+            numel, elt = logits.numel(), logits.element_size()
+            out += [
+                (f"minent {dname}", logits, af.entropy_loss, None, min_bytes("minent", numel, elt)[1]),
+                (f"minent_er {dname}", logits, lambda x: af.entropy_loss(x, ER_RATIO), None,
+                 min_bytes("minent_er", numel, elt)[1]),
+                (f"self_info {dname}", logits, af.self_information, upstream, min_bytes("self_info", numel, elt)[1]),
+            ]
+        return out
+    (low, size), (src_low, src_size) = shapes["cell_target"], shapes["cell_source"]
+    for dname, dtype in dtypes.items():
+        logits = (torch.randn(low, generator=g) * 3).to(device, dtype)
+        upstream = torch.randn((low[0], low[1]) + size, generator=g).to(device, dtype)
+        src_logits = (torch.randn(src_low, generator=g) * 3).to(device, dtype)
+        labels = torch.randint(0, src_low[1], (src_low[0],) + src_size, generator=g)
+        labels[torch.rand(labels.shape, generator=g) < 0.1] = 255
+        labels = labels.to(device)
+        out += [
+            (f"up_self_info {dname}", logits,
+             lambda x: af.upsampled_target_losses(x, size).self_information, upstream, None),
+            (f"up_minent {dname}", logits,
+             lambda x: af.upsampled_target_losses(x, size, self_information=False, entropy=True).entropy_loss,
+             None, None),
+            (f"source_ce {dname}", src_logits, lambda x, labels=labels: af.upsampled_cross_entropy(x, labels),
+             None, None),
+        ]
+    return out
+
+
+def close(a, b, dtype):
+    """Same values up to the rounding of a different summation order (NaN where NaN)."""
+    rtol = 1e-4 if dtype == torch.float32 else 2e-2
+    return torch.allclose(a.double(), b.double(), rtol=rtol, atol=rtol * float(b.double().abs().max()) + 1e-30,
+                          equal_nan=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer candidates and repetitions")
+    p.add_argument("--families", nargs="+", default=["pixel", "cell"], choices=["pixel", "cell"])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--limit", type=int, default=None, help="at most this many candidates per family (default first)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 30, 10 with --quick)")
+    p.add_argument("--json", default="tune_kernels.json", help="where to write the results")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        device, shapes = torch.device("cuda"), GPU_SHAPES
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        device, shapes = torch.device("cpu"), SMOKE_SHAPES
+        af.set_backend("triton")
+    else:
+        print("tune_kernels.py needs a GPU (or TRITON_INTERPRET=1 for a smoke run on the CPU)", file=sys.stderr)
+        return 2
+    dtypes = {d: {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[d] for d in args.dtypes}
+    timer = Timer(device)
+    reps, warmup = (10, 3) if args.quick else (30, 5)
+    if args.reps:  # the correctness run before the timing warms up
+        reps, warmup = args.reps, 0
+    copy_gbs = copy_bandwidth(device, timer, reps)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton interpreter)"
+    print(f"# {name} | torch {torch.__version__} | measured copy bandwidth {copy_gbs:.0f} GB/s")
+    print("| family | config | case | ms | % copy | x default |")
+    print("|---|---|---|---|---|---|")
+
+    sweeps = {"pixel": QUICK_PIXEL_SWEEP if args.quick else PIXEL_SWEEP,
+              "cell": QUICK_CELL_SWEEP if args.quick else CELL_SWEEP}
+    rows = []
+    for family in args.families:
+        defaults = current_config(sweeps[family])
+        configs = candidates(sweeps[family], defaults)
+        if family == "pixel":
+            block_r = current_config(["BLOCK_R"])
+            configs = [{**c, **block_r} for c in configs]
+            configs += [{**defaults, "BLOCK_R": b} for b in BLOCK_R_SWEEP if b != block_r["BLOCK_R"]]
+        configs = configs[: args.limit]
+        family_cases = cases(family, shapes, device, dtypes)
+        expected, default_ms = {}, {}
+        for config in configs:
+            apply_config(config)
+            label = " ".join(f"{k}={v}" for k, v in config.items())
+            for case, logits, fn, upstream, nbytes in family_cases:
+                run = fwd_bwd(fn, logits, upstream)
+                grad = run()
+                row = {"family": family, "config": config, "case": case}
+                if case not in expected:
+                    expected[case] = grad
+                elif not close(grad, expected[case], logits.dtype):
+                    row["error"] = "gradient differs from the default config's"
+                    rows.append(row)
+                    print(f"| {family} | {label} | {case} | {row['error']} |||")
+                    continue
+                ms = timer.median_ms(run, reps, warmup)
+                default_ms.setdefault(case, ms)
+                row.update(ms=ms, x_default=default_ms[case] / ms,
+                           pct_copy=None if nbytes is None else 100 * nbytes / ms / 1e6 / copy_gbs)
+                rows.append(row)
+                pct = "-" if row["pct_copy"] is None else f"{row['pct_copy']:.0f}"
+                print(f"| {family} | {label} | {case} | {ms:.3f} | {pct} | {row['x_default']:.2f} |")
+                sys.stdout.flush()
+        apply_config(configs[0])  # back to the defaults
+
+    print()
+    print("Best candidate per family (geometric mean of x default over its cases):")
+    for family in args.families:
+        by_config = {}
+        for r in rows:
+            if r["family"] == family and "ms" in r:
+                by_config.setdefault(tuple(r["config"].items()), []).append(r["x_default"])
+        complete = {k: v for k, v in by_config.items() if len(v) == max(map(len, by_config.values()))}
+        if complete:
+            best = max(complete, key=lambda k: math.prod(complete[k]) ** (1 / len(complete[k])))
+            gain = math.prod(complete[best]) ** (1 / len(complete[best]))
+            print(f"- {family}: {' '.join(f'{k}={v}' for k, v in best)} ({gain:.2f}x the default)")
+    write_results(args.json, {"device": name, "torch": torch.__version__, "copy_GBps": copy_gbs, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
