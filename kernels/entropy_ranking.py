@@ -13,7 +13,9 @@ so the whole select stays on the device with no state but the histograms. The la
 (N, S) uint8 keep mask that the backward reads: the same selection, at a quarter of the entropy map's bytes,
 so the map itself need not outlive the forward.
 
-Launches: 4 histogram passes and 1 kept-sum pass, each one kernel over the (N, S) entropy map.
+Launches: 4 histogram passes and 1 kept-sum pass, each one kernel over the (N, S) entropy map. A forward
+kernel that computes the entropies can build pass 0's histogram itself (histogram_top_digit): then 3
+histogram passes remain.
 """
 import torch
 import triton
@@ -34,6 +36,13 @@ BLOCK_R = 2048
 def rank_key(ent):
     """int32 ordering key of E >= 0: its bits, every NaN -> NAN_KEY (above +inf)."""
     return tl.where(ent != ent, NAN_KEY, ent.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def histogram_top_digit(ent, mask):
+    """[RADIX] int32 counts of pass 0's digit (the key's top 8 bits) of the entropies where mask holds."""
+    # the lowering bins by the low 8 bits of its input: the mask keeps the digit there
+    return tl.histogram((rank_key(ent) >> (32 - RADIX_BITS)) & (RADIX - 1), RADIX, mask=mask)
 
 
 @triton.jit
@@ -108,19 +117,27 @@ def _rank_pass_kernel(
         tl.store(kept_sum_ptr + n * num_programs + pid, tl.sum(acc, axis=0))
 
 
-def rank_entropy(emap, k):
+def zeroed_histograms(num_images, device):
+    """The (N, NUM_PASSES, RADIX) int32 histogram buffer, zeroed: the passes add into it."""
+    return torch.zeros((num_images, NUM_PASSES, RADIX), dtype=torch.int32, device=device)
+
+
+def rank_entropy(emap, k, hist=None):
     """Radix-select the k-th largest entropy of each image of the (N, S) float32 map `emap`.
 
+    hist: None, or the zeroed_histograms buffer whose pass-0 row the forward kernel has already filled.
     Returns (hist, kept_sum, keep): the (N, 4, 256) digit histograms (the finishing kernel replays them
     into thresh and kept), the (N, programs) partial sums of the kept E and the (N, S) uint8 keep mask.
     """
     num_images, num_pixels = emap.shape
     programs = programs_per_image(triton.cdiv(num_pixels, BLOCK_R), num_images)
-    hist = torch.zeros((num_images, NUM_PASSES, RADIX), dtype=torch.int32, device=emap.device)
+    first_pass = 0 if hist is None else 1
+    if hist is None:
+        hist = zeroed_histograms(num_images, emap.device)
     kept_sum = torch.empty((num_images, programs), dtype=torch.float32, device=emap.device)
     keep = torch.empty((num_images, num_pixels), dtype=torch.uint8, device=emap.device)
     grid = (programs, num_images)
-    for pass_index in range(NUM_PASSES.value + 1):
+    for pass_index in range(first_pass, NUM_PASSES.value + 1):
         _rank_pass_kernel[grid](
             emap, hist, kept_sum, keep, num_pixels, k, PASS=pass_index, BLOCK=BLOCK_R, num_warps=NUM_WARPS
         )

@@ -6,8 +6,9 @@ Launches:
   1 finishing kernel (single program) when a loss is asked for: reduces the partials in a fixed order
     (deterministic, no float atomics) into the MinEnt mean, the class means m_nc and the class-prior
     hinge loss; with ranking, it replays the radix select into thresh and kept.
-  ranking (k > 0) adds 5 passes over the entropy map (a temporary unless asked for) and a zeroed
-    histogram (entropy_ranking.py); the last writes the keep mask the backward reads.
+  ranking (k > 0): the main kernel also histograms the entropies' top digit (radix pass 0) into a zeroed
+    buffer; 3 more radix passes and the kept-sum pass read the entropy map (a temporary unless asked for;
+    entropy_ranking.py); the last writes the keep mask the backward reads.
 No host synchronisation: counts and scalars stay in device memory (safe under CUDA graph capture).
 """
 import math
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .entropy_ranking import NUM_PASSES, RADIX, radix_replay, rank_entropy
+from .entropy_ranking import NUM_PASSES, RADIX, histogram_top_digit, radix_replay, rank_entropy, zeroed_histograms
 from .softmax_entropy import NUM_WARPS, block_sizes, programs_per_image, softmax_entropy
 
 
@@ -27,6 +28,7 @@ def _target_fwd_kernel(
     emap_ptr,  # (N, S) float32 entropy map out, contiguous
     ent_part_ptr,  # (N, programs) float32 partial sums of E
     cls_part_ptr,  # (N, programs, BLOCK_C) float32 partial sums of p
+    hist_ptr,  # (N, NUM_PASSES, RADIX) int32 zeroed radix histograms: row 0 filled here (WANT_HIST)
     S,
     C,
     num_blocks,
@@ -41,6 +43,7 @@ def _target_fwd_kernel(
     WANT_EMAP: tl.constexpr,
     WANT_ENT_SUM: tl.constexpr,
     WANT_CLASS_SUM: tl.constexpr,
+    WANT_HIST: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -52,6 +55,7 @@ def _target_fwd_kernel(
     x_img = x_ptr + n.to(tl.int64) * stride_xn
     ent_acc = tl.zeros([BLOCK_S], dtype=tl.float32)
     cls_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    hist_acc = tl.zeros([RADIX], dtype=tl.int32)
     # grid-stride over pixel blocks: one partial per program, whatever S
     for block in range(pid, num_blocks, num_programs):
         offs_s = block * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -74,11 +78,17 @@ def _target_fwd_kernel(
             ent_acc += tl.where(s_valid, ent, 0.0)
         if WANT_CLASS_SUM:
             cls_acc += tl.sum(tl.where(s_valid[:, None], p, 0.0), axis=0)
+        if WANT_HIST:
+            hist_acc += histogram_top_digit(ent, s_valid)
     part = n * num_programs + pid
     if WANT_ENT_SUM:
         tl.store(ent_part_ptr + part, tl.sum(ent_acc, axis=0))
     if WANT_CLASS_SUM:
         tl.store(cls_part_ptr + part * BLOCK_C + offs_c, cls_acc)
+    if WANT_HIST:
+        # one int32 atomic per non-empty bin of this program's histogram: exact, order-free
+        bins = tl.arange(0, RADIX)
+        tl.atomic_add(hist_ptr + n * (NUM_PASSES * RADIX) + bins, hist_acc, mask=hist_acc > 0, sem="relaxed")
 
 
 @triton.jit
@@ -174,12 +184,14 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     emap = empty_f32_if(want_emap or ranked, (N, S), device)
     ent_part = empty_f32_if(want_ent_sum, (N, programs), device)
     cls_part = empty_f32_if(want_cp, (N, programs, block_c), device)
+    hist = zeroed_histograms(N, device) if ranked else None
     _target_fwd_kernel[(programs, N)](
         x,
         info,
         emap,
         ent_part,
         cls_part,
+        hist,
         S,
         C,
         num_blocks,
@@ -190,20 +202,22 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
         WANT_EMAP=emap is not None,
         WANT_ENT_SUM=want_ent_sum,
         WANT_CLASS_SUM=want_cp,
+        WANT_HIST=ranked,
         BLOCK_S=block_s,
         BLOCK_C=block_c,
         num_warps=NUM_WARPS,
     )
     return finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_emap, want_ent, want_cp, S,
-                                 programs, block_s, block_c, NUM_WARPS)
+                                 programs, block_s, block_c, NUM_WARPS, hist)
 
 
 def finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_emap, want_ent, want_cp,
-                          num_pixels, num_parts, block_p, block_c, num_warps):
+                          num_pixels, num_parts, block_p, block_c, num_warps, hist=None):
     """What follows a target forward's main kernel -> (info, emap, ent, cp, thresh, kept, cmean, keep).
 
     Ranking (want_ent and k > 0) runs its passes over emap, (N, num_pixels) once flattened (returned only
-    if want_emap: the backward reads the keep mask, a quarter of its bytes); then the
+    if want_emap: the backward reads the keep mask, a quarter of its bytes), from pass 1 if the main
+    kernel filled hist's pass-0 row (see rank_entropy); then the
     finishing kernel reduces ent_part (N, num_parts) and cls_part (N, num_parts, block_c), the main
     kernel's partial sums, reading block_p rows of block_c at a time. Outputs not asked for, info
     included, come back as fresh empty tensors (info: x.dtype, keep: uint8, the others float32).
@@ -216,9 +230,8 @@ def finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_
     cmean = empty_f32_if(want_cp, (N, C), device)
     keep = None
     if want_ent or want_cp:
-        hist = None
         if ranked:
-            hist, ent_part, keep = rank_entropy(emap.view(N, num_pixels), k)
+            hist, ent_part, keep = rank_entropy(emap.view(N, num_pixels), k, hist)
             keep = keep.view(emap.shape)
         _target_finish_kernel[(1,)](
             ent_part,
