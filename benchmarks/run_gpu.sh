@@ -4,7 +4,8 @@
 # of one device call). Logs, tables (.md) and JSON go to $OUT (default ./gpu_out); the most important
 # stages come first and each gets at most the time left, so a short budget still leaves those.
 # ONLY="stage names" runs just those stages (e.g. the ones a previous call had no time for). The
-# last thing printed is the summary: test results, then every table.
+# last thing printed is the summary: test results, then every table. Dependencies the machine lacks are
+# installed from .gpu-wheels (benchmarks/gpu_wheels.sh) when it was carried along.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -34,6 +35,19 @@ stage() {
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+# The project installs with --no-deps: what it imports and the image lacks comes from the wheels that
+# benchmarks/gpu_wheels.sh prepares (carried as .gpu-wheels), one distribution at a time.
+missing=$("$PY" -c "import importlib.util as u
+wanted = {'numpy': 'numpy', 'yaml': 'pyyaml', 'tqdm': 'tqdm', 'PIL': 'pillow', 'cv2': 'opencv-python-headless',
+          'pytest': 'pytest'}
+print(' '.join(dist for module, dist in wanted.items() if u.find_spec(module) is None))")
+for dist in $missing; do
+    if "$PY" -m pip install --no-index --find-links .gpu-wheels "$dist" >>"$OUT/install.log" 2>&1; then
+        echo "installed $dist from .gpu-wheels" | tee -a "$OUT/stages.txt"
+    else
+        echo "MISSING $dist (not in the image, nor in .gpu-wheels)" | tee -a "$OUT/stages.txt"
+    fi
+done
 # No GPU stage uses the C++ ops (CPU tensors only; CI tests them): skip their build, which needs a
 # compiler and a minute.
 if ! ADVENT_FAST_BUILD_CPU_OPS=0 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . \

@@ -146,9 +146,9 @@ def test_tune_kernels(tmp_path):
         assert {r["case"] for r in family_rows} == cases and all(r["ms"] > 0 for r in family_rows)
 
 
-def test_run_gpu_script_parses():
-    proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "run_gpu.sh")], capture_output=True,
-                          text=True)
+@pytest.mark.parametrize("script", ["run_gpu.sh", "gpu_wheels.sh"])
+def test_gpu_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
