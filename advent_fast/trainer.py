@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional
@@ -752,8 +753,9 @@ class Trainer:
             return None
         from tqdm import tqdm
 
+        # Into a log file (nohup, a cluster job) every redraw is another line: one a minute there.
         return tqdm(total=self.config.train.stop_iter, initial=self.iteration, desc=self.config.train.mode,
-                    dynamic_ncols=True, smoothing=0.1)
+                    dynamic_ncols=True, smoothing=0.1, mininterval=0.1 if sys.stderr.isatty() else 60.0)
 
     # ---- logs, TensorBoard, evaluation -----------------------------------------------------------
     def _log(self, record: Dict[str, Any]) -> None:

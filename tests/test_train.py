@@ -5,6 +5,7 @@ import inspect
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -600,6 +601,19 @@ def test_tensorboard_scalars_and_images(tiny_data, tmp_path):
     Trainer(config, run_dir=str(tmp_path / "run")).fit()
     events = os.listdir(tmp_path / "run" / "tensorboard")
     assert events and all(e.startswith("events.out.tfevents") for e in events)
+
+
+def test_progress_bar_redraws_once_a_minute_into_a_log_file(tiny_data, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    trainer = Trainer(tiny_config(tiny_data, "minent", "run.progress=true", "train.stop_iter=2"))
+    for stream, interval in ((io.StringIO(), 60.0), (Terminal(), 0.1)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = trainer._progress_bar()
+        assert bar.mininterval == interval
+        bar.close()
 
 
 def test_optimisers_and_schedule():
