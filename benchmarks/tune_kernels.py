@@ -189,11 +189,14 @@ def main(argv=None) -> int:
         for r in rows:
             if r["family"] == family and "ms" in r:
                 by_config.setdefault(tuple(r["config"].items()), []).append(r["x_default"])
+        if not by_config:
+            print(f"- {family}: nothing timed")
+            continue
+        # only candidates timed on every case of the family (a mismatching case drops the candidate)
         complete = {k: v for k, v in by_config.items() if len(v) == max(map(len, by_config.values()))}
-        if complete:
-            best = max(complete, key=lambda k: math.prod(complete[k]) ** (1 / len(complete[k])))
-            gain = math.prod(complete[best]) ** (1 / len(complete[best]))
-            print(f"- {family}: {' '.join(f'{k}={v}' for k, v in best)} ({gain:.2f}x the default)")
+        best = max(complete, key=lambda k: math.prod(complete[k]) ** (1 / len(complete[k])))
+        gain = math.prod(complete[best]) ** (1 / len(complete[best]))
+        print(f"- {family}: {' '.join(f'{k}={v}' for k, v in best)} ({gain:.2f}x the default)")
     write_results(args.json, {"device": name, "torch": torch.__version__, "copy_GBps": copy_gbs, "rows": rows})
     return 0
 
