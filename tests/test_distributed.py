@@ -64,3 +64,19 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_da
             if k != "it_per_s":
                 assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), k
     assert evals_b[-1]["miou"] == pytest.approx(evals_a[-1]["miou"], abs=1e-6)  # sharded evaluation
+
+@pytest.mark.parametrize("world_size, finalised", [("1", True), ("2", False)])
+def test_a_process_of_a_multi_process_run_exits_without_finalising(world_size, finalised):
+    """train's exit: same exit code, output flushed; a process of a multi-process run skips the interpreter's
+    finalisation (where gloo's worker threads can abort it), a single process does not."""
+    code = ("import atexit, sys\n"
+            "from advent_fast.train import exit_process\n"
+            "atexit.register(lambda: print('finalised'))\n"
+            "print('trained', end='')\n"
+            "exit_process(3)\n")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "WORLD_SIZE": world_size}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == ("trainedfinalised\n" if finalised else "trained")
