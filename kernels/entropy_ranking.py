@@ -14,7 +14,7 @@ so the whole select stays on the device with no state but the histograms. The la
 so the map itself need not outlive the forward.
 
 Launches: 4 histogram passes and 1 kept-sum pass, each one kernel over the (N, S) entropy map. A forward
-kernel that computes the entropies can build pass 0's histogram itself (histogram_top_digit): then 3
+kernel that computes the entropies can build pass 0's histogram itself (digit_histogram, add_histogram): then 3
 histogram passes remain.
 """
 import torch
@@ -39,10 +39,18 @@ def rank_key(ent):
 
 
 @triton.jit
-def histogram_top_digit(ent, mask):
-    """[RADIX] int32 counts of pass 0's digit (the key's top 8 bits) of the entropies where mask holds."""
+def digit_histogram(key, PASS: tl.constexpr, mask):
+    """[RADIX] int32 counts of digit PASS (0: the top 8 bits) of the keys where mask holds."""
     # the lowering bins by the low 8 bits of its input: the mask keeps the digit there
-    return tl.histogram((rank_key(ent) >> (32 - RADIX_BITS)) & (RADIX - 1), RADIX, mask=mask)
+    return tl.histogram((key >> (32 - RADIX_BITS * (PASS + 1))) & (RADIX - 1), RADIX, mask=mask)
+
+
+@triton.jit
+def add_histogram(pass_hist_ptr, counts):
+    """Add one program's [RADIX] counts into a pass's histogram row: one int32 atomic per non-empty bin
+    (exact and order-free, so deterministic)."""
+    bins = tl.arange(0, RADIX)
+    tl.atomic_add(pass_hist_ptr + bins, counts, mask=counts > 0, sem="relaxed")
 
 
 @triton.jit
@@ -100,10 +108,8 @@ def _rank_pass_kernel(
             if PASS > 0:
                 # only the keys whose higher digits are the ones chosen so far
                 in_range = in_range & ((key >> (SHIFT + RADIX_BITS)) == (prefix >> (SHIFT + RADIX_BITS)))
-            counts += tl.histogram((key >> SHIFT) & (RADIX - 1), RADIX, mask=in_range)
-        # one atomic per non-empty bin of this program's local histogram
-        bins = tl.arange(0, RADIX)
-        tl.atomic_add(hist_row + PASS * RADIX + bins, counts, mask=counts > 0, sem="relaxed")
+            counts += digit_histogram(key, PASS, in_range)
+        add_histogram(hist_row + PASS * RADIX, counts)
     else:
         # prefix is now the threshold key; keep = key >= key(t) <=> E >= t or isnan(E)
         acc = tl.zeros([BLOCK], dtype=tl.float32)

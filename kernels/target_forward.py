@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .entropy_ranking import NUM_PASSES, RADIX, histogram_top_digit, radix_replay, rank_entropy, zeroed_histograms
+from .entropy_ranking import (NUM_PASSES, RADIX, add_histogram, digit_histogram, radix_replay, rank_entropy, rank_key,
+                              zeroed_histograms)
 from .softmax_entropy import NUM_WARPS, block_sizes, programs_per_image, softmax_entropy
 
 
@@ -79,16 +80,14 @@ def _target_fwd_kernel(
         if WANT_CLASS_SUM:
             cls_acc += tl.sum(tl.where(s_valid[:, None], p, 0.0), axis=0)
         if WANT_HIST:
-            hist_acc += histogram_top_digit(ent, s_valid)
+            hist_acc += digit_histogram(rank_key(ent), 0, s_valid)  # radix pass 0
     part = n * num_programs + pid
     if WANT_ENT_SUM:
         tl.store(ent_part_ptr + part, tl.sum(ent_acc, axis=0))
     if WANT_CLASS_SUM:
         tl.store(cls_part_ptr + part * BLOCK_C + offs_c, cls_acc)
     if WANT_HIST:
-        # one int32 atomic per non-empty bin of this program's histogram: exact, order-free
-        bins = tl.arange(0, RADIX)
-        tl.atomic_add(hist_ptr + n * (NUM_PASSES * RADIX) + bins, hist_acc, mask=hist_acc > 0, sem="relaxed")
+        add_histogram(hist_ptr + n * (NUM_PASSES * RADIX), hist_acc)
 
 
 @triton.jit
