@@ -39,8 +39,8 @@ import triton.language as tl
 
 # Elements per [lanes, BLOCK_C] cell tile. The cell kernels keep four such tiles live (the two tap rows
 # and two row-weighted gradient sums) besides the softmax temporaries: 1K fp32 with 8 warps = 4 values a
-# thread per tile. Compiled for sm_90 they then take 125-145 registers without spills (2K with 4 warps:
-# 170-250).
+# thread per tile. Compiled for sm_90 they then take 120-160 registers without spills
+# (benchmarks/kernel_resources.py; 2K with 4 warps: 170-250).
 CELL_TILE_ELEMENTS = 1024
 CELL_NUM_WARPS = 8
 # low-res pixels per tile of combine_taps

@@ -90,6 +90,15 @@ def test_bench_train_step(tmp_path):
     assert max(r["max_rel_diff"] for r in tracked.values()) < 1e-4
 
 
+def test_gpu_busy_counts_overlapping_kernels_once(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from bench_train_step import covered_length
+
+    # a copy on its own stream overlapping two kernels, a nested kernel, a gap, then a touching one
+    assert covered_length([(5, 9), (0, 4), (3, 6), (1, 2), (12, 14), (14, 15)]) == 9 + 3
+    assert covered_length([]) == 0
+
+
 def test_bench_activations(tmp_path):
     out = tmp_path / "bench_activations.json"
     stdout = run_script("bench_activations.py", "--device", "cpu", "--model", "deeplabv2_small", "--width", "4",

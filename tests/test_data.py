@@ -286,7 +286,7 @@ def test_scenes_are_a_function_of_the_seed():
     b_rgb, b_ids = embedded.render_scene((0, 0, 3), (96, 54), embedded.SOURCE_STYLE)
     c_rgb, c_ids = embedded.render_scene((1, 0, 3), (96, 54), embedded.SOURCE_STYLE)
     assert np.array_equal(a_rgb, b_rgb) and np.array_equal(a_ids, b_ids)
-    assert not np.array_equal(a_rgb, c_rgb)
+    assert not np.array_equal(a_rgb, c_rgb) and not np.array_equal(a_ids, c_ids)
 
 
 def _tree(root):
