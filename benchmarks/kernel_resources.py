@@ -1,6 +1,6 @@
-"""What every Triton kernel variant needs on an H100 / H200 (sm_90), read without a GPU.
+"""What every Triton kernel variant needs on an H100 / H200 (sm_90) or another NVIDIA GPU, read without one.
 
-    python benchmarks/kernel_resources.py [--json kernel_resources.json]
+    python benchmarks/kernel_resources.py [--arch 90] [--json kernel_resources.json]
 
 Compiles, without launching, every kernel variant the launchers produce at the paper's shapes (and
 odd ones: C = 2, 16, 21, sizes of 1, fp32/fp16/bf16, channels_last) with the installed Triton and its
@@ -13,7 +13,8 @@ usual reason a memory-bound kernel stays under the copy bandwidth).
 The interpreter runs kernels as Python and misses what only the compiler checks (loop-carried types,
 layouts, constexpr specialisation of arguments equal to 1); tests/test_kernels_triton.py runs this
 script, so CI compiles every variant for sm_90 with both supported Tritons and fails on large spills.
-Exit code 77: this Triton cannot compile for sm_90 here (no NVIDIA backend).
+`--arch 80` (A100), 86 / 89 (RTX 30x0 / 40x0), 70 (V100), 75 (T4) read the same for those GPUs.
+Exit code 77: this Triton cannot compile for NVIDIA GPUs here (no NVIDIA backend).
 """
 from __future__ import annotations
 
@@ -35,22 +36,31 @@ except ImportError:  # not installed: the top-level folder itself (PYTHONPATH=re
     import kernels  # noqa: E402
 
 CANNOT_COMPILE_HERE = 77
-TARGET = ("cuda", 90, 32)  # H100 / H200: compute capability 9.0, warps of 32 threads
-# sm_90 limits per SM (CUDA occupancy calculator): 64 resident warps, 32 blocks, 64K 32-bit registers
-# allocated per warp in units of 256, 228 KiB of shared memory with 1 KiB reserved per block.
-MAX_WARPS, MAX_BLOCKS, REGISTERS, REGISTER_UNIT, SHARED_BYTES, SHARED_RESERVED = 64, 32, 65536, 256, 233472, 1024
+# Per SM, by compute capability (CUDA occupancy calculator): resident warps, resident blocks, shared
+# memory bytes, shared memory reserved per block. All: 64K 32-bit registers, allocated per warp in units
+# of 256.
+SM_LIMITS = {
+    70: (64, 32, 96 * 1024, 0),  # V100
+    75: (32, 16, 64 * 1024, 0),  # T4, RTX 20x0
+    80: (64, 32, 164 * 1024, 1024),  # A100
+    86: (48, 16, 100 * 1024, 1024),  # RTX 30x0, A40
+    89: (48, 24, 100 * 1024, 1024),  # RTX 40x0, L40, L4
+    90: (64, 32, 228 * 1024, 1024),  # H100, H200
+}
+REGISTERS, REGISTER_UNIT = 65536, 256
 
 
-def occupancy(registers: int, shared: int, num_warps: int) -> float:
-    """Resident warps / 64 that a block of num_warps warps with these resources allows on one SM."""
+def occupancy(arch: int, registers: int, shared: int, num_warps: int) -> float:
+    """Share of the SM's resident warps that blocks of num_warps warps with these resources fill."""
+    max_warps, max_blocks, shared_bytes, shared_reserved = SM_LIMITS[arch]
     per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
-    blocks = min(MAX_BLOCKS, MAX_WARPS // num_warps,
-                 REGISTERS // (per_warp * num_warps) if per_warp else MAX_BLOCKS,
-                 SHARED_BYTES // (shared + SHARED_RESERVED))
-    return blocks * num_warps / MAX_WARPS
+    blocks = min(max_blocks, max_warps // num_warps,
+                 REGISTERS // (per_warp * num_warps) if per_warp else max_blocks,
+                 shared_bytes // (shared + shared_reserved) if shared + shared_reserved else max_blocks)
+    return blocks * num_warps / max_warps
 
 
-def compile_only(case: dict):
+def compile_only(case: dict, arch: int):
     """Make launches compile and return the kernel instead of running it -> list of compiled kernels,
     appended to as launchers are called, each with its constexprs, its arguments' types (which select
     the variant too) and case["label"] at the time of the launch."""
@@ -70,7 +80,7 @@ def compile_only(case: dict):
             return 0
 
         def get_current_target(self):
-            return GPUTarget(*TARGET)
+            return GPUTarget("cuda", arch, 32)
 
     driver.set_active(CompileOnlyDriver())
     compiled = []
@@ -153,6 +163,8 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS),
+                        help="compute capability x 10 to compile for (default 90: H100 / H200)")
     parser.add_argument("--json", help="also write the rows here")
     return parser.parse_args(argv)
 
@@ -161,9 +173,9 @@ def main(argv=None):
     args = parse_args(argv)
     case = {"label": None}
     try:
-        compiled = compile_only(case)
+        compiled = compile_only(case, args.arch)
     except Exception as exc:  # noqa: BLE001 - any failure here is the environment's, not the kernels'
-        print(f"cannot compile for sm_90 here: {exc!r}")
+        print(f"cannot compile for NVIDIA GPUs here: {exc!r}")
         return CANNOT_COMPILE_HERE
     import triton
 
@@ -176,14 +188,14 @@ def main(argv=None):
         seen.add(key)
         usage = resource_usage(kernel.asm["cubin"])
         # Triton's shared memory is all dynamic (in its metadata); the cubin's SHARED is the 1 KiB that
-        # sm_90 reserves per block, counted by occupancy() whether or not the kernel uses shared memory
+        # sm_80+ reserve per block, counted by occupancy() whether or not the kernel uses shared memory
         shared = kernel.metadata.shared
         num_warps = kernel.metadata.num_warps
         rows.append({"kernel": name, "first_case": label, "constexprs": constexprs,
                      "num_warps": num_warps, "registers": usage["REG"], "shared_bytes": shared,
                      "stack_bytes": usage["STACK"],
-                     "occupancy": occupancy(usage["REG"], shared, num_warps)})
-    print(f"# Kernel resources for sm_90: triton {triton.__version__}, {len(rows)} variants "
+                     "occupancy": occupancy(args.arch, usage["REG"], shared, num_warps)})
+    print(f"# Kernel resources for sm_{args.arch}: triton {triton.__version__}, {len(rows)} variants "
           f"({len(compiled)} launches compiled)")
     print()
     print("| kernel | first compiled for | constexprs | warps | registers | shared B | stack (spills) B "
@@ -196,7 +208,7 @@ def main(argv=None):
     if args.json:
         from bench_common import write_results
 
-        write_results(args.json, {"triton": triton.__version__, "target": list(TARGET), "rows": rows})
+        write_results(args.json, {"triton": triton.__version__, "arch": args.arch, "rows": rows})
     return 0
 
 
