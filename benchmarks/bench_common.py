@@ -1,6 +1,7 @@
 """Timing and memory helpers shared by the benchmark scripts."""
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import time
@@ -64,3 +65,29 @@ def write_results(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     print(f"# results written to {path}")
+
+
+# The kernels' launch parameters are module constants that their launchers read at call time.
+KERNEL_MODULES = ("softmax_entropy", "entropy_ranking", "bilinear", "target_forward", "target_backward",
+                  "upsampled_cross_entropy", "upsampled_target")
+
+
+def kernel_modules(package: str = "advent_fast.kernels"):
+    return [importlib.import_module(f"{package}.{name}") for name in KERNEL_MODULES]
+
+
+def current_config(names, package: str = "advent_fast.kernels") -> dict:
+    """The current values of these launch-parameter constants."""
+    modules = kernel_modules(package)
+    return {name: next(getattr(m, name) for m in modules if hasattr(m, name)) for name in names}
+
+
+def apply_config(config: dict, package: str = "advent_fast.kernels") -> None:
+    """Set each constant in every kernel module that holds it (a name no module holds is an error)."""
+    modules = kernel_modules(package)
+    for name, value in config.items():
+        holders = [m for m in modules if hasattr(m, name)]
+        if not holders:
+            raise KeyError(f"no kernel module has a launch parameter {name!r}")
+        for module in holders:
+            setattr(module, name, value)

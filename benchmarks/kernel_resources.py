@@ -1,6 +1,6 @@
 """What every Triton kernel variant needs on an H100 / H200 (sm_90) or another NVIDIA GPU, read without one.
 
-    python benchmarks/kernel_resources.py [--arch 90] [--json kernel_resources.json]
+    python benchmarks/kernel_resources.py [--arch 90] [--set NUM_WARPS=16 ...] [--json kernel_resources.json]
 
 Compiles, without launching, every kernel variant the launchers produce at the paper's shapes (and
 odd ones: C = 2, 16, 21, sizes of 1, fp32/fp16/bf16, channels_last) with the installed Triton and its
@@ -13,7 +13,9 @@ usual reason a memory-bound kernel stays under the copy bandwidth).
 The interpreter runs kernels as Python and misses what only the compiler checks (loop-carried types,
 layouts, constexpr specialisation of arguments equal to 1); tests/test_kernels_triton.py runs this
 script, so CI compiles every variant for sm_90 with both supported Tritons and fails on large spills.
-`--arch 80` (A100), 86 / 89 (RTX 30x0 / 40x0), 70 (V100), 75 (T4) read the same for those GPUs.
+`--arch 80` (A100), 86 / 89 (RTX 30x0 / 40x0), 70 (V100), 75 (T4) read the same for those GPUs;
+`--set NAME=VALUE` compiles with another value of a launch parameter (tune_kernels.py's constants), so a
+tile that would spill is seen before any GPU time is spent on timing it.
 Exit code 77: this Triton cannot compile for NVIDIA GPUs here (no NVIDIA backend).
 """
 from __future__ import annotations
@@ -165,6 +167,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS),
                         help="compute capability x 10 to compile for (default 90: H100 / H200)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a kernel launch parameter (e.g. TILE_ELEMENTS=2048), repeatable")
     parser.add_argument("--json", help="also write the rows here")
     return parser.parse_args(argv)
 
@@ -178,7 +182,18 @@ def main(argv=None):
         print(f"cannot compile for NVIDIA GPUs here: {exc!r}")
         return CANNOT_COMPILE_HERE
     import triton
+    from bench_common import apply_config
 
+    config = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if not value.isdigit():
+            raise SystemExit(f"--set wants NAME=INTEGER, got {item!r}")
+        config[name] = int(value)
+    try:
+        apply_config(config, kernels.__name__)
+    except KeyError as exc:
+        raise SystemExit(f"--set: {exc.args[0]}") from None
     launch_every_variant(case)
     rows, seen = [], set()
     for name, constexprs, types, label, kernel in compiled:
@@ -195,7 +210,8 @@ def main(argv=None):
                      "num_warps": num_warps, "registers": usage["REG"], "shared_bytes": shared,
                      "stack_bytes": usage["STACK"],
                      "occupancy": occupancy(args.arch, usage["REG"], shared, num_warps)})
-    print(f"# Kernel resources for sm_{args.arch}: triton {triton.__version__}, {len(rows)} variants "
+    settings = "".join(f", {k}={v}" for k, v in config.items())
+    print(f"# Kernel resources for sm_{args.arch}{settings}: triton {triton.__version__}, {len(rows)} variants "
           f"({len(compiled)} launches compiled)")
     print()
     print("| kernel | first compiled for | constexprs | warps | registers | shared B | stack (spills) B "
@@ -208,7 +224,7 @@ def main(argv=None):
     if args.json:
         from bench_common import write_results
 
-        write_results(args.json, {"triton": triton.__version__, "arch": args.arch, "rows": rows})
+        write_results(args.json, {"triton": triton.__version__, "arch": args.arch, "config": config, "rows": rows})
     return 0
 
 

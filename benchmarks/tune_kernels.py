@@ -5,7 +5,7 @@
 The kernels take their launch parameters from module constants: kernels/softmax_entropy.py
 (TILE_ELEMENTS, NUM_WARPS: the per-pixel forward and backward), kernels/entropy_ranking.py (BLOCK_R:
 the radix-select passes) and kernels/bilinear.py (CELL_TILE_ELEMENTS, CELL_NUM_WARPS: the upsampling-fused
-kernels). For each candidate this sets the constants in every kernel module that holds them, checks the
+kernels; COMBINE_TILE_ELEMENTS: their gradients' gather, whose tile does not change the bits). For each candidate this sets the constants in every kernel module that holds them, checks the
 results against the defaults' (a candidate that changes them beyond float rounding is reported, not
 timed) and times the public ops forward+backward at the training shapes:
   pixel family: MinEnt, MinEnt+ER (0.3) and self-information on (4, 19, 512, 1024) logits;
@@ -20,7 +20,6 @@ nothing about a GPU).
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import math
 import os
@@ -29,38 +28,24 @@ import sys
 import torch
 
 import advent_fast as af
-from bench_common import Timer, fwd_bwd, write_results
+from bench_common import Timer, apply_config, current_config, fwd_bwd, write_results
 from bench_entropy import copy_bandwidth, min_bytes
 
-KERNEL_MODULES = ("softmax_entropy", "entropy_ranking", "bilinear", "target_forward", "target_backward",
-                  "upsampled_cross_entropy", "upsampled_target")
 PIXEL_SWEEP = {"TILE_ELEMENTS": (2048, 4096, 8192), "NUM_WARPS": (4, 8, 16)}
-CELL_SWEEP = {"CELL_TILE_ELEMENTS": (512, 1024, 2048), "CELL_NUM_WARPS": (4, 8)}
-QUICK_PIXEL_SWEEP = {"TILE_ELEMENTS": (2048, 4096, 8192), "NUM_WARPS": (4, 8)}
-QUICK_CELL_SWEEP = {"CELL_TILE_ELEMENTS": (512, 1024, 2048), "CELL_NUM_WARPS": (8,)}
+CELL_SWEEP = {"CELL_TILE_ELEMENTS": (512, 1024, 2048), "CELL_NUM_WARPS": (4, 8),
+              "COMBINE_TILE_ELEMENTS": (1024, 4096)}
+# The quick sweeps leave out what compiles to large spills for sm_90 (benchmarks/kernel_resources.py --set,
+# 2026-11-27): 4 warps with 8K-element pixel tiles (784 bytes a thread) and with any cell tile
+# (combine_taps: 360 bytes).
+QUICK_PIXEL_SWEEP = {"TILE_ELEMENTS": (2048, 4096, 8192), "NUM_WARPS": (8, 16)}
+QUICK_CELL_SWEEP = {"CELL_TILE_ELEMENTS": (512, 1024, 2048), "CELL_NUM_WARPS": (8,),
+                    "COMBINE_TILE_ELEMENTS": (1024, 4096)}
 BLOCK_R_SWEEP = (1024, 4096)  # besides the default, with the pixel family's default tile
 GPU_SHAPES = {"pixel": (4, 19, 512, 1024), "cell_target": ((1, 19, 65, 129), (512, 1024)),
               "cell_source": ((1, 19, 91, 161), (720, 1280))}
 SMOKE_SHAPES = {"pixel": (1, 19, 16, 40), "cell_target": ((1, 19, 3, 5), (17, 33)),
                 "cell_source": ((1, 19, 3, 6), (17, 41))}
 ER_RATIO = 0.3
-
-
-def kernel_modules():
-    return [importlib.import_module(f"advent_fast.kernels.{name}") for name in KERNEL_MODULES]
-
-
-def current_config(names):
-    modules = kernel_modules()
-    return {name: next(getattr(m, name) for m in modules if hasattr(m, name)) for name in names}
-
-
-def apply_config(config):
-    """Set each constant in every kernel module that holds it (launchers read them at call time)."""
-    for module in kernel_modules():
-        for name, value in config.items():
-            if hasattr(module, name):
-                setattr(module, name, value)
 
 
 def candidates(sweep, defaults):

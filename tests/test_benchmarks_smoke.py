@@ -99,6 +99,23 @@ def test_gpu_busy_counts_overlapping_kernels_once(monkeypatch):
     assert covered_length([]) == 0
 
 
+def test_kernel_resources_sees_the_spills_of_an_oversized_tile(tmp_path):
+    """--set compiles with other launch parameters: 8K-element tiles on 4 warps do not fit in registers."""
+    out = tmp_path / "kernel_resources.json"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_resources.py"), "--set",
+                           "TILE_ELEMENTS=8192", "--set", "NUM_WARPS=4", "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["config"] == {"TILE_ELEMENTS": 8192, "NUM_WARPS": 4}
+    pixel = [r for r in result["rows"] if r["kernel"] in ("_target_fwd_kernel", "_target_bwd_kernel")]
+    assert pixel and all(r["num_warps"] == 4 for r in pixel)
+    assert max(r["stack_bytes"] for r in pixel) > 256
+
+
 def test_bench_activations(tmp_path):
     out = tmp_path / "bench_activations.json"
     stdout = run_script("bench_activations.py", "--device", "cpu", "--model", "deeplabv2_small", "--width", "4",
