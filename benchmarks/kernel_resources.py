@@ -7,12 +7,13 @@ odd ones: C = 2, 16, 21, sizes of 1, fp32/fp16/bf16, channels_last) with the ins
 bundled ptxas, then reads each cubin's resource usage with Triton's bundled cuobjdump. Columns:
 registers per thread, shared memory, the stack frame per thread (Triton kernels call no functions and
 keep no local arrays, so a stack frame holds spilled registers: device-memory traffic the kernel was
-not meant to have), and the share of an SM's 64 warp slots that those registers and that shared
-memory allow (occupancy: low occupancy leaves too few loads in flight to cover memory latency, the
+not meant to have), and the share of an SM's warp slots (64 on an H100) that those registers and that
+shared memory allow (occupancy: low occupancy leaves too few loads in flight to cover memory latency, the
 usual reason a memory-bound kernel stays under the copy bandwidth).
 The interpreter runs kernels as Python and misses what only the compiler checks (loop-carried types,
 layouts, constexpr specialisation of arguments equal to 1); tests/test_kernels_triton.py runs this
-script, so CI compiles every variant for sm_90 with both supported Tritons and fails on large spills.
+script, so CI compiles every variant for sm_90 and sm_80 with both supported Tritons and fails on large
+spills.
 `--arch 80` (A100), 86 / 89 (RTX 30x0 / 40x0), 70 (V100), 75 (T4) read the same for those GPUs;
 `--set NAME=VALUE` compiles with another value of a launch parameter (tune_kernels.py's constants), so a
 tile that would spill is seen before any GPU time is spent on timing it.
@@ -25,12 +26,14 @@ import importlib
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile for the GPU: must be set before triton is imported
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+
+from bench_common import apply_config, write_results  # noqa: E402
 
 try:
     from advent_fast import kernels  # noqa: E402
@@ -66,7 +69,6 @@ def compile_only(case: dict, arch: int):
     """Make launches compile and return the kernel instead of running it -> list of compiled kernels,
     appended to as launchers are called, each with its constexprs, its arguments' types (which select
     the variant too) and case["label"] at the time of the launch."""
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
@@ -152,8 +154,6 @@ def launch_every_variant(case: dict):
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
     """REG, STACK, SHARED, ... of the one function in a cubin, as cuobjdump -res-usage reports."""
-    import triton
-
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -181,9 +181,6 @@ def main(argv=None):
     except Exception as exc:  # noqa: BLE001 - any failure here is the environment's, not the kernels'
         print(f"cannot compile for NVIDIA GPUs here: {exc!r}")
         return CANNOT_COMPILE_HERE
-    import triton
-    from bench_common import apply_config
-
     config = {}
     for item in args.set:
         name, _, value = item.partition("=")
@@ -222,8 +219,6 @@ def main(argv=None):
         print(f"| {r['kernel']} | {r['first_case']} | {flags} | {r['num_warps']} | {r['registers']} | "
               f"{r['shared_bytes']:,} | {r['stack_bytes']} | {100 * r['occupancy']:.0f}% |")
     if args.json:
-        from bench_common import write_results
-
         write_results(args.json, {"triton": triton.__version__, "arch": args.arch, "config": config, "rows": rows})
     return 0
 

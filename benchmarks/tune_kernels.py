@@ -36,10 +36,9 @@ CELL_SWEEP = {"CELL_TILE_ELEMENTS": (512, 1024, 2048), "CELL_NUM_WARPS": (4, 8),
               "COMBINE_TILE_ELEMENTS": (1024, 4096)}
 # The quick sweeps leave out what compiles to large spills for sm_90 (benchmarks/kernel_resources.py --set,
 # 2026-11-27): 4 warps with 8K-element pixel tiles (784 bytes a thread) and with any cell tile
-# (combine_taps: 360 bytes).
+# (combine_taps: 360 bytes); and 2K-element cell tiles (235-250 registers, a warp slot in eight).
 QUICK_PIXEL_SWEEP = {"TILE_ELEMENTS": (2048, 4096, 8192), "NUM_WARPS": (8, 16)}
-QUICK_CELL_SWEEP = {"CELL_TILE_ELEMENTS": (512, 1024, 2048), "CELL_NUM_WARPS": (8,),
-                    "COMBINE_TILE_ELEMENTS": (1024, 4096)}
+QUICK_CELL_SWEEP = {"CELL_TILE_ELEMENTS": (512, 1024), "CELL_NUM_WARPS": (8,), "COMBINE_TILE_ELEMENTS": (1024, 4096)}
 BLOCK_R_SWEEP = (1024, 4096)  # besides the default, with the pixel family's default tile
 GPU_SHAPES = {"pixel": (4, 19, 512, 1024), "cell_target": ((1, 19, 65, 129), (512, 1024)),
               "cell_source": ((1, 19, 91, 161), (720, 1280))}
