@@ -6,9 +6,11 @@ For each case (MinEnt, MinEnt+ER 0.3, self-information, class prior, the fused t
 and shape, times forward+backward (a leaf tensor -> loss -> backward, upstream gradient of ones
 for scalars and random for maps: what a user pays, Python and autograd included) and forward
 alone, for: the release-style eager reference, torch.compile of it, and advent_fast's fused op.
-Columns: median ms, effective GB/s of the bytes the op must move, % of the copy bandwidth
-measured in this run, peak extra memory (CUDA only) in MiB and as a multiple of the logits' size
-(issue 2's bound: 1.05, the gradient itself), speed-up vs eager and vs compile.
+Columns: median ms, effective GB/s of the bytes the op must move, % of the copy bandwidth measured
+in this run, the Triton kernels' floor (the bytes they move, at that copy bandwidth: they read the
+logits in the forward and again in the backward), peak extra memory (CUDA only) in MiB and as a
+multiple of the logits' size (issue 2's bound: 1.05, the gradient itself), speed-up vs eager and vs
+compile.
 On a machine without a GPU it runs the CPU (C++) backend on a smaller default shape.
 """
 from __future__ import annotations
@@ -61,6 +63,15 @@ def min_bytes(case: str, numel: int, elt: int) -> tuple[int, int]:
     return logits, 2 * logits  # read once, write the gradient once
 
 
+def triton_bytes(case: str, numel: int, elt: int, pixels: int) -> int:
+    """Bytes the Triton kernels move for forward + backward: min_bytes plus the second read of the
+    logits (the backward's); ranking also writes the float32 entropy map (4 bytes a pixel), reads it in
+    radix passes 1-4 (pass 0 is built by the forward kernel) and writes and reads a 1-byte keep mask."""
+    logits = numel * elt
+    extra = 22 * pixels if case == "minent_er" else 0
+    return min_bytes(case, numel, elt)[1] + (0 if case in ("self_info", "target_fused") else logits) + extra
+
+
 
 def copy_bandwidth(device, timer: Timer, reps: int) -> float:
     """Measured device copy bandwidth (bytes read + written) in GB/s."""
@@ -110,7 +121,7 @@ def main(argv=None) -> int:
     print(f"# {info['device']} | fused backend: {info['backend']} | torch {torch.__version__} | "
           f"measured copy bandwidth {copy_gbs:.0f} GB/s")
     rows = []
-    header = ("case", "shape", "dtype", "impl", "fwd+bwd ms", "fwd ms", "GB/s", "% copy", "peak MiB",
+    header = ("case", "shape", "dtype", "impl", "fwd+bwd ms", "fwd ms", "GB/s", "% copy", "floor ms", "peak MiB",
               "peak / logits", "x eager", "x compile")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -135,11 +146,14 @@ def main(argv=None) -> int:
                         "peak_MiB": peak_extra_mib(run, device),
                     }
                 _, total_bytes = min_bytes(case, logits.numel(), logits.element_size())
+                pixels = logits.numel() // shape[1]
+                floor_ms = (triton_bytes(case, logits.numel(), logits.element_size(), pixels) / copy_gbs / 1e6
+                            if info["backend"] == "triton" else None)
                 logits_mib = logits.numel() * logits.element_size() / 2**20
                 for impl, r in results.items():
                     gbs = total_bytes / r["fwd_bwd_ms"] / 1e6
                     row = dict(case=case, shape=list(shape), dtype=dname, impl=impl, GBps=gbs,
-                               pct_copy=100 * gbs / copy_gbs,
+                               pct_copy=100 * gbs / copy_gbs, floor_ms=floor_ms if impl == "fused" else None,
                                peak_x_logits=None if r["peak_MiB"] is None else r["peak_MiB"] / logits_mib,
                                x_eager=results["eager"]["fwd_bwd_ms"] / r["fwd_bwd_ms"],
                                x_compile=(results["compile"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
@@ -147,9 +161,10 @@ def main(argv=None) -> int:
                     rows.append(row)
                     peak = "- | -" if r["peak_MiB"] is None else f"{r['peak_MiB']:.0f} | {row['peak_x_logits']:.3f}"
                     xc = "-" if row["x_compile"] is None else f"{row['x_compile']:.2f}"
+                    floor = "-" if row["floor_ms"] is None else f"{row['floor_ms']:.3f}"
                     print(f"| {case} | {'x'.join(map(str, shape))} | {dname} | {impl} | "
                           f"{r['fwd_bwd_ms']:.3f} | {r['fwd_ms']:.3f} | {gbs:.0f} | "
-                          f"{row['pct_copy']:.0f} | {peak} | {row['x_eager']:.2f} | {xc} |")
+                          f"{row['pct_copy']:.0f} | {floor} | {peak} | {row['x_eager']:.2f} | {xc} |")
                     sys.stdout.flush()
     write_results(args.json, {"machine": info, "results": rows})
     return 0

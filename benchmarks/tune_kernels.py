@@ -4,10 +4,11 @@
 
 The kernels take their launch parameters from module constants: kernels/softmax_entropy.py
 (TILE_ELEMENTS, NUM_WARPS: the per-pixel forward and backward), kernels/entropy_ranking.py (BLOCK_R:
-the radix-select passes) and kernels/bilinear.py (CELL_TILE_ELEMENTS, CELL_NUM_WARPS: the upsampling-fused
-kernels; COMBINE_TILE_ELEMENTS: their gradients' gather, whose tile does not change the bits). For each candidate this sets the constants in every kernel module that holds them, checks the
-results against the defaults' (a candidate that changes them beyond float rounding is reported, not
-timed) and times the public ops forward+backward at the training shapes:
+the radix-select passes) and kernels/bilinear.py (CELL_TILE_ELEMENTS, CELL_NUM_WARPS: the
+upsampling-fused kernels; COMBINE_TILE_ELEMENTS: their gradients' gather, whose tile does not change
+the bits). For each candidate this sets the constants in every kernel module that holds them, checks
+the results against the defaults' (a candidate that changes them beyond float rounding is reported,
+not timed) and times the public ops forward+backward at the training shapes:
   pixel family: MinEnt, MinEnt+ER (0.3) and self-information on (4, 19, 512, 1024) logits;
   cell family:  the discriminator's input (self-information map) and MinEnt of (1, 19, 65, 129) logits
                 upsampled to 512x1024, the source cross-entropy of (1, 19, 91, 161) logits at 720x1280.

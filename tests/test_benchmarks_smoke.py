@@ -143,6 +143,23 @@ def test_bench_entropy(tmp_path):
     for r in rows:
         assert r["fwd_bwd_ms"] > 0 and r["fwd_ms"] > 0 and r["GBps"] > 0 and r["x_compile"] is None
         assert r["peak_MiB"] is None and r["peak_x_logits"] is None  # measured on CUDA only
+        assert r["floor_ms"] is None  # the C++ backend's: the floor column is the Triton kernels'
+
+
+def test_bench_entropy_triton_floor(tmp_path, monkeypatch):
+    """With the Triton backend the fused rows carry the kernels' floor: the bytes they move at the
+    measured copy bandwidth (MinEnt: the logits read twice and the gradient written once)."""
+    monkeypatch.setenv("ADVENT_FAST_BACKEND", "triton")
+    out = tmp_path / "bench_entropy.json"
+    run_script("bench_entropy.py", "--shapes", "1x19x8x16", "--dtypes", "fp32", "--no-compile", "--quick",
+               "--cases", "minent", "minent_er", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["machine"]["backend"] == "triton"
+    floors = {r["case"]: r["floor_ms"] for r in result["results"] if r["impl"] == "fused"}
+    logits_bytes, pixels = 19 * 8 * 16 * 4, 8 * 16
+    assert floors["minent"] == pytest.approx(3 * logits_bytes / result["machine"]["copy_GBps"] / 1e6)
+    assert floors["minent_er"] == pytest.approx((3 * logits_bytes + 22 * pixels) / result["machine"]["copy_GBps"] / 1e6)
+    assert all(r["floor_ms"] is None for r in result["results"] if r["impl"] == "eager")
 
 
 def test_bench_upsampled(tmp_path):
