@@ -55,9 +55,15 @@ def _interpolate(logits: Tensor, size: Tuple[int, int]) -> Tensor:
 
 
 def _use_kernels(logits: Tensor, size: Tuple[int, int]) -> bool:
-    (h, w), (H, W) = logits.shape[2:], size
-    return (get_backend(logits.device) == "triton" and logits.shape[0] > 0
-            and h * H < MAX_AXIS_PRODUCT and w * W < MAX_AXIS_PRODUCT)
+    """The fused kernels run (else: interpolate, then the per-pixel losses) on the Triton backend for
+    sizes their index math covers: MAX_AXIS_PRODUCT, and the per-pixel kernels' limits on the
+    full-resolution maps (which then raise a clear error where they apply too)."""
+    (n, c, h, w), (H, W) = logits.shape, size
+    if get_backend(logits.device) != "triton" or n == 0 or h * H >= MAX_AXIS_PRODUCT or w * W >= MAX_AXIS_PRODUCT:
+        return False
+    from .kernels.softmax_entropy import MAX_IMAGE_SPAN, MAX_IMAGES
+
+    return n <= MAX_IMAGES and c * H * W <= MAX_IMAGE_SPAN
 
 
 def _kernels():

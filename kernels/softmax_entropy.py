@@ -28,12 +28,27 @@ NUM_WARPS = 8
 # and writes one partial, so the partial buffers, and the finishing kernel that reads them, stay small.
 # A fixed number (not the SM count) keeps the summation order, hence the bits, the same on every GPU.
 MAX_PROGRAMS = 1024
+# The kernels index within an image with 32-bit offsets (the image's own offset is 64-bit), and run the
+# images along a grid axis other than the first, which CUDA caps at 65535.
+MAX_IMAGE_SPAN = 2**31 - 1
+MAX_IMAGES = 65535
 
 
 def block_sizes(num_classes):
     """(BLOCK_S, BLOCK_C) for C classes: all classes in one tile, about TILE_ELEMENTS elements."""
     block_c = triton.next_power_of_2(num_classes)
     return max(1, TILE_ELEMENTS // block_c), block_c
+
+
+def check_indexable(name, t):
+    """ValueError, naming the tensor, if the kernels cannot address it: images spanning more than
+    MAX_IMAGE_SPAN elements, or more than MAX_IMAGES images."""
+    if t.shape[0] > MAX_IMAGES:
+        raise ValueError(f"{name} has {t.shape[0]} images; the Triton kernels take at most {MAX_IMAGES} a call")
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    if span > MAX_IMAGE_SPAN:
+        raise ValueError(f"one image of {name} {tuple(t.shape)} spans {span} elements; the Triton kernels address "
+                         f"at most 2**31 - 1 within an image (split the image, or ADVENT_FAST_BACKEND=reference)")
 
 
 def programs_per_image(num_blocks, num_images):

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax_entropy import NUM_WARPS, block_sizes, softmax_entropy
+from .softmax_entropy import NUM_WARPS, block_sizes, check_indexable, softmax_entropy
 
 
 @triton.jit
@@ -169,6 +169,9 @@ def saved_for_backward(grad_ent, grad_cp, keep, kept, cmean, prior):
 
 def target_backward(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior, mu):
     """Contract backward (docs/backend_contract.md) -> grad_x, with x's dtype and (when dense) layout."""
+    check_indexable("logits", x)
+    if grad_info is not None:
+        check_indexable("the self-information gradient", grad_info)
     N, C, S = x.shape
     block_s, block_c = block_sizes(C)
     grad_x = torch.empty_like(x)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .entropy_ranking import (NUM_PASSES, RADIX, add_histogram, digit_histogram, radix_replay, rank_entropy, rank_key,
                               zeroed_histograms)
-from .softmax_entropy import NUM_WARPS, block_sizes, programs_per_image, softmax_entropy
+from .softmax_entropy import NUM_WARPS, block_sizes, check_indexable, programs_per_image, softmax_entropy
 
 
 @triton.jit
@@ -171,6 +171,7 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     x: (N, C, S) logits of any strides (read in place). Outputs that were not asked for are empty
     tensors (info: x.dtype, keep: uint8, the others float32); the kernels get None pointers for them.
     """
+    check_indexable("logits", x)
     N, C, S = x.shape
     device = x.device
     ranked = want_ent and k > 0

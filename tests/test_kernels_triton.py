@@ -449,6 +449,26 @@ def test_programs_loop_over_several_blocks(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# what the kernels cannot address: a clear error, not wrapped 32-bit offsets
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,message", [((1, 2, 2**30), "spans 2147483648 elements"),
+                                           ((1, 19, 2**27), "spans"), ((65536, 2, 1), "65536 images")])
+def test_launchers_refuse_what_they_cannot_address(shape, message):
+    x = torch.empty(shape, device="meta")  # the checks read shapes and strides only
+    with pytest.raises(ValueError, match=message):
+        target_forward(x, None, 0, 0.5, False, False, True, False)
+    with pytest.raises(ValueError, match=message):
+        target_backward(x, None, None, torch.empty((), device="meta"), None, None, None, None, None, 0.5)
+
+
+def test_backward_refuses_a_gradient_it_cannot_address():
+    x = torch.empty((1, 2, 2**29), device="meta")  # fits; every 4th element of a wider gradient does not
+    grad_info = torch.empty((1, 2, 2**31), device="meta")[:, :, ::4]
+    with pytest.raises(ValueError, match="self-information gradient"):
+        target_backward(x, grad_info, None, None, None, None, None, None, None, 0.5)
+
+
+# ------------------------------------------------------------------------------------------------
 # compilation for the GPU, without one
 # ------------------------------------------------------------------------------------------------
 # The interpreter runs the kernels as Python, so it misses what only the compiler checks (loop-carried

@@ -554,6 +554,13 @@ def test_other_backends_interpolate_then_use_the_losses(monkeypatch):
             assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_full_resolution_maps_too_large_for_the_kernels_go_the_interpolating_way(triton_backend):
+    x = torch.empty((1, 19, 64, 64), device="meta")
+    assert up._use_kernels(x, (512, 1024))
+    assert not up._use_kernels(x, (16384, 16384))  # 19 * 2**28 elements an image: past int32 offsets
+    assert not up._use_kernels(torch.empty((65536, 2, 1, 1), device="meta"), (3, 4))  # the grid's image axis
+
+
 def test_empty_batch(triton_backend):
     x = torch.zeros((0, 19, 3, 4), device=DEVICE, requires_grad=True)
     labels = torch.zeros((0, 9, 10), dtype=torch.int64, device=DEVICE)
