@@ -55,11 +55,14 @@ def _interpolate(logits: Tensor, size: Tuple[int, int]) -> Tensor:
 
 
 def _use_kernels(logits: Tensor, size: Tuple[int, int]) -> bool:
-    """The fused kernels run (else: interpolate, then the per-pixel losses) on the Triton backend for
-    sizes their index math covers: MAX_AXIS_PRODUCT, and the per-pixel kernels' limits on the
-    full-resolution maps (which then raise a clear error where they apply too)."""
+    """Whether the fused kernels run: on the Triton backend, for sizes their index math covers
+    (MAX_AXIS_PRODUCT on each axis, the per-pixel kernels' limits on the full-resolution maps).
+    Otherwise the ops interpolate, then call the per-pixel losses (whose launchers refuse, with a
+    ValueError, what they cannot address)."""
     (n, c, h, w), (H, W) = logits.shape, size
-    if get_backend(logits.device) != "triton" or n == 0 or h * H >= MAX_AXIS_PRODUCT or w * W >= MAX_AXIS_PRODUCT:
+    if get_backend(logits.device) != "triton" or n == 0:
+        return False
+    if h * H >= MAX_AXIS_PRODUCT or w * W >= MAX_AXIS_PRODUCT:
         return False
     from .kernels.softmax_entropy import MAX_IMAGE_SPAN, MAX_IMAGES
 
