@@ -554,6 +554,35 @@ def test_other_backends_interpolate_then_use_the_losses(monkeypatch):
             assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_full_resolution_logits_and_gradients_are_never_stored(triton_backend, monkeypatch):
+    """Issue 5: the source cross-entropy and the target MinEnt (ranked or not) and class-prior losses,
+    forward and backward, allocate nothing the size of the full-resolution logits: the largest buffer is
+    the (4, N, h, w, C) tap partials (1/16 of them at the paper's 65x129 -> 512x1024), and nothing is
+    interpolated."""
+    def no_interpolation(*args):
+        raise AssertionError("the logits were upsampled")
+
+    sizes = []
+
+    def recording(allocate):
+        def allocate_and_record(*args, **kwargs):
+            t = allocate(*args, **kwargs)
+            sizes.append(t.numel())
+            return t
+        return allocate_and_record
+
+    monkeypatch.setattr(up, "_interpolate", no_interpolation)
+    for name in ("empty", "empty_like", "zeros", "zeros_like", "empty_strided", "full"):
+        monkeypatch.setattr(torch, name, recording(getattr(torch, name)))
+    n, c, (h, w), (H, W) = 2, 19, (5, 7), (33, 49)
+    x = make_logits((n, c, h, w), seed=3).to(DEVICE).requires_grad_(True)
+    labels, prior = make_labels(n, c, (H, W)).to(DEVICE), make_prior(c).to(DEVICE)
+    res = upsampled_target_losses(x, (H, W), self_information=False, entropy=True, prior=prior)
+    (res.entropy_loss + res.class_prior_loss + upsampled_cross_entropy(x, labels)).backward()
+    upsampled_target_losses(x, (H, W), self_information=False, entropy=True, top_k=0.3).entropy_loss.backward()
+    assert sizes and max(sizes) < n * c * H * W / 8, sorted(sizes)[-3:]
+
+
 def test_full_resolution_maps_too_large_for_the_kernels_go_the_interpolating_way(triton_backend):
     x = torch.empty((1, 19, 64, 64), device="meta")
     assert up._use_kernels(x, (512, 1024))
