@@ -64,12 +64,14 @@ def min_bytes(case: str, numel: int, elt: int) -> tuple[int, int]:
 
 
 def triton_bytes(case: str, numel: int, elt: int, pixels: int) -> int:
-    """Bytes the Triton kernels move for forward + backward: min_bytes plus the second read of the
-    logits (the backward's); ranking also writes the float32 entropy map (4 bytes a pixel), reads it in
-    radix passes 1-4 (pass 0 is built by the forward kernel) and writes and reads a 1-byte keep mask."""
+    """Bytes the Triton kernels move for forward + backward: the logits read by each and the gradient
+    written; the self-information map written and its gradient read; ranking's float32 entropy map
+    (4 bytes a pixel) written, read by radix passes 1-4 (the forward kernel builds pass 0), and its
+    1-byte keep mask written and read."""
     logits = numel * elt
-    extra = 22 * pixels if case == "minent_er" else 0
-    return min_bytes(case, numel, elt)[1] + (0 if case in ("self_info", "target_fused") else logits) + extra
+    maps = 2 * logits if case in ("self_info", "target_fused") else 0
+    ranking = (4 + 4 * 4 + 1 + 1) * pixels if case == "minent_er" else 0
+    return 3 * logits + maps + ranking
 
 
 

@@ -65,6 +65,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_da
                 assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), k
     assert evals_b[-1]["miou"] == pytest.approx(evals_a[-1]["miou"], abs=1e-6)  # sharded evaluation
 
+
 @pytest.mark.parametrize("world_size, finalised", [("1", True), ("2", False)])
 def test_a_process_of_a_multi_process_run_exits_without_finalising(world_size, finalised):
     """train's exit: same exit code, output flushed; a process of a multi-process run skips the interpreter's
