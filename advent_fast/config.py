@@ -312,7 +312,8 @@ def validate(config: Config) -> None:
                           "train.mode is source_only")
     if d.source == "synthia" and d.num_classes != 16:
         raise ConfigError(f"config key 'data.num_classes' must be 16 with data.source: synthia, "
-                          f"got {d.num_classes}")
+                          f"got {d.num_classes} (the synthia2cityscapes_* presets set it, and the release's "
+                          f"SYNTHIA source size 1280x760)")
     if d.source in ("embedded", "gta5") and d.num_classes != 19:
         raise ConfigError(f"config key 'data.num_classes' must be 19 with data.source: {d.source} "
                           f"(GTA5 labels), got {d.num_classes}")

@@ -150,7 +150,9 @@ def evaluate_ensemble(
                 size = (input_size[1], input_size[0])
                 images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
             out_hw = tuple(labels.shape[-2:]) if label_size is None else (label_size[1], label_size[0])
-            if tuple(labels.shape[-2:]) != out_hw:  # nearest-exact samples pixel centres, as Pillow does
+            # nearest-exact samples pixel centres like Pillow's NEAREST (the dataset's resize); where a centre
+            # falls exactly on a source pixel boundary (some ratios other than 2^k) Pillow takes the pixel before
+            if tuple(labels.shape[-2:]) != out_hw:
                 labels = F.interpolate(labels[:, None].float(), size=out_hw, mode="nearest-exact")[:, 0].long()
             logits = predict_logits(modules, weights, images, out_hw, precision)
             pred = logits.argmax(1)
@@ -274,18 +276,21 @@ class SnapshotNotReady(Exception):
     """Raised by a sweep's ``evaluate_path`` for a snapshot that cannot be loaded (yet)."""
 
 
-_SNAPSHOT = re.compile(r"^[^.].*?(\d+)\.(pth|pt)$")
+# The whole number before the extension; not hidden files, not discriminators (the release's
+# model_2000_D_main.pth ends in a word, AdaptSegNet's GTA5_2000_D1.pth in "_D" and a level number).
+_SNAPSHOT = re.compile(r"^(?!\.)(?:.*\D)?(\d+)\.(pth|pt)$")
+_DISCRIMINATOR = re.compile(r"_D\d*\.(pth|pt)$")
 
 
 def list_snapshots(folder: str) -> List[Tuple[int, str]]:
     """(iteration, path) of the snapshots in ``folder``: ``*.pth``/``*.pt`` files whose name ends in a
-    number (``model_2000.pth``; the release's ``model_2000_D_main.pth`` discriminators do not)."""
+    number (``model_2000.pth``, ``2000.pth``), discriminators' snapshots left out."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"snapshot folder not found: {folder}")
     found = []
     for name in os.listdir(folder):
         match = _SNAPSHOT.match(name)
-        if match:
+        if match and not _DISCRIMINATOR.search(name):
             found.append((int(match.group(1)), os.path.join(folder, name)))
     return sorted(found)
 
@@ -389,12 +394,13 @@ def _parse_args(argv):
     return args
 
 
-def _write_json(path: str, payload: dict) -> None:
+def _write_json(path: str, payload: dict, nan_as_null: bool = True) -> None:
+    """Written atomically (a temporary file, then renamed): an interrupted write leaves the old file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(_json_safe(payload), f, indent=1)
+        json.dump(_json_safe(payload) if nan_as_null else payload, f, indent=1)
     os.replace(tmp, path)
 
 
@@ -439,9 +445,13 @@ def _run_sweep(args, device, run, protocol) -> dict:
     cache_path = None if args.cache == "none" else (args.cache or os.path.join(args.sweep, "sweep_eval.json"))
     cache: dict = {}
     if cache_path and os.path.isfile(cache_path):
-        with open(cache_path) as f:
-            stored = json.load(f)
-        if stored.get("protocol") == protocol:
+        try:
+            with open(cache_path) as f:
+                stored = json.load(f)
+        except (OSError, ValueError) as err:
+            print(f"ignoring the unreadable sweep cache {cache_path}: {err}", file=sys.stderr)
+            stored = {}
+        if isinstance(stored, dict) and stored.get("protocol") == protocol:
             cache = stored.get("results", {})
 
     def evaluate_path(path: str) -> dict:
@@ -454,8 +464,7 @@ def _run_sweep(args, device, run, protocol) -> dict:
     def report(path: str, snapshot: dict) -> None:
         print(f"{os.path.basename(path)}: mIoU {snapshot['miou']:.2f}", flush=True)
         if cache_path:  # Python's JSON keeps NaN, which the cache needs back as NaN
-            with open(cache_path, "w") as f:
-                json.dump({"protocol": protocol, "results": cache}, f)
+            _write_json(cache_path, {"protocol": protocol, "results": cache}, nan_as_null=False)
 
     result = sweep_snapshots(args.sweep, evaluate_path, args.timeout, args.poll, args.until, cache, report)
     for path, message in result["errors"].items():

@@ -700,7 +700,7 @@ class Trainer:
 
             log_due = self.iteration % cfg.run.log_every == 0 or self.iteration == t.stop_iter
             save_due = self.iteration % cfg.run.snapshot_every == 0 or self.iteration == t.stop_iter
-            eval_due = bool(cfg.eval.every) and self.iteration % cfg.eval.every == 0 and self.iteration < t.stop_iter
+            eval_due = (bool(cfg.eval.every) and self.iteration % cfg.eval.every == 0) or self.iteration == t.stop_iter
             done = lagged.push(self.iteration, metrics)
             if log_due or save_due or eval_due:  # these need every step so far accounted for
                 done += lagged.drain()
@@ -722,14 +722,15 @@ class Trainer:
                 window, window_start, window_steps = {}, time.perf_counter(), 0
             if want_images:
                 self._log_images(target if target is not None else source, logits)
+            if eval_due:  # before the save: the checkpoint keeps its own iteration's evaluation
+                self.evaluate()
             if save_due:
                 self.save()
-            if eval_due:
-                self.evaluate()
         if bar is not None:
             bar.close()
         del source_batches, target_batches  # stops the loader workers
-        self.evaluate()
+        if not self.evaluations or self.evaluations[-1]["iter"] != self.iteration:  # resumed at stop_iter
+            self.evaluate()
         self.close()
         return self.evaluations[-1] if self.evaluations and self.ctx.is_main else None
 
@@ -873,20 +874,22 @@ class Trainer:
         ckpt_io.set_rng_state(state["rng"])
 
     def save(self) -> None:
-        """Atomically replace the run's checkpoint and add a generator snapshot (main process)."""
-        if self.ctx.is_main and self.run_dir:
-            if self.nonfinite_steps:
-                return  # never replace the last good checkpoint during a non-finite streak
-            state = self.state_dict()
-            if not _all_finite([state["model"], *state["discriminators"].values()]):
-                raise TrainingDiverged(  # e.g. BatchNorm statistics of a skipped step
-                    f"non-finite weights or BatchNorm statistics at iteration {self.iteration}; "
-                    f"not saving, the last good checkpoint (iteration {self.saved_iteration}) is kept")
-            ckpt_io.save_atomic(state, self.checkpoint_path())
-            snapshot = ckpt_io.model_snapshot(state["meta"], state["model"], self.iteration, state["config"])
-            ckpt_io.save_atomic(snapshot, os.path.join(self.run_dir, "snapshots",
-                                                       f"model_{self.iteration:06d}.pt"))
-        self.saved_iteration = self.iteration
+        """Atomically replace the run's checkpoint and add a generator snapshot (main process; every
+        process meets at a barrier afterwards, written or not)."""
+        # Never replace the last good checkpoint during a non-finite streak (its count comes from the
+        # all-reduced losses: every process skips alike).
+        if not self.nonfinite_steps:
+            if self.ctx.is_main and self.run_dir:
+                state = self.state_dict()
+                if not _all_finite([state["model"], *state["discriminators"].values()]):
+                    raise TrainingDiverged(  # e.g. BatchNorm statistics of a skipped step
+                        f"non-finite weights or BatchNorm statistics at iteration {self.iteration}; "
+                        f"not saving, the last good checkpoint (iteration {self.saved_iteration}) is kept")
+                ckpt_io.save_atomic(state, self.checkpoint_path())
+                snapshot = ckpt_io.model_snapshot(state["meta"], state["model"], self.iteration, state["config"])
+                ckpt_io.save_atomic(snapshot, os.path.join(self.run_dir, "snapshots",
+                                                           f"model_{self.iteration:06d}.pt"))
+            self.saved_iteration = self.iteration
         dist_utils.barrier(self.ctx)
 
     def close(self) -> None:
@@ -928,20 +931,20 @@ class LaggedMetrics:
         return [(iteration, host.tolist())]
 
 
-IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable")  # how an optimiser steps, not what it computes
-
-
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
-    """``load_state_dict`` keeping this run's implementation flags: torch restores the saved ones,
-    which would run a fast-path checkpoint's fused kernels on the release path, or the release
-    path's foreach update (which cannot skip a step on the device) on the fast path.
+    """``load_state_dict`` for the per-parameter state (momentum buffers, Adam's moments and step
+    counts), keeping this run's group settings: torch restores the saved ones, which would ignore
+    hyper-parameters changed on resume (``--resume RUN --set train.lr=...``: ``initial_lr``, momentum,
+    weight decay, betas), run a fast-path checkpoint's fused kernels on the release path, or the release
+    path's foreach update (which cannot skip a step on the device) on the fast path. ``lr`` itself is the
+    schedule's, set before every step.
 
     Adam's step counts go where this run's flags want them: torch places them by the saved flags, so a
     release-path (foreach) checkpoint would leave them on the host, where fused and capturable Adam
     read them from the parameters' device."""
-    flags = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+    own_settings = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
-    for group, own in zip(optimizer.param_groups, flags):
+    for group, own in zip(optimizer.param_groups, own_settings):
         group.update(own)
         on_device = bool(group.get("fused") or group.get("capturable"))
         for param in group["params"]:

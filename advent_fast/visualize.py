@@ -37,8 +37,9 @@ def entropy_to_rgb(entropy: np.ndarray) -> np.ndarray:
     return cv2.applyColorMap(grey, cv2.COLORMAP_VIRIDIS)[:, :, ::-1].copy()
 
 
-def _tile(rgb: np.ndarray, width: int, height: int, title: str, header: int) -> np.ndarray:
-    interpolation = cv2.INTER_AREA if rgb.shape[1] > width else cv2.INTER_NEAREST
+def _tile(rgb: np.ndarray, width: int, height: int, title: str, header: int, smooth: bool) -> np.ndarray:
+    # class colours are never averaged: a blend of two classes' colours would read as a third class
+    interpolation = cv2.INTER_AREA if smooth and rgb.shape[1] > width else cv2.INTER_NEAREST
     body = cv2.resize(rgb, (width, height), interpolation=interpolation)
     strip = np.full((header, width, 3), 255, np.uint8)
     scale = header / 30.0
@@ -68,11 +69,11 @@ def make_panel(
     height = max(1, round(width * ref.shape[0] / ref.shape[1]))
     header = max(10, round(_HEADER * width / 512))
     truth = colorize(label, num_classes) if label is not None else np.full((height, width, 3), 128, np.uint8)
-    top = [_tile(image, width, height, "input", header)]
-    bottom = [_tile(truth, width, height, "ground truth" if label is not None else "no label", header)]
+    top = [_tile(image, width, height, "input", header, smooth=True)]
+    bottom = [_tile(truth, width, height, "ground truth" if label is not None else "no label", header, smooth=False)]
     for pred, ent, title in zip(predictions, entropies, titles):
-        top.append(_tile(colorize(pred, num_classes), width, height, f"{title}", header))
-        bottom.append(_tile(entropy_to_rgb(ent), width, height, f"{title}: entropy", header))
+        top.append(_tile(colorize(pred, num_classes), width, height, title, header, smooth=False))
+        bottom.append(_tile(entropy_to_rgb(ent), width, height, f"{title}: entropy", header, smooth=True))
     return np.concatenate([np.concatenate(top, axis=1), np.concatenate(bottom, axis=1)], axis=0)
 
 

@@ -411,3 +411,17 @@ def test_load_prior_accepts_a_plain_list_and_names_a_missing_file(tmp_path):
     assert load_prior(str(path), 2).tolist() == [0.25, 0.75]
     with pytest.raises(FileNotFoundError, match="missing.json"):
         load_prior(str(tmp_path / "missing.json"), 2)
+
+
+def test_load_prior_reads_npy_vectors_and_names_what_it_cannot_read(tmp_path):
+    np.save(tmp_path / "prior.npy", np.array([0.25, 0.75], np.float32))
+    assert load_prior(str(tmp_path / "prior.npy"), 2).tolist() == [0.25, 0.75]
+    np.save(tmp_path / "matrix.npy", np.full((2, 2), 0.25))
+    with pytest.raises(ValueError, match=r"matrix.npy: expected a vector of numbers.*\(2, 2\)"):
+        load_prior(str(tmp_path / "matrix.npy"), 2)
+    np.save(tmp_path / "negative.npy", np.array([1.5, -0.5]))
+    with pytest.raises(ValueError, match="negative"):
+        load_prior(str(tmp_path / "negative.npy"), 2)
+    os.replace(tmp_path / "prior.npy", tmp_path / "prior.bin")  # binary, not JSON
+    with pytest.raises(ValueError, match="prior.bin is not JSON"):
+        load_prior(str(tmp_path / "prior.bin"), 2)

@@ -66,6 +66,50 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_da
     assert evals_b[-1]["miou"] == pytest.approx(evals_a[-1]["miou"], abs=1e-6)  # sharded evaluation
 
 
+TRAIN_WITH_ONE_NONFINITE_STEP = """
+import datetime, sys
+import torch.distributed as dist
+from advent_fast import distributed as dist_utils
+from advent_fast.config import load_config
+from advent_fast.train import exit_process
+from advent_fast.trainer import Trainer
+
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a hang fails within a minute
+ctx = dist_utils.init("cpu")
+trainer = Trainer(load_config("embedded", sys.argv[2:]), ctx, sys.argv[1])
+real = trainer._segmentation_loss
+
+def poisoned(logits, label):  # the second step only, a snapshot iteration
+    loss = real(logits, label)
+    return loss * float("nan") if trainer.iteration == 1 else loss
+
+trainer._segmentation_loss = poisoned
+trainer.fit()
+print(f"rank {ctx.rank} trained", flush=True)
+dist_utils.shutdown()
+exit_process(0)
+"""
+
+
+def test_a_snapshot_due_during_a_nonfinite_streak_is_skipped_by_every_process(tiny_data, tmp_path):
+    script = tmp_path / "train_one_nonfinite_step.py"
+    script.write_text(TRAIN_WITH_ONE_NONFINITE_STEP)
+    run_dir = str(tmp_path / "run")
+    overrides = tiny_overrides(tiny_data, "minent", "train.stop_iter=4", "run.snapshot_every=1",
+                               "train.max_nonfinite_steps=3", "train.fast_path=true", "train.source_batch_size=2",
+                               "train.target_batch_size=2")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           run_dir, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0 trained" in proc.stdout and "rank 1 trained" in proc.stdout
+    assert sorted(os.listdir(os.path.join(run_dir, "snapshots"))) == [
+        "model_000001.pt", "model_000003.pt", "model_000004.pt"]
+    assert load(os.path.join(run_dir, "checkpoint.pt"))["iteration"] == 4
+
+
 @pytest.mark.parametrize("world_size, finalised", [("1", True), ("2", False)])
 def test_a_process_of_a_multi_process_run_exits_without_finalising(world_size, finalised):
     """train's exit: same exit code, output flushed; a process of a multi-process run skips the interpreter's

@@ -220,6 +220,31 @@ def test_cli_sweep_reports_every_snapshot_and_the_best_and_caches(val_root, chec
     assert [s["miou"] for s in again["snapshots"]] == pytest.approx(expected)
 
 
+def test_snapshot_listing_reads_the_whole_iteration_number_and_skips_discriminators(tmp_path):
+    names = ["model_2000.pth", "model_012000.pt", "120000.pth", "9.pth", "GTA5_4000.pth",
+             "model_2000_D_main.pth", "GTA5_2000_D1.pth", "GTA5_2000_D.pth", ".model_100.pth", "notes.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    found = [(i, os.path.basename(p)) for i, p in evaluate.list_snapshots(str(tmp_path))]
+    assert found == [(9, "9.pth"), (2000, "model_2000.pth"), (4000, "GTA5_4000.pth"), (12000, "model_012000.pt"),
+                     (120000, "120000.pth")]
+
+
+def test_unreadable_sweep_cache_is_ignored_and_replaced(val_root, checkpoints, tmp_path, capsys):
+    folder = str(tmp_path / "snapshots")
+    os.makedirs(folder)
+    shutil.copy(checkpoints["a"], os.path.join(folder, "model_100.pth"))
+    cache = os.path.join(folder, "sweep_eval.json")
+    with open(cache, "w") as f:
+        f.write('{"protocol": {"spl')  # a write cut short
+    result = cli(val_root, "--sweep", folder)
+    assert [s["iteration"] for s in result["snapshots"]] == [100]
+    assert "ignoring the unreadable sweep cache" in capsys.readouterr().err
+    stored = json.load(open(cache))
+    assert list(stored["results"]) == ["model_100.pth"]
+    assert not [n for n in os.listdir(folder) if ".tmp" in n]
+
+
 def test_sweep_waits_for_new_snapshots_but_not_forever(val_root, checkpoints, tmp_path):
     folder = str(tmp_path / "snapshots")
     os.makedirs(folder)

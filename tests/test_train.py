@@ -248,6 +248,12 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tiny_data, tmp_path):
     steps_a, steps_b = read_metrics(straight)[0], read_metrics(interrupted)[0]
     strip = lambda rs: [{k: v for k, v in r.items() if k != "it_per_s"} for r in rs]
     assert strip(steps_a) == strip(steps_b)
+    # Each checkpoint holds the evaluation of its own iteration (made before it was written), so a
+    # resumed run knows every evaluation, and one resumed where it stopped evaluates nothing again.
+    assert a["evaluations"] == b["evaluations"] and [e["iter"] for e in a["evaluations"]] == [2, 4]
+    assert [e["iter"] for e in read_metrics(interrupted)[1]] == [2, 4]
+    assert train.main(["--resume", interrupted]) == 0
+    assert [e["iter"] for e in read_metrics(interrupted)[1]] == [2, 4]
 
 
 @pytest.mark.parametrize("fast_path", [False, True])
@@ -475,6 +481,26 @@ def test_runs_resume_across_the_fast_path_switch(tiny_data, tmp_path):
         groups_now = [g for opt in trainer.optimizers for g in opt.param_groups]
         assert all(bool(g["fused"]) == fast for g in groups_now)
         assert all(isinstance(g["lr"], torch.Tensor) == fast for g in groups_now)
+
+
+def test_resume_takes_the_optimiser_settings_of_its_config(tiny_data, tmp_path):
+    """``--resume RUN --set train.lr=...``: changed hyper-parameters apply (torch's load_state_dict would
+    restore the saved ones); momentum buffers and Adam's moments are the checkpoint's."""
+    overrides = tiny_overrides(tiny_data, "advent", "train.stop_iter=1")
+    run = str(tmp_path / "run")
+    assert train.main([a for o in overrides for a in ("--set", o)] + ["--run-dir", run]) == 0
+    state = load(os.path.join(run, "checkpoint.pt"))
+    changes = ["train.lr=0.5", "train.lr_d=0.7", "train.momentum=0.5", "train.weight_decay=0.0",
+               "train.betas_d=[0.5, 0.9]"]
+    trainer = Trainer(load_config(os.path.join(run, "config.yaml"), changes), resume=state)
+    assert [g["initial_lr"] for g in trainer.opt_g.param_groups] == pytest.approx([0.5, 5.0])  # heads at 10x
+    assert all(g["momentum"] == 0.5 and g["weight_decay"] == 0.0 for g in trainer.opt_g.param_groups)
+    for opt in trainer.opt_d.values():
+        assert opt.param_groups[0]["initial_lr"] == 0.7 and tuple(opt.param_groups[0]["betas"]) == (0.5, 0.9)
+    saved, now = state_tensors(state["optimizers"]), state_tensors(trainer.state_dict()["optimizers"])
+    assert saved.keys() == now.keys() and saved
+    for name, value in saved.items():
+        assert torch.equal(now[name].cpu(), value), name
 
 
 def test_release_sgd_state_loads_with_this_runs_implementation():

@@ -47,6 +47,18 @@ def test_panel_layout_input_and_predictions_over_truth_and_entropies():
         visualize.make_panel(image, label, preds, ents[:1], ["a", "b"], 19)
 
 
+def test_downscaled_label_and_prediction_tiles_show_only_palette_colours():
+    # alternating road / car columns at 4x the tile width: averaging would show a colour of no class
+    label = np.tile(np.array([0, 13]), (32, 64))
+    panel = visualize.make_panel(np.zeros((32, 128, 3), np.uint8), label, [label], [np.zeros((32, 128))], ["a"],
+                                 19, tile_width=32)
+    header = 10
+    tiles = {"truth": panel[2 * header + 8:, :32], "prediction": panel[header:header + 8, 32:]}
+    allowed = {(128, 64, 128), (0, 0, 142)}
+    for name, tile in tiles.items():
+        assert {tuple(c) for c in tile.reshape(-1, 3).tolist()} <= allowed, name
+
+
 def test_cli_writes_side_by_side_panels_of_the_expected_size(tmp_path):
     root = tmp_path / "cityscapes"
     for i in range(2):

@@ -68,15 +68,26 @@ def compute_prior(dataset: SegmentationDataset, workers: int = 0, progress: bool
 
 
 def load_prior(path: str, num_classes: int) -> torch.Tensor:
-    """Read a prior written by this module (or a plain JSON list) as a float32 tensor, validated."""
+    """Read a prior written by this module (or a plain JSON list, or a NumPy ``.npy`` vector) as a float32
+    tensor, validated."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"class prior file not found: {path}")
-    with open(path) as f:
+    if path.endswith(".npy"):
         try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"class prior file {path} is not valid JSON: {err}") from err
-    values = data.get("prior") if isinstance(data, dict) else data
+            array = np.load(path, allow_pickle=False)
+        except ValueError as err:
+            raise ValueError(f"class prior file {path} is not a NumPy .npy array: {err}") from err
+        if array.ndim != 1 or array.dtype.kind not in "fiu":
+            raise ValueError(f"class prior file {path}: expected a vector of numbers, got {array.dtype} "
+                             f"of shape {array.shape}")
+        values = array.astype(np.float64).tolist()
+    else:
+        with open(path, "rb") as f:
+            try:
+                data = json.loads(f.read().decode("utf-8"))
+            except ValueError as err:  # not UTF-8 or not JSON
+                raise ValueError(f"class prior file {path} is not JSON (nor a .npy file): {err}") from err
+        values = data.get("prior") if isinstance(data, dict) else data
     if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
         raise ValueError(f"class prior file {path}: expected a list of numbers (or {{'prior': [...]}})")
     if len(values) != num_classes:
