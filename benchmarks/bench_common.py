@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import statistics
 import time
 
@@ -60,11 +61,15 @@ def peak_extra_mib(run, device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def write_results(path: str, payload: dict) -> None:
-    """The benchmark's rows (and machine) as JSON, announced on the last line of the output."""
-    with open(path, "w") as f:
+def write_results(path: str, payload: dict, announce: bool = True) -> None:
+    """The benchmark's rows (and machine) as JSON, replaced atomically (benchmarks save as they go, so
+    that a run cut short keeps what it measured); the final write is announced on the last line."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
-    print(f"# results written to {path}")
+    os.replace(tmp, path)
+    if announce:
+        print(f"# results written to {path}")
 
 
 # The kernels' launch parameters are module constants that their launchers read at call time.

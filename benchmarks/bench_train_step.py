@@ -12,8 +12,9 @@ the clock stops when the device has finished the last one. Columns: ms per step 
 timed steps), host ms (the time the host spends in each ``step_async`` call: as long as the step
 where the host waits for the device, as the release path's loss reads do, or where issuing the
 kernels is the bottleneck; much shorter where the device is), images per second (source + target),
-peak memory, and on GPUs the fraction of the wall time the GPU is busy (the union of the kernels'
-and copies' time spans from the profiler over a few steps / their wall time). ``--track N`` trains
+peak memory, and on GPUs the GPU's busy ms per step (the union of the kernels' and copies' time spans
+from the profiler over a few steps) and that as a fraction of ms per step (timed without the profiler,
+which slows the host). Rows are printed (and the JSON written) as each variant finishes. ``--track N`` trains
 the release fp32 step and the ``--track-variants`` (default: the fast path, and the fast path in
 fp32) from the same initial weights for N iterations on the same inputs and reports how far their
 losses stray from the fp32 release step's: tiny rounding differences grow as G and D train, so
@@ -176,22 +177,21 @@ def covered_length(intervals) -> float:
     return total
 
 
-def gpu_busy_fraction(step, steps: int) -> float:
-    """Time with at least one kernel or copy running on the GPU / wall time, over ``steps`` steps."""
+def gpu_busy_ms(step, steps: int) -> float:
+    """Time per step with at least one kernel or copy running on the GPU, from the profiler over ``steps``
+    steps (divided by the unprofiled ms/step for the busy fraction: profiling slows the host, not the GPU)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - start) * 1e6
     spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
     if not spans:  # CUPTI may not report the kernels of replayed CUDA graphs: no figure beats 0%
         raise RuntimeError("the profiler saw no GPU activity")
-    return covered_length(spans) / wall_us
+    return covered_length(spans) / 1e3 / steps
 
 
 def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
@@ -227,13 +227,15 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
     row = {"mode": mode, "variant": variant, "settings": trainer.settings.describe(), "ms_per_step": ms,
            "images_per_s": (trainer.config.train.source_batch_size
                             + (trainer.config.train.target_batch_size if trainer.plan.target else 0)) / ms * 1e3,
-           "host_ms": host_s * 1e3 / steps, "warmup_s": warmup_s, "peak_mib": None, "gpu_busy": None}
+           "host_ms": host_s * 1e3 / steps, "warmup_s": warmup_s, "peak_mib": None, "gpu_ms": None,
+           "gpu_busy": None}
     if device.type == "cuda":
         row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         try:  # the profiler is a measurement aid: its failure must not cost the timings
-            row["gpu_busy"] = gpu_busy_fraction(step, min(steps, 5))
+            row["gpu_ms"] = gpu_busy_ms(step, min(steps, 5))
+            row["gpu_busy"] = row["gpu_ms"] / ms
         except Exception as exc:
-            print(f"{variant}/{mode}: GPU busy fraction not measured: {exc!r}", file=sys.stderr)
+            print(f"{variant}/{mode}: GPU busy time not measured: {exc!r}", file=sys.stderr)
     return row
 
 
@@ -276,6 +278,19 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def format_row(row, rows) -> str:
+    """A markdown row; the speed-up against the same mode's release_fp32 row measured in this run, if any."""
+    if "error" in row:
+        return f"| {row['mode']} | {row['variant']} | failed: {row['error']} |||||||||"
+    base = next((r for r in rows if r["mode"] == row["mode"] and r["variant"] == "release_fp32"
+                 and "error" not in r), None)
+    speedup = base["ms_per_step"] / row["ms_per_step"] if base else None
+    busy = None if row["gpu_busy"] is None else f"{100 * row['gpu_busy']:.0f}%"
+    return (f"| {row['mode']} | {row['variant']} | {row['ms_per_step']:.1f} | {row['host_ms']:.1f} | "
+            f"{row['images_per_s']:.1f} | {fmt(speedup, '.2f')} | {fmt(row['peak_mib'], ',.0f')} | "
+            f"{fmt(row['gpu_ms'], '.1f')} | {fmt(busy, 's')} | {row['warmup_s']:.1f} | {row['settings']} |")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "auto":
@@ -292,40 +307,29 @@ def main(argv=None):
     print(f"# Training step: {name}, torch {torch.__version__}, preset {preset}, source {source_size[0]}x"
           f"{source_size[1]}, target {target_size[0]}x{target_size[1]}, {steps} timed steps after {warmup}")
     print()
-    rows = []
-    for mode in args.modes:
-        for variant in variants:
-            try:
-                rows.append(time_variant(preset, mode, variant, args, sizes, steps, warmup, device))
-            except Exception as exc:  # a failing lever is a finding, not the end of the benchmark
-                traceback.print_exc(file=sys.stderr)
-                rows.append({"mode": mode, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:200]})
-            torch._dynamo.reset()
-            release_memory(device)
-    print("| mode | variant | ms/step | host ms | images/s | x release_fp32 | peak MiB | GPU busy | warm-up s "
-          "| settings |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        if "error" in row:
-            print(f"| {row['mode']} | {row['variant']} | failed: {row['error']} ||||||||")
-            continue
-        base = next((r for r in rows if r["mode"] == row["mode"] and r["variant"] == "release_fp32"
-                     and "error" not in r), None)
-        speedup = base["ms_per_step"] / row["ms_per_step"] if base else None
-        busy = None if row["gpu_busy"] is None else 100 * row["gpu_busy"]
-        print(f"| {row['mode']} | {row['variant']} | {row['ms_per_step']:.1f} | {row['host_ms']:.1f} | "
-              f"{row['images_per_s']:.1f} | "
-              f"{fmt(speedup, '.2f')} | {fmt(row['peak_mib'], ',.0f')} | {fmt(busy, '.0f')}% | "
-              f"{row['warmup_s']:.1f} | {row['settings']} |".replace("| -% |", "| - |"))
-    tracked = []
+    rows, tracked = [], []
 
-    def save():
+    def save(final=False):  # after every row too: a run cut short keeps what it measured
         if args.json:
             write_results(args.json, {"device": name, "torch": torch.__version__, "preset": preset,
                                       "source_size": source_size, "target_size": target_size, "steps": steps,
-                                      "warmup": warmup, "rows": rows, "track": tracked})
+                                      "warmup": warmup, "rows": rows, "track": tracked}, announce=final)
 
-    save()  # the timings are kept even if the tracking below is cut short
+    print("| mode | variant | ms/step | host ms | images/s | x release_fp32 | peak MiB | GPU ms | GPU busy "
+          "| warm-up s | settings |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for mode in args.modes:
+        for variant in variants:
+            try:
+                row = time_variant(preset, mode, variant, args, sizes, steps, warmup, device)
+            except Exception as exc:  # a failing lever is a finding, not the end of the benchmark
+                traceback.print_exc(file=sys.stderr)
+                row = {"mode": mode, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:200]}
+            rows.append(row)
+            print(format_row(row, rows), flush=True)
+            save()
+            torch._dynamo.reset()
+            release_memory(device)
     if args.track:
         print()
         print(f"Losses against release_fp32 over {args.track} iterations on the same inputs and initial "
@@ -340,6 +344,7 @@ def main(argv=None):
                       f"{r['median_rel_diff']:.2e} | {r['first']:.4g} -> {r['last_ref']:.4g} | {r['last']:.4g} |")
             tracked += mode_rows
             save()
+    save(final=True)
     return 0 if all("error" not in r for r in rows) else 1
 
 

@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
 # One script for a GPU machine without network: install, check the kernels and the trainer on the GPU,
 # run every benchmark (quick settings), all within $BUDGET seconds (default 560: under the 10 minutes
-# of one device call). Logs, tables (.md) and JSON go to $OUT (default ./gpu_out); the most important
-# stages come first and each gets at most the time left, so a short budget still leaves those.
-# ONLY="stage names" runs just those stages (e.g. the ones a previous call had no time for). The
-# last thing printed is the summary: test results, then every table. Dependencies the machine lacks are
-# installed from .gpu-wheels (benchmarks/gpu_wheels.sh) when it was carried along.
+# of one device call). The most important stages come first and each gets at most the time left, so a
+# short budget still leaves those; ONLY="stage names" runs just those stages (e.g. the ones a previous
+# call had no time for). Dependencies the machine lacks are installed from .gpu-wheels
+# (benchmarks/gpu_wheels.sh) when it was carried along.
+#
+# Results: each stage's table (NAME.md), errors (NAME.err) and JSON go to $LOGS (default: a new folder
+# under /tmp), packed into $OUT/results.tgz after every stage, so a call cut short keeps what ran. $OUT
+# (default ./gpu_out) holds only results.tgz, stages.txt and summary.md: the device tool brings back at
+# most 8 files. The last thing printed is the summary: test results, then every table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 BUDGET=${BUDGET:-560}
-mkdir -p "$OUT"
+LOGS=${LOGS:-$(mktemp -d /tmp/advent_fast_gpu.XXXXXX)}
+mkdir -p "$OUT" "$LOGS"
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1  # tables survive a stage cut short by its limit
 export ADVENT_FAST_DATA=${ADVENT_FAST_DATA:-/tmp/advent_fast_data}  # generated data stays out of $OUT
 PY=${PYTHON:-python3}  # the device image's python3 holds PyTorch
 START=$SECONDS
 
-# stage NAME MAX_SECONDS COMMAND...: runs COMMAND with stdout in $OUT/NAME.md and stderr in
-# $OUT/NAME.err, for at most MAX_SECONDS and never past the budget.
+pack() {  # atomically: a kill mid-way leaves the previous archive
+    tar -czf "$OUT/results.tgz.part" -C "$LOGS" . && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"
+    cp "$LOGS/stages.txt" "$OUT/stages.txt" 2>/dev/null
+}
+
+# stage NAME MAX_SECONDS COMMAND...: runs COMMAND with stdout in $LOGS/NAME.md and stderr in
+# $LOGS/NAME.err, for at most MAX_SECONDS (then SIGTERM, SIGKILL 10 s later) and never past the budget.
 stage() {
     local name=$1 limit=$2
     shift 2
@@ -25,16 +35,18 @@ stage() {
     local left=$((BUDGET - (SECONDS - START)))
     ((limit > left)) && limit=$left
     if ((limit < 15)); then
-        echo "== $name: skipped, budget spent" | tee -a "$OUT/stages.txt"
+        echo "== $name: skipped, budget spent" | tee -a "$LOGS/stages.txt"
+        pack
         return
     fi
     local begin=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.md" 2>"$OUT/$name.err"
-    echo "== $name: exit $? after $((SECONDS - begin)) s (limit $limit s)" | tee -a "$OUT/stages.txt"
+    timeout -k 10 "$limit" "$@" >"$LOGS/$name.md" 2>"$LOGS/$name.err"
+    echo "== $name: exit $? after $((SECONDS - begin)) s (limit $limit s)" | tee -a "$LOGS/stages.txt"
+    pack
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOGS/gpu.txt"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOGS/gpu.txt"
 # The project installs with --no-deps: what it imports and the image lacks comes from the wheels that
 # benchmarks/gpu_wheels.sh prepares (carried as .gpu-wheels), one distribution at a time.
 missing=$("$PY" -c "import importlib.util as u
@@ -42,71 +54,77 @@ wanted = {'numpy': 'numpy', 'yaml': 'pyyaml', 'tqdm': 'tqdm', 'PIL': 'pillow', '
           'pytest': 'pytest'}
 print(' '.join(dist for module, dist in wanted.items() if u.find_spec(module) is None))")
 for dist in $missing; do
-    if "$PY" -m pip install --no-index --find-links .gpu-wheels "$dist" >>"$OUT/install.log" 2>&1; then
-        echo "installed $dist from .gpu-wheels" | tee -a "$OUT/stages.txt"
+    if "$PY" -m pip install --no-index --find-links .gpu-wheels "$dist" >>"$LOGS/install.log" 2>&1; then
+        echo "installed $dist from .gpu-wheels" | tee -a "$LOGS/stages.txt"
     else
-        echo "MISSING $dist (not in the image, nor in .gpu-wheels)" | tee -a "$OUT/stages.txt"
+        echo "MISSING $dist (not in the image, nor in .gpu-wheels)" | tee -a "$LOGS/stages.txt"
     fi
 done
 # No GPU stage uses the C++ ops (CPU tensors only; CI tests them): skip their build, which needs a
 # compiler and a minute.
 if ! ADVENT_FAST_BUILD_CPU_OPS=0 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . \
-    >"$OUT/install.log" 2>&1 || ! "$PY" -c "import advent_fast.kernels" >>"$OUT/install.log" 2>&1; then
+    >>"$LOGS/install.log" 2>&1 || ! "$PY" -c "import advent_fast.kernels" >>"$LOGS/install.log" 2>&1; then
     # e.g. no setuptools, one older than 64 (no editable install that maps kernels/), or a read-only
     # site-packages: import from the checkout
-    echo "install failed (install.log): importing from the checkout" | tee -a "$OUT/stages.txt"
+    echo "install failed (install.log): importing from the checkout" | tee -a "$LOGS/stages.txt"
     ln -sfn ../kernels advent_fast/kernels  # what setup.py's package_dir maps at install time
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-echo "== install: $((SECONDS - START)) s" | tee -a "$OUT/stages.txt"
+echo "== install: $((SECONDS - START)) s" | tee -a "$LOGS/stages.txt"
+pack
 
-# The public losses on CUDA tensors: values, no host synchronisation, CUDA-graph capture.
-stage pytest_losses_cuda 90 "$PY" -m pytest -q tests/test_losses_cuda.py
+# First what the open issues need, most important first. The public losses on CUDA tensors: values,
+# no host synchronisation, CUDA-graph capture.
+stage pytest_losses_cuda 75 "$PY" -m pytest -q tests/test_losses_cuda.py
 # Issue 2's figures: the fused losses against the eager reference at every shape and dtype (the
-# torch.compile baselines, a dozen compilations, come later).
-stage bench_entropy 90 "$PY" benchmarks/bench_entropy.py --no-compile --json "$OUT/bench_entropy.json"
-# Issue 5's figures: release fp32 / bf16 vs the eager fast path (and with frozen BN folded).
-stage bench_train_step 150 "$PY" benchmarks/bench_train_step.py --quick \
-    --variants release_fp32 release_bf16 fast fast_frozen_bn --json "$OUT/bench_train_step.json"
+# torch.compile baselines, a dozen compilations, follow the training step).
+stage bench_entropy 75 "$PY" benchmarks/bench_entropy.py --no-compile --json "$LOGS/bench_entropy.json"
+# Issue 5's figures: release fp32 / bf16 vs the eager fast path (and with frozen BN folded), AdvEnt first.
+stage bench_train_step 150 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
+    --variants release_fp32 release_bf16 fast fast_frozen_bn --json "$LOGS/bench_train_step.json"
+stage bench_entropy_compile 120 "$PY" benchmarks/bench_entropy.py --quick --json "$LOGS/bench_entropy_compile.json"
+# Issue 5's numerics: 200 iterations of the fast path (bf16, and fp32 as the control) against the
+# release fp32 step from the same weights on the same inputs.
+stage track_losses 150 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent --variants release_fp32 \
+    --track 200 --json "$LOGS/track_losses.json"
+stage bench_eval 45 "$PY" benchmarks/bench_eval.py --quick --json "$LOGS/bench_eval.json"
 # The whole step as one CUDA graph, in its own processes (a failed capture can leave the CUDA context
 # unusable): the captured step against the eager one, a training run with it, the other CUDA-only
 # trainer and metric tests; then its timing against release_fp32 and the eager fast path in the same
 # run (and what activation checkpointing costs).
 stage pytest_train_cuda 90 "$PY" -m pytest -q tests/test_train.py tests/test_metrics.py -k cuda
-stage bench_train_step_graph 75 "$PY" benchmarks/bench_train_step.py --quick \
-    --variants release_fp32 fast fast_graph fast_checkpointed --json "$OUT/bench_train_step_graph.json"
+stage bench_train_step_graph 100 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
+    --variants release_fp32 fast_graph fast fast_checkpointed --json "$LOGS/bench_train_step_graph.json"
 # The trainer end to end on the embedded data: loaders, fast path, checkpoint, evaluation.
 RUN_DIR=/tmp/advent_fast_run.$$  # a new run each call (an existing run folder is refused)
 stage train_embedded 60 "$PY" -m advent_fast.train --mode advent --run-dir "$RUN_DIR" \
     --set train.stop_iter=100 --set eval.every=0 --set run.snapshot_every=100 --set run.progress=false
-# Issue 5's numerics: 200 iterations of the fast path (bf16, and fp32 as the control) against the
-# release fp32 step from the same weights on the same inputs.
-stage track_losses 150 "$PY" benchmarks/bench_train_step.py --quick --variants release_fp32 --track 200 \
-    --json "$OUT/track_losses.json"
-stage bench_entropy_compile 150 "$PY" benchmarks/bench_entropy.py --quick --json "$OUT/bench_entropy_compile.json"
+cp "$RUN_DIR/metrics.jsonl" "$LOGS/train_embedded_metrics.jsonl" 2>/dev/null
 # Every kernel variant on CUDA tensors against the float64 references (many compilations).
 stage pytest_upsampled_cuda 100 "$PY" -m pytest -q tests/test_upsampled.py
 stage pytest_kernels_cuda 100 "$PY" -m pytest -q tests/test_kernels_triton.py
-stage bench_eval 45 "$PY" benchmarks/bench_eval.py --quick --json "$OUT/bench_eval.json"
-stage bench_upsampled 40 "$PY" benchmarks/bench_upsampled.py --quick --json "$OUT/bench_upsampled.json"
-stage bench_data 40 "$PY" benchmarks/bench_data.py --quick --counts 100 100 10 --json "$OUT/bench_data.json"
-stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$OUT/bench_activations.json"
+stage bench_upsampled 40 "$PY" benchmarks/bench_upsampled.py --quick --dtypes bf16 fp32 \
+    --json "$LOGS/bench_upsampled.json"
+stage bench_data 40 "$PY" benchmarks/bench_data.py --quick --counts 100 100 10 --json "$LOGS/bench_data.json"
+stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/bench_activations.json"
 # Tile sizes and warp counts of the kernels (the defaults are untuned guesses until this has run).
-stage tune_kernels 120 "$PY" benchmarks/tune_kernels.py --quick --json "$OUT/tune_kernels.json"
+stage tune_kernels 120 "$PY" benchmarks/tune_kernels.py --quick --json "$LOGS/tune_kernels.json"
 # torch.compile and CUDA graphs: compiling ResNet-101 takes a while, so last.
 stage bench_train_step_compile 240 "$PY" benchmarks/bench_train_step.py --modes advent \
     --variants fast_compile fast_compile_graph fast_cudagraph --steps 10 --warmup 5 \
-    --json "$OUT/bench_train_step_compile.json"
-cp "$RUN_DIR/metrics.jsonl" "$OUT/train_embedded_metrics.jsonl" 2>/dev/null
+    --json "$LOGS/bench_train_step_compile.json"
 
-echo
-for name in pytest_losses_cuda pytest_train_cuda pytest_upsampled_cuda pytest_kernels_cuda; do
-    echo "-- $name"; tail -1 "$OUT/$name.md" 2>/dev/null
-done
-echo "-- training run"; tail -2 "$OUT/train_embedded.md" 2>/dev/null
-for name in tune_kernels bench_entropy_compile bench_eval bench_upsampled bench_data bench_activations \
-    bench_train_step_compile \
-    track_losses bench_train_step_graph bench_train_step bench_entropy; do
-    echo "-- $name"; grep -E '^(\||- )' "$OUT/$name.md" 2>/dev/null | tail -40
-done
-echo "-- stages ($((SECONDS - START)) s)"; cat "$OUT/stages.txt"
+{
+    echo
+    for name in pytest_losses_cuda pytest_train_cuda pytest_upsampled_cuda pytest_kernels_cuda; do
+        echo "-- $name"; tail -1 "$LOGS/$name.md" 2>/dev/null
+    done
+    echo "-- training run"; tail -2 "$LOGS/train_embedded.md" 2>/dev/null
+    for name in tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
+        bench_train_step_graph track_losses bench_entropy_compile bench_train_step bench_entropy; do
+        echo "-- $name"; grep -E '^(\||- )' "$LOGS/$name.md" 2>/dev/null | tail -70
+    done
+    echo "-- stages ($((SECONDS - START)) s; every table, log and JSON: $OUT/results.tgz)"; cat "$LOGS/stages.txt"
+} | tee "$LOGS/summary.md"
+cp "$LOGS/summary.md" "$OUT/summary.md"
+pack

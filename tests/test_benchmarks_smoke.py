@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_bench_train_step(tmp_path):
     result = json.loads(out.read_text())
     assert [(r["mode"], r["variant"]) for r in result["rows"]] == [("advent", "release_fp32"), ("advent", "fast")]
     for r in result["rows"]:
-        assert r["ms_per_step"] > 0 and r["images_per_s"] > 0 and r["gpu_busy"] is None
+        assert r["ms_per_step"] > 0 and r["images_per_s"] > 0 and r["gpu_busy"] is r["gpu_ms"] is None
         assert 0 < r["host_ms"] <= r["ms_per_step"]  # the host's part of each step
     assert "fast path, fp32" in result["rows"][1]["settings"]
     tracked = {(r["variant"], r["loss"]): r for r in result["track"]}
@@ -88,6 +89,28 @@ def test_bench_train_step(tmp_path):
     assert set(tracked) == {(v, loss) for v in ("fast", "fast_fp32") for loss in losses}
     # On a CPU the fast path runs in fp32: the losses agree to float rounding.
     assert max(r["max_rel_diff"] for r in tracked.values()) < 1e-4
+
+
+def test_bench_train_step_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_train_step
+
+    real, calls = bench_train_step.time_variant, []
+
+    def interrupted_after_one(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # a stage's time limit
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_train_step, "time_variant", interrupted_after_one)
+    out = tmp_path / "cut.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_train_step.main(["--device", "cpu", "--modes", "minent", "--variants", "release_fp32", "fast",
+                               "--steps", "1", "--warmup", "1", "--source-size", "64", "32", "--target-size", "64",
+                               "32", "--set", "model.width=4", "--json", str(out)])
+    assert "| minent | release_fp32 |" in capsys.readouterr().out
+    assert [r["variant"] for r in json.loads(out.read_text())["rows"]] == ["release_fp32"]
 
 
 def test_gpu_busy_counts_overlapping_kernels_once(monkeypatch):
@@ -193,6 +216,45 @@ def test_tune_kernels(tmp_path):
 def test_gpu_scripts_parse(script):
     proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+STUB_PYTHON = """#!/bin/sh
+# run_gpu.sh's python3, for its plumbing only: installs and imports succeed; a benchmark or test prints a
+# table row and writes its --json file
+case "$1" in -c|-m) [ "$2" = pip ] || [ "$1" = -c ] && exit 0;; esac
+echo "| stub | $* |"
+while [ $# -gt 1 ]; do [ "$1" = --json ] && echo '{}' > "$2"; shift; done
+"""
+
+
+def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
+    """The device tool returns at most 8 files from $OUT (names of letters, digits, '.', '_', '-'): every
+    stage's table, log and JSON travel in results.tgz, repacked after each stage."""
+    stub = tmp_path / "python3"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    env = dict(os.environ, PYTHON=str(stub), OUT=str(out), LOGS=str(logs), ADVENT_FAST_DATA=str(tmp_path / "data"))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["results.tgz", "stages.txt", "summary.md"]
+    with tarfile.open(out / "results.tgz") as tar:
+        packed = {os.path.basename(name) for name in tar.getnames()}
+    stages = [line.split()[1].rstrip(":") for line in (out / "stages.txt").read_text().splitlines()
+              if line.startswith("== ") and "exit 0" in line]
+    assert "bench_entropy" in stages and "bench_train_step_compile" in stages and len(stages) == 16
+    assert {f"{name}.md" for name in stages} | {f"{name}.err" for name in stages} <= packed
+    assert {"bench_entropy.json", "bench_train_step.json", "track_losses.json", "summary.md", "gpu.txt"} <= packed
+    assert "| stub | benchmarks/bench_entropy.py" in proc.stdout.split("-- bench_entropy")[-1]
+
+    # ONLY= runs just the stages named; the archive holds the new call's results
+    env.update(ONLY="bench_eval", OUT=str(tmp_path / "again"), LOGS=str(tmp_path / "logs_again"))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0
+    ran = [line for line in (tmp_path / "again" / "stages.txt").read_text().splitlines() if "exit" in line]
+    assert len(ran) == 1 and ran[0].startswith("== bench_eval: exit 0")
 
 
 @pytest.mark.parametrize("build", ["1", "0"])
