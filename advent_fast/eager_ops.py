@@ -48,4 +48,10 @@ class _EagerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        # Grad mode is on only in a backward with create_graph=True. The kernels' gradients have no
+        # derivative themselves: refuse at once (once_differentiable would return a gradient without a
+        # graph when the upstream gradient needs none, and a second derivative would silently be 0).
+        if torch.is_grad_enabled():
+            raise RuntimeError("advent_fast losses have first derivatives only: backward with create_graph=True "
+                               "(for a second derivative) is not supported")
         return (None, *ctx.op.backward(ctx, *grads))

@@ -230,7 +230,13 @@ def target_losses(
     kwargs = dict(self_information=self_information, entropy=entropy, top_k=top_k,
                   prior=prior, mu=mu, entropy_map=entropy_map)
     if get_backend(logits.device) == "reference":
-        return reference.target_losses(logits, **kwargs)
+        # The naive code in float32 for 16-bit logits, as the kernels compute inside: in float16 its 1e-30
+        # epsilon underflows, and p = 0 (a -inf logit, or a confident pixel) would give 0 * -inf = NaN.
+        half = logits.dtype in (torch.float16, torch.bfloat16)
+        result = reference.target_losses(logits.float() if half else logits, **kwargs)
+        if half and result.self_information is not None:
+            result = result._replace(self_information=result.self_information.to(logits.dtype))
+        return result
     if not (self_information or entropy or entropy_map or prior is not None):
         return TargetLosses(None, None, None, None)
 

@@ -269,7 +269,8 @@ def _check_labels(labels: Tensor, logits: Tensor, ignore_index: int) -> None:
     # out-of-range label makes the Triton loss NaN; the fallback path raises torch's device assert).
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         num_classes = logits.shape[1]
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        wide = labels.long()  # uint8 labels would compare with ignore_index modulo 256
+        bad = (wide != ignore_index) & ((wide < 0) | (wide >= num_classes))
         if bool(bad.any()):
             raise ValueError(f"labels must be in [0, {num_classes}) or ignore_index={ignore_index}, got "
                              f"{sorted(set(labels[bad].tolist()))[:8]}")

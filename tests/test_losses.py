@@ -356,6 +356,36 @@ def test_reference_backend_is_the_naive_code():
         af.set_backend(None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_reference_backend_computes_16_bit_logits_in_float32(dtype):
+    """The fallback backend: a -inf logit (a masked class) and a confident pixel stay finite in float16,
+    where the naive code's 1e-30 epsilon underflows (0 * -inf = NaN)."""
+    logits = torch.tensor([[0.0, 0.0], [-20.0, -math.inf]]).reshape(1, 2, 2, 1).to(dtype)
+    x = logits.clone().requires_grad_(True)
+    af.set_backend("reference")
+    try:
+        res = af.target_losses(x, self_information=True, entropy=True, entropy_map=True)
+        (res.self_information.float().sum() + res.entropy_loss).backward()
+    finally:
+        af.set_backend(None)
+    assert res.self_information.dtype == x.grad.dtype == dtype
+    for t in (res.self_information, res.entropy_loss, res.entropy_map, x.grad):
+        assert torch.isfinite(t).all()
+    assert torch.equal(res.entropy_loss, ref.entropy_loss(logits.float()))
+
+
+def test_second_derivatives_raise_instead_of_being_zero(backend):
+    """The kernels give first derivatives only: asking for a second one is an error (through the eager
+    path as through the custom op), not a silent zero."""
+    x = make_logits((1, 3, 4, 4)).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(af.entropy_loss(x), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):  # the custom op, as torch.compile calls it
+        (grad,) = torch.autograd.grad(torch.ops.advent_fast.target_forward.default(
+            x.flatten(2), None, 0, 0.5, False, False, True, False)[2], x, create_graph=True)
+        grad.sum().backward()
+
+
 def test_ranked_pixel_count_is_exact():
     assert ref.ranked_pixel_count(0.3, 10) == 3  # 0.3 * 10 == 3.0000000000000004 in floats
     assert ref.ranked_pixel_count(1.0, 7) == 7

@@ -615,6 +615,9 @@ BAD_CALLS = [
     (lambda x, y: upsampled_cross_entropy(x.cpu(), y.cpu().masked_fill(y.cpu() == 3, 19)), ValueError,
      r"labels must be in \[0, 19\)"),
     (lambda x, y: upsampled_cross_entropy(x.cpu(), y.cpu().masked_fill(y.cpu() == 3, -1)), ValueError, r"got \[-1\]"),
+    # uint8 255 is not ignore_index -1 (a comparison in uint8 would wrap -1 to 255)
+    (lambda x, y: upsampled_cross_entropy(x.cpu(), y.cpu().to(torch.uint8), ignore_index=-1), ValueError,
+     r"ignore_index=-1, got \[255\]"),
     (lambda x, y: upsampled_target_losses(x, (9, 0)), ValueError, "size must be positive"),
     (lambda x, y: upsampled_target_losses(x, (9, 10, 11)), TypeError, "size must be"),
     (lambda x, y: upsampled_target_losses(x, (9.0, 10)), TypeError, "size must be"),
