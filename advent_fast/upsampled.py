@@ -56,7 +56,8 @@ def _interpolate(logits: Tensor, size: Tuple[int, int]) -> Tensor:
 
 def _use_kernels(logits: Tensor, size: Tuple[int, int]) -> bool:
     """Whether the fused kernels run: on the Triton backend, for sizes their index math covers
-    (MAX_AXIS_PRODUCT on each axis, the per-pixel kernels' limits on the full-resolution maps).
+    (MAX_AXIS_PRODUCT on each axis, the per-pixel kernels' limits on the full-resolution maps) and
+    their grid (cell blocks, h, N) fits CUDA's (65535 on the second and third axes: MAX_IMAGES).
     Otherwise the ops interpolate, then call the per-pixel losses (whose launchers refuse, with a
     ValueError, what they cannot address)."""
     (n, c, h, w), (H, W) = logits.shape, size
@@ -66,7 +67,7 @@ def _use_kernels(logits: Tensor, size: Tuple[int, int]) -> bool:
         return False
     from .kernels.softmax_entropy import MAX_IMAGE_SPAN, MAX_IMAGES
 
-    return n <= MAX_IMAGES and c * H * W <= MAX_IMAGE_SPAN
+    return n <= MAX_IMAGES and h <= MAX_IMAGES and c * H * W <= MAX_IMAGE_SPAN
 
 
 def _kernels():

@@ -104,6 +104,7 @@ def _target_finish_kernel(
     N,
     C,
     S,
+    inv_num_pixels,  # 1 / (N S), from the host: N * S overflows int32 for the largest inputs
     P_ENT,
     P_CLS,
     k,
@@ -121,7 +122,7 @@ def _target_finish_kernel(
         ent_acc = tl.zeros([BLOCK_E], dtype=tl.float32)
         for start in range(0, N * P_ENT, BLOCK_E):
             ent_acc += tl.load(ent_part_ptr + start + offs_e, mask=start + offs_e < N * P_ENT, other=0.0)
-        tl.store(ent_ptr, tl.sum(ent_acc, axis=0) / (N * S))
+        tl.store(ent_ptr, tl.sum(ent_acc, axis=0) * inv_num_pixels)
     if ENT_MODE == 2:
         # ranked: loss_n = sum_{keep} E / K_n, mean over images
         loss_sum = 0.0
@@ -246,6 +247,7 @@ def finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_
             N,
             C,
             num_pixels,
+            1.0 / (N * num_pixels),
             ent_part.shape[1] if want_ent else 0,
             num_parts,
             k,

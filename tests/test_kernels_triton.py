@@ -3,6 +3,7 @@
 Runs on CPU tensors under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1); with
 TRITON_INTERPRET=0 and a GPU the same tests run the compiled kernels on CUDA tensors.
 """
+import importlib
 import math
 import os
 
@@ -459,6 +460,18 @@ def test_launchers_refuse_what_they_cannot_address(shape, message):
         target_forward(x, None, 0, 0.5, False, False, True, False)
     with pytest.raises(ValueError, match=message):
         target_backward(x, None, None, torch.empty((), device="meta"), None, None, None, None, None, 0.5)
+
+
+def test_mean_entropy_of_more_than_2_to_the_31_pixels():
+    """The finishing kernel's mean over N * S pixels: N * S in int32 would wrap (N = 2, S = 2**30 gave a
+    negative loss). Its partial sums say every pixel has entropy 0.5 (the main kernel, which would need
+    8 GB of logits here, is left out)."""
+    n, s = 2, 2**30
+    x = torch.empty((n, 2, 1), device=DEVICE)  # read for N, C and the device only
+    ent_part = torch.full((n, 1), 0.5 * s, device=DEVICE)
+    finish = importlib.import_module(f"{kernels.__name__}.target_forward").finish_target_forward
+    out = finish(x, None, None, ent_part, ent_part[:, :, None], None, 0, 0.5, False, True, False, s, 1, 1, 2, 1)
+    assert out[2].item() == 0.5
 
 
 def test_backward_refuses_a_gradient_it_cannot_address():

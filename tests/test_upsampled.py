@@ -588,6 +588,8 @@ def test_full_resolution_maps_too_large_for_the_kernels_go_the_interpolating_way
     assert up._use_kernels(x, (512, 1024))
     assert not up._use_kernels(x, (16384, 16384))  # 19 * 2**28 elements an image: past int32 offsets
     assert not up._use_kernels(torch.empty((65536, 2, 1, 1), device="meta"), (3, 4))  # the grid's image axis
+    assert not up._use_kernels(torch.empty((1, 2, 65536, 1), device="meta"), (16, 4))  # the grid's row axis
+    assert up._use_kernels(torch.empty((1, 2, 65535, 1), device="meta"), (16, 4))
 
 
 def test_empty_batch(triton_backend):
