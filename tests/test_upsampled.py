@@ -26,6 +26,9 @@ from advent_fast.upsampled import upsampled_cross_entropy, upsampled_target_loss
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+# Two variants of a kernel (constexpr flags: which outputs) sum in the same order: the interpreter gives
+# the same bits; compiled for a GPU, each variant's multiply-adds may be contracted differently.
+VARIANTS_TOL = dict(rtol=0, atol=0) if DEVICE == "cpu" else dict(rtol=2e-6, atol=1e-7)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (relative tolerance of outputs stored in the logits' dtype, relative gradient tolerance); float32
 # outputs (losses, entropy map) are exact to float32 whatever the dtype.
@@ -275,9 +278,10 @@ def test_cross_entropy_no_grad_computes_no_gradient(triton_backend):
     assert parts.numel() == 0
     assert count.item() == (labels != IGNORE).sum().item()
     with torch.no_grad():
-        assert torch.equal(upsampled_cross_entropy(logits.requires_grad_(True), labels), loss)
+        torch.testing.assert_close(upsampled_cross_entropy(logits.requires_grad_(True), labels), loss, **VARIANTS_TOL)
     loss_grad, _, parts_grad = torch.ops.advent_fast.upsampled_cross_entropy_forward(logits, labels, IGNORE, True)
-    assert torch.equal(loss_grad, loss) and parts_grad.shape == (4, 1, 3, 4, 19)
+    torch.testing.assert_close(loss_grad, loss, **VARIANTS_TOL)
+    assert parts_grad.shape == (4, 1, 3, 4, 19)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,7 +362,7 @@ def test_target_fused_equals_separate(triton_backend):
         entropy_map=upsampled_target_losses(logits, size, self_information=False, entropy_map=True).entropy_map,
     )
     for name, value in alone.items():
-        torch.testing.assert_close(getattr(res, name), value, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(getattr(res, name), value, **VARIANTS_TOL, msg=name)
     torch.testing.assert_close(res.entropy_map, res.self_information.sum(1), rtol=1e-6, atol=1e-6)
     assert upsampled_target_losses(logits, size, self_information=False) == (None, None, None, None)
 
