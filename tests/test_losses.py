@@ -230,6 +230,19 @@ def test_class_prior_hinges(backend):
     assert_close_rel(grad, grad64, 1e-4, "active grad")
 
 
+def test_class_prior_hinge_exactly_at_zero_has_zero_gradient(backend):
+    """relu'(0) = 0, as the reference's: uniform logits give class means of exactly 1/4, and mu * prior
+    = 1/4 for two classes (gap exactly 0), 0 for the others (inactive)."""
+    x = torch.zeros(1, 4, 2, 2, requires_grad=True)
+    prior = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    loss = af.class_prior_loss(x, prior, mu=0.5)
+    loss.backward()
+    x64 = torch.zeros(1, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    ref.class_prior_loss(x64, prior.double(), 0.5).backward()
+    assert loss.item() == 0.0
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(x64.grad, torch.zeros_like(x64))
+
+
 def test_fused_call_equals_separate_ops(backend):
     logits = make_logits((2, 19, 5, 6))
     prior = make_prior(19)

@@ -196,6 +196,67 @@ def test_step_matches_the_release_advent_iteration(tiny_data):
                                        rtol=1e-5, atol=1e-6, msg=f"{h}.{name}")
 
 
+def release_minent_step(model, opt_g, source, target, iteration, max_iters, lr, lambda_ent, lambda_cp, prior, mu):
+    """The release's MinEnt iteration written out naively (REFERENCE §3), with the class-prior loss
+    (paper Eq. 10) of each head added to the target loss; returns its losses."""
+    up_s = lambda x: F.interpolate(x, size=source["image"].shape[-2:], mode="bilinear", align_corners=True)
+    up_t = lambda x: F.interpolate(x, size=target["image"].shape[-2:], mode="bilinear", align_corners=True)
+
+    def entropy_loss(prob):  # the release's, on softmax probabilities
+        c = prob.shape[1]
+        return torch.sum(-torch.mul(prob, torch.log2(prob + 1e-30))) / (prob.shape[0] * prob.shape[2]
+                                                                           * prob.shape[3] * math.log2(c))
+
+    def class_prior_loss(prob):
+        return torch.relu(mu * prior - prob.mean(dim=(2, 3))).sum(dim=1).mean()
+
+    opt_g.zero_grad()
+    factor = (1 - iteration / max_iters) ** 0.9
+    opt_g.param_groups[0]["lr"], opt_g.param_groups[1]["lr"] = lr * factor, 10 * lr * factor
+    src_aux, src_main = model(source["image"])
+    seg_main = F.cross_entropy(up_s(src_main), source["label"], ignore_index=255)
+    seg_aux = F.cross_entropy(up_s(src_aux), source["label"], ignore_index=255)
+    (seg_main + 0.1 * seg_aux).backward()
+    trg_aux, trg_main = model(target["image"])
+    prob = {"aux": F.softmax(up_t(trg_aux), dim=1), "main": F.softmax(up_t(trg_main), dim=1)}
+    ent = {h: entropy_loss(p) for h, p in prob.items()}
+    cp = {h: class_prior_loss(p) for h, p in prob.items()}
+    sum(lambda_ent[h] * ent[h] + lambda_cp[h] * cp[h] for h in prob).backward()
+    opt_g.step()
+    return {"seg_main": seg_main.item(), "seg_aux": seg_aux.item(), "ent_main": ent["main"].item(),
+            "ent_aux": ent["aux"].item(), "cp_main": cp["main"].item(), "cp_aux": cp["aux"].item()}
+
+
+def test_step_matches_the_release_minent_iteration_with_class_prior(tiny_data, tmp_path):
+    # Distinct, large weights per head and per loss, so that a weight read from the wrong key shows.
+    lambda_ent, lambda_cp = {"main": 5.0, "aux": 2.0}, {"main": 3.0, "aux": 0.7}
+    prior_path = write_prior(tmp_path / "prior.json")
+    config = tiny_config(tiny_data, "minent", "train.target_losses=reference", "train.lr=1e-2",
+                         f"train.class_prior={prior_path}", "train.class_prior_mu=1.0",
+                         *(f"train.lambda_ent_{h}={v}" for h, v in lambda_ent.items()),
+                         *(f"train.lambda_cp_{h}={v}" for h, v in lambda_cp.items()))
+    trainer = Trainer(config)
+    with open(prior_path) as f:
+        prior = torch.tensor(json.load(f))
+    model = copy.deepcopy(trainer.model)
+    opt_g = torch.optim.SGD(model.optim_parameters(1e-2, "clean"), lr=1e-2, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(3):
+        source = {"image": 50 * torch.randn(1, 3, 32, 64, generator=gen),
+                  "label": torch.randint(0, 19, (1, 32, 64), generator=gen)}
+        target = {"image": 50 * torch.randn(1, 3, 32, 64, generator=gen)}
+        finite, metrics, _ = trainer.train_step(source, target)
+        trainer.iteration += 1
+        assert finite
+        expected = release_minent_step(model, opt_g, source, target, i, 100, 1e-2, lambda_ent, lambda_cp, prior, 1.0)
+        assert metrics == pytest.approx(expected, rel=1e-5)
+        # mu = 1 against a prior from 0.035 to 0.07 and class means near 1/19: some hinges active, some
+        # not, so the loss has a gradient (with every hinge active it is mu - 1, a constant)
+        assert metrics["cp_main"] > 0 and metrics["cp_aux"] > 0
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(trainer.model.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_fused_and_reference_losses_give_the_same_step(tiny_data, tmp_path, monkeypatch):
     calls = {"fused": 0}
     fused = advent_fast.target_losses

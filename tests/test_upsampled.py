@@ -271,6 +271,28 @@ def test_cross_entropy_all_ignored_is_nan_with_zero_gradient(triton_backend):
     assert torch.equal(grad, torch.zeros_like(grad)) and torch.equal(grad64, torch.zeros_like(grad64))
 
 
+@pytest.mark.parametrize("bad", [19, -1])
+def test_cross_entropy_kernel_gives_nan_for_a_label_out_of_range(triton_backend, bad):
+    """What device labels out of [0, C) give (only host labels are checked, to keep the step free of
+    host synchronisation): a NaN loss and NaN gradient partials, never a finite wrong loss."""
+    logits, labels = make_logits((1, 19, 3, 4)), make_labels(1, 19, (9, 10))
+    labels[0, 4, 5] = bad
+    loss, _, parts = torch.ops.advent_fast.upsampled_cross_entropy_forward(logits, labels, IGNORE, True)
+    assert loss.isnan() and parts.isnan().any()
+
+
+def test_cross_entropy_computes_gradient_partials_only_for_autograd(triton_backend, monkeypatch):
+    wanted = []
+    real = up._ce_op
+    monkeypatch.setattr(up, "_ce_op", lambda *args: wanted.append(args[-1]) or real(*args))
+    logits, labels = make_logits((1, 19, 3, 4)).requires_grad_(True), make_labels(1, 19, (9, 10))
+    with torch.no_grad():
+        upsampled_cross_entropy(logits, labels)
+    upsampled_cross_entropy(logits.detach(), labels)
+    upsampled_cross_entropy(logits, labels)
+    assert wanted == [False, False, True]
+
+
 def test_cross_entropy_no_grad_computes_no_gradient(triton_backend):
     """Without autograd the forward skips the gradient partials; with it they give the same loss."""
     logits, labels = make_logits((1, 19, 3, 4)), make_labels(1, 19, (9, 10))
