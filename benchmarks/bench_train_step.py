@@ -12,13 +12,13 @@ the clock stops when the device has finished the last one. Columns: ms per step 
 timed steps), host ms (the time the host spends in each ``step_async`` call: as long as the step
 where the host waits for the device, as the release path's loss reads do, or where issuing the
 kernels is the bottleneck; much shorter where the device is), images per second (source + target),
-peak memory, and on GPUs the GPU's busy ms per step (the union of the kernels' and copies' time spans
-from the profiler over a few steps) and that as a fraction of ms per step (timed without the profiler,
-which slows the host). Rows are printed (and the JSON written) as each variant finishes. ``--track N`` trains
-the release fp32 step and the ``--track-variants`` (default: the fast path, and the fast path in
-fp32) from the same initial weights for N iterations on the same inputs and reports how far their
-losses stray from the fp32 release step's: tiny rounding differences grow as G and D train, so
-fast_fp32 shows how much of the bf16 fast path's difference is bf16's.
+peak memory, and on GPUs the GPU's busy ms per step (the union of the kernels' and copies' time
+spans from the profiler over a few steps) and that as a fraction of ms per step (timed without the
+profiler, which slows the host). Rows are printed (and the JSON written) as each variant finishes.
+``--track N`` trains the release fp32 step and the ``--track-variants`` (default: the fast path, and
+the fast path in fp32) from the same initial weights for N iterations on the same inputs and reports
+how far their losses stray from the fp32 release step's: tiny rounding differences grow as G and D
+train, so fast_fp32 shows how much of the bf16 fast path's difference is bf16's.
 
 Variants (``--variants``):
   release_fp32   train.fast_path=false, fp32, naive release-style losses on upsampled logits

@@ -221,7 +221,8 @@ def test_gpu_scripts_parse(script):
 STUB_PYTHON = """#!/bin/sh
 # run_gpu.sh's python3, for its plumbing only: installs and imports succeed; a benchmark or test prints a
 # table row and writes its --json file
-case "$1" in -c|-m) [ "$2" = pip ] || [ "$1" = -c ] && exit 0;; esac
+[ "$1" = -c ] && exit 0  # version, dependency and import probes
+[ "$1" = -m ] && [ "$2" = pip ] && exit 0  # installs
 echo "| stub | $* |"
 while [ $# -gt 1 ]; do [ "$1" = --json ] && echo '{}' > "$2"; shift; done
 """
