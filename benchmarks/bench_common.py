@@ -5,7 +5,9 @@ import importlib
 import json
 import os
 import statistics
+import sys
 import time
+import traceback
 
 import torch
 
@@ -46,6 +48,30 @@ def fwd_bwd(fn, logits, upstream):
         torch.autograd.backward(outs, [upstream if o.dim() > 0 else None for o in outs])
         return x.grad
     return run
+
+
+def graph_replay_ms(run, timer: Timer, reps: int) -> float | None:
+    """The device's time for ``run``: median ms of replays of it captured as one CUDA graph, in which the
+    host issues nothing (``run``'s own time minus this is what issuing its kernels adds). CUDA only;
+    None, with the error on stderr, if the capture fails."""
+    if not timer.cuda:
+        return None
+    side = torch.cuda.Stream()  # warm-up off the default stream, as capture requires
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            run()
+    except Exception:  # a finding for the table ("-"), not the end of the benchmark
+        traceback.print_exc(file=sys.stderr)
+        return None
+    ms = timer.median_ms(graph.replay, reps, 3)
+    del graph  # its memory pool with it
+    return ms
 
 
 def peak_extra_mib(run, device: torch.device) -> float | None:

@@ -23,7 +23,7 @@ import torch
 
 import advent_fast as af
 from advent_fast import reference as ref
-from bench_common import Timer, fwd_bwd, peak_extra_mib, write_results
+from bench_common import Timer, fwd_bwd, graph_replay_ms, peak_extra_mib, write_results
 
 GPU_SHAPES = [(1, 19, 512, 1024), (4, 19, 512, 1024), (1, 16, 760, 1280)]
 CPU_SHAPES = [(2, 19, 256, 512)]
@@ -86,6 +86,10 @@ def copy_bandwidth(device, timer: Timer, reps: int) -> float:
 
 
 
+def fmt_ms(ms) -> str:
+    return "-" if ms is None else f"{ms:.3f}"
+
+
 def fwd_only(fn, logits):
     def run():
         with torch.no_grad():
@@ -124,7 +128,7 @@ def main(argv=None) -> int:
     print(f"# {info['device']} | fused backend: {info['backend']} | torch {torch.__version__} | "
           f"measured copy bandwidth {copy_gbs:.0f} GB/s")
     rows = []
-    header = ("case", "shape", "dtype", "impl", "fwd+bwd ms", "fwd ms", "GB/s", "% copy", "floor ms", "peak MiB",
+    header = ("case", "shape", "dtype", "impl", "fwd+bwd ms", "fwd ms", "graph ms", "GB/s", "% copy", "floor ms", "peak MiB",
               "peak / logits", "x eager", "x compile")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -149,6 +153,8 @@ def main(argv=None) -> int:
                     results[impl] = {
                         "fwd_bwd_ms": timer.median_ms(run, reps, warmup),
                         "fwd_ms": timer.median_ms(fwd_only(fn, logits), reps, warmup),
+                        # compiled code is left out: a failed capture can leave the CUDA context unusable
+                        "graph_ms": None if impl == "compile" else graph_replay_ms(run, timer, reps),
                         "peak_MiB": peak_extra_mib(run, device),
                     }
                 _, total_bytes = min_bytes(case, logits.numel(), logits.element_size())
@@ -169,7 +175,7 @@ def main(argv=None) -> int:
                     xc = "-" if row["x_compile"] is None else f"{row['x_compile']:.2f}"
                     floor = "-" if row["floor_ms"] is None else f"{row['floor_ms']:.3f}"
                     print(f"| {case} | {'x'.join(map(str, shape))} | {dname} | {impl} | "
-                          f"{r['fwd_bwd_ms']:.3f} | {r['fwd_ms']:.3f} | {gbs:.0f} | "
+                          f"{r['fwd_bwd_ms']:.3f} | {r['fwd_ms']:.3f} | {fmt_ms(r['graph_ms'])} | {gbs:.0f} | "
                           f"{row['pct_copy']:.0f} | {floor} | {peak} | {row['x_eager']:.2f} | {xc} |")
                     sys.stdout.flush()
                 write_results(args.json, {"machine": info, "results": rows}, announce=False)

@@ -92,9 +92,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", nargs="+", default=["minent", "advent"],
                    choices=["source_only", "minent", "minent_er", "advent", "advent_minent"])
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+    p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=None,
                    help=f"default: all on GPUs; {', '.join(QUICK_VARIANTS)} with --quick; on CPUs those "
-                        f"but {', '.join(sorted(CUDA_ONLY))}")
+                        f"but {', '.join(sorted(CUDA_ONLY))}; none (the option alone): no timing, with --track")
     p.add_argument("--config", default=None, help="preset (default: gta2cityscapes_r101 on GPUs, embedded on CPUs)")
     p.add_argument("--source-size", nargs=2, type=int, metavar=("W", "H"), default=None)
     p.add_argument("--target-size", nargs=2, type=int, metavar=("W", "H"), default=None)
@@ -118,7 +118,7 @@ def defaults(args, device):
     target_size = args.target_size or ([1024, 512] if gpu else [256, 128])
     steps = args.steps or (10 if args.quick else 30) if gpu else args.steps or (3 if args.quick else 5)
     warmup = args.warmup or (5 if args.quick else 8) if gpu else args.warmup or 2
-    if args.variants:
+    if args.variants is not None:  # none at all: only --track
         variants = args.variants
     elif gpu:
         variants = QUICK_VARIANTS if args.quick else list(VARIANTS)
@@ -315,9 +315,10 @@ def main(argv=None):
                                       "source_size": source_size, "target_size": target_size, "steps": steps,
                                       "warmup": warmup, "rows": rows, "track": tracked}, announce=final)
 
-    print("| mode | variant | ms/step | host ms | images/s | x release_fp32 | peak MiB | GPU ms | GPU busy "
-          "| warm-up s | settings |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if variants:
+        print("| mode | variant | ms/step | host ms | images/s | x release_fp32 | peak MiB | GPU ms | GPU busy "
+              "| warm-up s | settings |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     for mode in args.modes:
         for variant in variants:
             try:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -91,6 +92,18 @@ def test_bench_train_step(tmp_path):
     assert max(r["max_rel_diff"] for r in tracked.values()) < 1e-4
 
 
+def test_bench_train_step_tracks_losses_without_timing_when_given_no_variants(tmp_path):
+    """run_gpu.sh's track_losses stage: ``--variants`` with no names times nothing and only tracks."""
+    out = tmp_path / "track.json"
+    stdout = run_script("bench_train_step.py", "--device", "cpu", "--modes", "minent", "--variants", "--track", "2",
+                        "--track-variants", "fast", "--source-size", "64", "32", "--target-size", "64", "32",
+                        "--set", "model.width=4", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["rows"] == [] and "ms/step" not in stdout
+    assert {(r["variant"], r["loss"]) for r in result["track"]} == {("fast", "seg_main"), ("fast", "seg_aux"),
+                                                                      ("fast", "ent_main"), ("fast", "ent_aux")}
+
+
 def test_bench_train_step_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     import bench_train_step
@@ -165,7 +178,7 @@ def test_bench_entropy(tmp_path):
         (c, d, i) for c in cases for d in ("fp32", "bf16") for i in ("eager", "fused")}
     for r in rows:
         assert r["fwd_bwd_ms"] > 0 and r["fwd_ms"] > 0 and r["GBps"] > 0 and r["x_compile"] is None
-        assert r["peak_MiB"] is None and r["peak_x_logits"] is None  # measured on CUDA only
+        assert r["peak_MiB"] is r["peak_x_logits"] is r["graph_ms"] is None  # measured on CUDA only
         assert r["floor_ms"] is None  # the C++ backend's: the floor column is the Triton kernels'
 
 
@@ -194,7 +207,7 @@ def test_bench_upsampled(tmp_path):
         ("source_ce", "release"), ("source_ce", "fused"),
         *((case, impl) for case in ("advent", "minent") for impl in ("release", "interp+fused", "fused"))}
     for r in rows:
-        assert r["fwd_bwd_ms"] > 0 and r["x_release"] > 0 and r["peak_MiB"] is None
+        assert r["fwd_bwd_ms"] > 0 and r["x_release"] > 0 and r["peak_MiB"] is r["graph_ms"] is None
 
 
 def test_tune_kernels(tmp_path):
@@ -256,6 +269,27 @@ def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
     assert proc.returncode == 0
     ran = [line for line in (tmp_path / "again" / "stages.txt").read_text().splitlines() if "exit" in line]
     assert len(ran) == 1 and ran[0].startswith("== bench_eval: exit 0")
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_failures_are_reported_at_once_when_asked(tmp_path, asked):
+    """ADVENT_FAST_REPORT_FAILURES=1 (run_gpu.sh) writes a failing test's report to stderr as it fails:
+    a stage stopped by its limit never reaches pytest's summary."""
+    started = tmp_path / "second_test_started"
+    (tmp_path / "test_demo.py").write_text(
+        "import pathlib, time\n\n\ndef test_fails():\n    assert 1 + 1 == 3, 'the reason'\n\n\n"
+        f"def test_hangs():\n    pathlib.Path({str(started)!r}).touch()\n    time.sleep(120)\n")
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"), ADVENT_FAST_REPORT_FAILURES="1" if asked else "0")
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                             str(tmp_path / "test_demo.py")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.kill()  # while the second test runs, as a stage's time limit stops pytest
+    _, err = proc.communicate()
+    assert started.exists()
+    assert ("FAILED test_demo.py::test_fails (call)" in err and "the reason" in err) == asked
 
 
 @pytest.mark.parametrize("build", ["1", "0"])
