@@ -10,6 +10,8 @@ import time
 import traceback
 
 import torch
+import triton
+import triton.language as tl
 
 
 class Timer:
@@ -48,6 +50,64 @@ def fwd_bwd(fn, logits, upstream):
         torch.autograd.backward(outs, [upstream if o.dim() > 0 else None for o in outs])
         return x.grad
     return run
+
+
+def host_ms(run, timer: Timer, calls: int = 20) -> float | None:
+    """The host's time per call of ``run``, calls issued back to back without waiting for the device
+    (few enough that the launch queue never fills and blocks the host). CUDA only: on a CPU the
+    host's time is all the time."""
+    if not timer.cuda:
+        return None
+    run()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e3
+
+
+@triton.jit
+def _one_argument_kernel(x_ptr):
+    tl.store(x_ptr, tl.load(x_ptr) + 1)
+
+
+@triton.jit
+def _many_arguments_kernel(x_ptr, a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, f_ptr, g_ptr, n0, n1, n2, n3, n4, n5, n6, n7,
+                           s0, s1, s2, s3, f0, f1, f2, f3, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
+                           D: tl.constexpr):
+    tl.store(x_ptr, tl.load(x_ptr) + 1)
+
+
+def launch_calls(x: torch.Tensor) -> dict:
+    """One launch each, adding 1 to ``x[0]``: a torch op and Triton kernels with one argument and with
+    28 (the loss kernels take 20-35), among them pointers, integers (two equal to 1, which Triton
+    specialises), floats and constexprs."""
+    ptrs = [torch.zeros(16, device=x.device) for _ in range(7)]
+    return {
+        "torch_op": lambda: x.add_(1),
+        "triton_1_arg": lambda: _one_argument_kernel[(1,)](x),
+        "triton_28_args": lambda: _many_arguments_kernel[(1,)](x, *ptrs, *range(3, 11), 5100, 1, 1, 19,
+                                                                 0.5, 1.0, 2.0, 3.0, A=1, B=2, C=3, D=4),
+    }
+
+
+def launch_costs_us(device: torch.device, launches: int = 500) -> dict | None:
+    """Host microseconds per launch of each of :func:`launch_calls`, issued back to back: what each
+    launch a fused call makes costs on this machine before any kernel runs. CUDA only."""
+    if device.type != "cuda":
+        return None
+    costs = {}
+    for name, call in launch_calls(torch.zeros(1, device=device)).items():
+        call()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(launches):
+            call()
+        costs[name] = (time.perf_counter() - start) / launches * 1e6
+        torch.cuda.synchronize()
+    return costs
 
 
 def graph_replay_ms(run, timer: Timer, reps: int) -> float | None:

@@ -6,11 +6,14 @@ For each case (MinEnt, MinEnt+ER 0.3, self-information, class prior, the fused t
 and shape, times forward+backward (a leaf tensor -> loss -> backward, upstream gradient of ones
 for scalars and random for maps: what a user pays, Python and autograd included) and forward
 alone, for: the release-style eager reference, torch.compile of it, and advent_fast's fused op.
-Columns: median ms, effective GB/s of the bytes the op must move, % of the copy bandwidth measured
-in this run, the Triton kernels' floor (the bytes they move, at that copy bandwidth: they read the
-logits in the forward and again in the backward), peak extra memory (CUDA only) in MiB and as a
-multiple of the logits' size (issue 2's bound: 1.05, the gradient itself), speed-up vs eager and vs
-compile.
+Columns: median ms; on GPUs the host's time for forward+backward (host ms: calls issued back to back:
+Python, autograd and kernel launches) and the device's (graph ms: the call replayed as a CUDA graph, so
+the host issues nothing), fwd+bwd ms being about the larger of the two; effective GB/s of the bytes the
+op must move, % of the copy bandwidth measured in this run, the Triton kernels' floor (the bytes they
+move, at that copy bandwidth: they read the logits in the forward and again in the backward), peak
+extra memory (CUDA only) in MiB and as a multiple of the logits' size (issue 2's bound: 1.05, the
+gradient itself), speed-up vs eager and vs compile. The header gives the host's cost of one kernel
+launch on the machine (a torch op, Triton kernels with few and many arguments).
 On a machine without a GPU it runs the CPU (C++) backend on a smaller default shape.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 import advent_fast as af
 from advent_fast import reference as ref
-from bench_common import Timer, fwd_bwd, graph_replay_ms, peak_extra_mib, write_results
+from bench_common import Timer, fwd_bwd, graph_replay_ms, host_ms, launch_costs_us, peak_extra_mib, write_results
 
 GPU_SHAPES = [(1, 19, 512, 1024), (4, 19, 512, 1024), (1, 16, 760, 1280)]
 CPU_SHAPES = [(2, 19, 256, 512)]
@@ -124,12 +127,16 @@ def main(argv=None) -> int:
         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "backend": af.get_backend(device), "torch": torch.__version__,
         "copy_GBps": copy_gbs,
+        "launch_us": launch_costs_us(device),
     }
     print(f"# {info['device']} | fused backend: {info['backend']} | torch {torch.__version__} | "
           f"measured copy bandwidth {copy_gbs:.0f} GB/s")
+    if info["launch_us"]:
+        costs = ", ".join(f"{name} {us:.1f}" for name, us in info["launch_us"].items())
+        print(f"# host us per launch, back to back: {costs}")
     rows = []
-    header = ("case", "shape", "dtype", "impl", "fwd+bwd ms", "fwd ms", "graph ms", "GB/s", "% copy", "floor ms", "peak MiB",
-              "peak / logits", "x eager", "x compile")
+    header = ("case", "shape", "dtype", "impl", "fwd+bwd ms", "fwd ms", "host ms", "graph ms", "GB/s", "% copy",
+              "floor ms", "peak MiB", "peak / logits", "x eager", "x compile")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for shape in shapes:
@@ -153,6 +160,7 @@ def main(argv=None) -> int:
                     results[impl] = {
                         "fwd_bwd_ms": timer.median_ms(run, reps, warmup),
                         "fwd_ms": timer.median_ms(fwd_only(fn, logits), reps, warmup),
+                        "host_ms": host_ms(run, timer),
                         # compiled code is left out: a failed capture can leave the CUDA context unusable
                         "graph_ms": None if impl == "compile" else graph_replay_ms(run, timer, reps),
                         "peak_MiB": peak_extra_mib(run, device),
@@ -175,7 +183,9 @@ def main(argv=None) -> int:
                     xc = "-" if row["x_compile"] is None else f"{row['x_compile']:.2f}"
                     floor = "-" if row["floor_ms"] is None else f"{row['floor_ms']:.3f}"
                     print(f"| {case} | {'x'.join(map(str, shape))} | {dname} | {impl} | "
-                          f"{r['fwd_bwd_ms']:.3f} | {r['fwd_ms']:.3f} | {fmt_ms(r['graph_ms'])} | {gbs:.0f} | "
+                          f"{r['fwd_bwd_ms']:.3f} | {r['fwd_ms']:.3f} | {fmt_ms(r['host_ms'])} | "
+                          f"{fmt_ms(r['graph_ms'])} | "
+                          f"{gbs:.0f} | "
                           f"{row['pct_copy']:.0f} | {floor} | {peak} | {row['x_eager']:.2f} | {xc} |")
                     sys.stdout.flush()
                 write_results(args.json, {"machine": info, "results": rows}, announce=False)

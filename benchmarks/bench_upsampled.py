@@ -13,7 +13,8 @@ Implementations:
   interp+fused:  F.interpolate + advent_fast's fused target loss (source: torch.compile of the release);
   fused:         advent_fast.upsampled_cross_entropy / upsampled_target_losses (no full-resolution logits).
 Columns: median fwd+bwd ms (a leaf tensor -> loss -> backward: Python and autograd included), on GPUs
-the device's time for it (graph ms: replayed as a CUDA graph, no host work; not for compiled code), peak memory
+the host's time for it (host ms: calls issued back to back) and the device's (graph ms: replayed as a
+CUDA graph, no host work; not for compiled code), peak memory
 above the inputs (CUDA only), speed-up vs release. On a machine without a GPU it runs a smaller default
 on the CPU backend, where the fused functions fall back to interpolate + loss.
 """
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 import advent_fast as af
 from advent_fast import reference as ref
-from bench_common import Timer, fwd_bwd, graph_replay_ms, peak_extra_mib, write_results
+from bench_common import Timer, fwd_bwd, graph_replay_ms, host_ms, peak_extra_mib, write_results
 from advent_fast.upsampled import upsampled_cross_entropy, upsampled_target_losses
 
 # (case, logits shape, full-resolution size)
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
         "backend": af.get_backend(device), "torch": torch.__version__,
     }
     print(f"# {machine['device']} | fused backend: {machine['backend']} | torch {torch.__version__}")
-    header = ("case", "logits", "size", "dtype", "impl", "fwd+bwd ms", "graph ms", "peak MiB", "x release")
+    header = ("case", "logits", "size", "dtype", "impl", "fwd+bwd ms", "host ms", "graph ms", "peak MiB", "x release")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     rows = []
@@ -117,6 +118,7 @@ def main(argv=None) -> int:
             for impl, fn in implementations(case, size, labels, not args.no_compile).items():
                 run = fwd_bwd(fn, logits, upstream)
                 results[impl] = dict(fwd_bwd_ms=timer.median_ms(run, reps, warmup),
+                                     host_ms=host_ms(run, timer),
                                      # not compiled code: a failed capture can leave the CUDA context unusable
                                      graph_ms=None if impl == "compile" else graph_replay_ms(run, timer, reps),
                                      peak_MiB=peak_extra_mib(run, device))
@@ -125,9 +127,9 @@ def main(argv=None) -> int:
                 rows.append(dict(case=case, logits=list(shape), size=list(size), dtype=dname, impl=impl,
                                  x_release=speedup, **r))
                 peak = "-" if r["peak_MiB"] is None else f"{r['peak_MiB']:.0f}"
-                graph = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.3f}"
+                host, graph = ("-" if r[k] is None else f"{r[k]:.3f}" for k in ("host_ms", "graph_ms"))
                 print(f"| {case} | {'x'.join(map(str, shape))} | {size[0]}x{size[1]} | {dname} | {impl} | "
-                      f"{r['fwd_bwd_ms']:.3f} | {graph} | {peak} | {speedup:.2f} |")
+                      f"{r['fwd_bwd_ms']:.3f} | {host} | {graph} | {peak} | {speedup:.2f} |")
                 sys.stdout.flush()
     write_results(args.json, {"machine": machine, "results": rows})
     return 0

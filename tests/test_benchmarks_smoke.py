@@ -178,8 +178,21 @@ def test_bench_entropy(tmp_path):
         (c, d, i) for c in cases for d in ("fp32", "bf16") for i in ("eager", "fused")}
     for r in rows:
         assert r["fwd_bwd_ms"] > 0 and r["fwd_ms"] > 0 and r["GBps"] > 0 and r["x_compile"] is None
-        assert r["peak_MiB"] is r["peak_x_logits"] is r["graph_ms"] is None  # measured on CUDA only
+        assert r["peak_MiB"] is r["peak_x_logits"] is r["graph_ms"] is r["host_ms"] is None  # CUDA only
         assert r["floor_ms"] is None  # the C++ backend's: the floor column is the Triton kernels'
+
+
+def test_launch_cost_calls_each_launch_once(monkeypatch):
+    """bench_entropy's launch costs (GPU only) time these calls: each runs, under the interpreter here."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import torch
+    from bench_common import launch_calls
+
+    x = torch.zeros(1)
+    calls = launch_calls(x)
+    for name, call in calls.items():
+        call()
+    assert list(calls) == ["torch_op", "triton_1_arg", "triton_28_args"] and x.item() == 3
 
 
 def test_bench_entropy_triton_floor(tmp_path, monkeypatch):
@@ -207,7 +220,7 @@ def test_bench_upsampled(tmp_path):
         ("source_ce", "release"), ("source_ce", "fused"),
         *((case, impl) for case in ("advent", "minent") for impl in ("release", "interp+fused", "fused"))}
     for r in rows:
-        assert r["fwd_bwd_ms"] > 0 and r["x_release"] > 0 and r["peak_MiB"] is r["graph_ms"] is None
+        assert r["fwd_bwd_ms"] > 0 and r["x_release"] > 0 and r["peak_MiB"] is r["graph_ms"] is r["host_ms"] is None
 
 
 def test_tune_kernels(tmp_path):
