@@ -205,7 +205,7 @@ def main(argv=None):
         num_warps = kernel.metadata.num_warps
         rows.append({"kernel": name, "first_case": label, "constexprs": constexprs,
                      "num_warps": num_warps, "registers": usage["REG"], "shared_bytes": shared,
-                     "stack_bytes": usage["STACK"],
+                     "stack_bytes": usage["STACK"], "fp_fusion": kernel.metadata.enable_fp_fusion,
                      "occupancy": occupancy(args.arch, usage["REG"], shared, num_warps)})
     settings = "".join(f", {k}={v}" for k, v in config.items())
     print(f"# Kernel resources for sm_{args.arch}{settings}: triton {triton.__version__}, {len(rows)} variants "

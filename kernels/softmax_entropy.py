@@ -14,6 +14,12 @@ Non-finite logits: a NaN logit makes its exp NaN, hence the exp-sum and every p 
 (whether or not tl.max dropped it); +inf gives inf - inf = NaN; a pixel of all -inf gives
 -inf - (-inf) = NaN. So non-finite inputs never turn into finite garbage.
 
+Ties: the kernels that compute the entropies ranked by MinEnt+ER are compiled without multiply-add
+contraction (ENTROPY_LAUNCH_OPTIONS). With it, the class sum of two products became fma(p_0, lp_0,
+p_1 lp_1) on GPUs, whose rounding depends on which class comes first: two pixels with the same logits in
+swapped classes (frequent for C = 2 in bf16) got entropies an ulp apart, and ranking split a tie that
+the release (a multiply, then a sum) and a float64 reference keep whole.
+
 The tile order needs no switch: Triton specialises integer arguments equal to 1, so a unit stride
 (pixels in NCHW, classes in channels_last) is a compile-time constant and its coalescing pass lays the
 tile out along whichever axis is contiguous in memory.
@@ -21,6 +27,8 @@ tile out along whichever axis is contiguous in memory.
 import triton
 import triton.language as tl
 
+# Launch options of the kernels whose entropies are ranked (module docstring, "Ties").
+ENTROPY_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 # Elements per [BLOCK_S, BLOCK_C] tile: 4K fp32 = 16 values a thread with 8 warps (about 100 registers).
 TILE_ELEMENTS = 4096
 NUM_WARPS = 8

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from .entropy_ranking import (NUM_PASSES, RADIX, add_histogram, digit_histogram, radix_replay, rank_entropy, rank_key,
                               zeroed_histograms)
-from .softmax_entropy import NUM_WARPS, block_sizes, check_indexable, programs_per_image, softmax_entropy
+from .softmax_entropy import (ENTROPY_LAUNCH_OPTIONS, NUM_WARPS, block_sizes, check_indexable, programs_per_image,
+                              softmax_entropy)
 
 
 @triton.jit
@@ -207,6 +208,7 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
         BLOCK_S=block_s,
         BLOCK_C=block_c,
         num_warps=NUM_WARPS,
+        **ENTROPY_LAUNCH_OPTIONS,
     )
     return finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_emap, want_ent, want_cp, S,
                                  programs, block_s, block_c, NUM_WARPS, hist)

@@ -33,7 +33,7 @@ from .bilinear import (
     combine_taps,
     store_tap_partials,
 )
-from .softmax_entropy import softmax_entropy
+from .softmax_entropy import ENTROPY_LAUNCH_OPTIONS, softmax_entropy
 from .target_backward import saved_for_backward, target_grad_constants, target_pixel_grad
 from .target_forward import empty_f32_if, finish_target_forward
 
@@ -228,6 +228,7 @@ def upsampled_target_forward(x, out_h, out_w, prior, k, mu, want_info, want_emap
         WANT_ENT_SUM=want_ent_sum,
         WANT_CLASS_SUM=want_cp,
         **meta,
+        **ENTROPY_LAUNCH_OPTIONS,
     )
     return finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_emap, want_ent, want_cp,
                                  out_h * out_w, programs, max(1, meta["BLOCK_CELLS"] * meta["SPAN"]), meta["BLOCK_C"],

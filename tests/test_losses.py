@@ -189,6 +189,21 @@ def test_ranking_edge_cases(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swapped_classes_have_one_entropy_and_rank_as_a_tie(backend, dtype):
+    """Two classes in either order give bitwise the same entropy, so ranking keeps such ties whole, as the
+    release and the float64 reference do (with a multiply-add in the class sum they were an ulp apart:
+    the CUDA twin of this test, in test_losses_cuda.py, is where that happened)."""
+    torch.manual_seed(0)
+    a = (torch.randn(1, 2, 8, 30) * 4).to(dtype)
+    x = torch.cat([a, a.flip(1)], dim=2)  # rows 8-15: rows 0-7 with the classes swapped
+    emap = af.entropy_map(x)
+    assert torch.equal(emap[:, :8], emap[:, 8:])
+    for top_k in (0.1, 0.3, 0.7):
+        torch.testing.assert_close(af.entropy_loss(x, top_k), ref.entropy_loss(x.double(), top_k).float(),
+                                   rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ranking_saves_a_keep_mask_not_the_entropy_map(backend, dtype):
     """What entropy ranking keeps for its backward: the logits and a one-byte (N, H, W) mask, no float
     (N, H, W) map, so that a forward and backward peak at about the gradient's size (issue 2: 1.05x)."""
