@@ -52,10 +52,10 @@ def fwd_bwd(fn, logits, upstream):
     return run
 
 
-def host_ms(run, timer: Timer, calls: int = 20) -> float | None:
+def host_ms(run, timer: Timer, calls: int = 5) -> float | None:
     """The host's time per call of ``run``, calls issued back to back without waiting for the device
-    (few enough that the launch queue never fills and blocks the host). CUDA only: on a CPU the
-    host's time is all the time."""
+    (few enough, with up to a few dozen launches a call, that the launch queue never fills and blocks the
+    host). CUDA only: on a CPU the host's time is all the time."""
     if not timer.cuda:
         return None
     run()
@@ -122,12 +122,13 @@ def graph_replay_ms(run, timer: Timer, reps: int) -> float | None:
         for _ in range(3):
             run()
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
     try:
         with torch.cuda.graph(graph):
             run()
     except Exception:  # a finding for the table ("-"), not the end of the benchmark
         traceback.print_exc(file=sys.stderr)
+        torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
         return None
     ms = timer.median_ms(graph.replay, reps, 3)
     del graph  # its memory pool with it

@@ -46,7 +46,8 @@ stage() {
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOGS/gpu.txt"
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOGS/gpu.txt"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$LOGS/gpu.txt"
 # The project installs with --no-deps: what it imports and the image lacks comes from the wheels that
 # benchmarks/gpu_wheels.sh prepares (carried as .gpu-wheels), one distribution at a time.
 missing=$("$PY" -c "import importlib.util as u
@@ -82,7 +83,7 @@ stage pytest_losses_cuda 110 "$PY" -m pytest -q tests/test_losses_cuda.py
 # The whole step as one CUDA graph, in its own processes (a failed capture can leave the CUDA context
 # unusable): the captured step against the eager one, a training run with it, the other CUDA-only
 # trainer and metric tests; then its timing against release_fp32 and the eager fast path in the same
-# run: the eager steps are bound by the host's issuing of kernels (GPU busy 26-43% on an H200).
+# run: the eager steps are bound by the host's issuing of kernels (GPU busy 25-43% on an H200).
 stage pytest_train_cuda 100 "$PY" -m pytest -q tests/test_train.py tests/test_metrics.py -k cuda
 stage bench_train_step_graph 130 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
     --variants release_fp32 fast_graph fast --json "$LOGS/bench_train_step_graph.json"
@@ -107,8 +108,8 @@ stage bench_train_step_compile 240 "$PY" benchmarks/bench_train_step.py --modes 
 # Tile sizes and warp counts of the kernels (the defaults are untuned guesses until this has run).
 stage tune_kernels 120 "$PY" benchmarks/tune_kernels.py --quick --json "$LOGS/tune_kernels.json"
 # Measured on an H200 on 2026-11-27 (README): again, for figures from the same card in one run.
-stage bench_train_step 150 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
-    --variants release_fp32 release_bf16 fast fast_frozen_bn --json "$LOGS/bench_train_step.json"
+stage bench_train_step 180 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
+    --variants release_fp32 release_bf16 fast fast_frozen_bn fast_checkpointed --json "$LOGS/bench_train_step.json"
 stage bench_entropy_compile 120 "$PY" benchmarks/bench_entropy.py --quick --json "$LOGS/bench_entropy_compile.json"
 stage bench_upsampled 40 "$PY" benchmarks/bench_upsampled.py --quick --dtypes bf16 fp32 \
     --json "$LOGS/bench_upsampled.json"
@@ -121,11 +122,12 @@ stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/b
     echo
     for name in pytest_losses_cuda pytest_train_cuda pytest_upsampled_cuda pytest_kernels_cuda; do
         echo "-- $name"; tail -1 "$LOGS/$name.md" 2>/dev/null
+        grep -A40 '^FAILED' "$LOGS/$name.err" 2>/dev/null | head -80  # reported as they failed
     done
     echo "-- training run"; tail -2 "$LOGS/train_embedded.md" 2>/dev/null
     for name in tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
         bench_train_step_graph track_losses bench_entropy_compile bench_train_step bench_entropy; do
-        echo "-- $name"; grep -E '^(\||- )' "$LOGS/$name.md" 2>/dev/null | tail -70
+        echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -70
     done
     echo "-- stages ($((SECONDS - START)) s; every table, log and JSON: $OUT/results.tgz)"; cat "$LOGS/stages.txt"
 } | tee "$LOGS/summary.md"
