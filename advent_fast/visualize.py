@@ -108,7 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     parser.add_argument("--out-dir", default="vis")
     parser.add_argument("--tile-width", type=int, help="pixels per tile (default: label width, at most 512)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="fp32",
+                        help="fp32 (release, default), bf16, or auto (bf16 on GPUs)")
     args = parser.parse_args(argv)
     names = args.name or [os.path.splitext(os.path.basename(p))[0] for p in args.checkpoint]
     if len(names) != len(args.checkpoint):

@@ -170,6 +170,7 @@ def test_cli_single_ensemble_and_release_state_dict(val_root, checkpoints, tmp_p
     assert written["iou"] == [None if math.isnan(v) else pytest.approx(v) for v in expected]
     assert written["miou"] == pytest.approx(np.nanmean(expected) * 100)
     assert "road" in capsys.readouterr().out
+    assert written["protocol"]["precision"] == "fp32"  # the release's, also on GPUs unless asked otherwise
 
     ensemble = cli(val_root, "--checkpoint", checkpoints["a"], "--checkpoint", checkpoints["b"],
                    "--weights", "0.5", "0.5")
