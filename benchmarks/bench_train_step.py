@@ -14,7 +14,8 @@ where the host waits for the device, as the release path's loss reads do, or whe
 kernels is the bottleneck; much shorter where the device is), images per second (source + target),
 peak memory, and on GPUs the GPU's busy ms per step (the union of the kernels' and copies' time
 spans from the profiler over a few steps) and that as a fraction of ms per step (timed without the
-profiler, which slows the host). Rows are printed (and the JSON written) as each variant finishes.
+profiler, which slows the host), and the kernels and copies per step (each one issued by the host:
+host ms / kernels is what one costs it). Rows are printed (and the JSON written) as each variant finishes.
 ``--track N`` trains the release fp32 step and the ``--track-variants`` (default: the fast path, and
 the fast path in fp32) from the same initial weights for N iterations on the same inputs and reports
 how far their losses stray from the fp32 release step's: tiny rounding differences grow as G and D
@@ -177,9 +178,11 @@ def covered_length(intervals) -> float:
     return total
 
 
-def gpu_busy_ms(step, steps: int) -> float:
-    """Time per step with at least one kernel or copy running on the GPU, from the profiler over ``steps``
-    steps (divided by the unprofiled ms/step for the busy fraction: profiling slows the host, not the GPU)."""
+def gpu_activity(step, steps: int) -> tuple[float, float]:
+    """(busy ms, kernels) per step, from the profiler over ``steps`` steps: the time with at least one kernel
+    or copy running on the GPU (divided by the unprofiled ms/step for the busy fraction: profiling slows
+    the host, not the GPU), and how many kernels and copies ran (the host issues each of them: with host
+    ms, what one costs the host)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -191,7 +194,7 @@ def gpu_busy_ms(step, steps: int) -> float:
     spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
     if not spans:  # CUPTI may not report the kernels of replayed CUDA graphs: no figure beats 0%
         raise RuntimeError("the profiler saw no GPU activity")
-    return covered_length(spans) / 1e3 / steps
+    return covered_length(spans) / 1e3 / steps, len(spans) / steps
 
 
 def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
@@ -228,11 +231,11 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
            "images_per_s": (trainer.config.train.source_batch_size
                             + (trainer.config.train.target_batch_size if trainer.plan.target else 0)) / ms * 1e3,
            "host_ms": host_s * 1e3 / steps, "warmup_s": warmup_s, "peak_mib": None, "gpu_ms": None,
-           "gpu_busy": None}
+           "gpu_busy": None, "kernels_per_step": None}
     if device.type == "cuda":
         row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         try:  # the profiler is a measurement aid: its failure must not cost the timings
-            row["gpu_ms"] = gpu_busy_ms(step, min(steps, 5))
+            row["gpu_ms"], row["kernels_per_step"] = gpu_activity(step, min(steps, 5))
             row["gpu_busy"] = row["gpu_ms"] / ms
         except Exception as exc:
             print(f"{variant}/{mode}: GPU busy time not measured: {exc!r}", file=sys.stderr)
@@ -281,14 +284,15 @@ def fmt(value, spec):
 def format_row(row, rows) -> str:
     """A markdown row; the speed-up against the same mode's release_fp32 row measured in this run, if any."""
     if "error" in row:
-        return f"| {row['mode']} | {row['variant']} | failed: {row['error']} |||||||||"
+        return f"| {row['mode']} | {row['variant']} | failed: {row['error']} ||||||||||"
     base = next((r for r in rows if r["mode"] == row["mode"] and r["variant"] == "release_fp32"
                  and "error" not in r), None)
     speedup = base["ms_per_step"] / row["ms_per_step"] if base else None
     busy = None if row["gpu_busy"] is None else f"{100 * row['gpu_busy']:.0f}%"
     return (f"| {row['mode']} | {row['variant']} | {row['ms_per_step']:.1f} | {row['host_ms']:.1f} | "
             f"{row['images_per_s']:.1f} | {fmt(speedup, '.2f')} | {fmt(row['peak_mib'], ',.0f')} | "
-            f"{fmt(row['gpu_ms'], '.1f')} | {fmt(busy, 's')} | {row['warmup_s']:.1f} | {row['settings']} |")
+            f"{fmt(row['gpu_ms'], '.1f')} | {fmt(busy, 's')} | {fmt(row['kernels_per_step'], ',.0f')} | "
+            f"{row['warmup_s']:.1f} | {row['settings']} |")
 
 
 def main(argv=None):
@@ -317,8 +321,8 @@ def main(argv=None):
 
     if variants:
         print("| mode | variant | ms/step | host ms | images/s | x release_fp32 | peak MiB | GPU ms | GPU busy "
-              "| warm-up s | settings |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "| kernels/step | warm-up s | settings |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for mode in args.modes:
         for variant in variants:
             try:
