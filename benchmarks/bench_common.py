@@ -52,20 +52,28 @@ def fwd_bwd(fn, logits, upstream):
     return run
 
 
-def host_ms(run, timer: Timer, calls: int = 5) -> float | None:
-    """The host's time per call of ``run``, calls issued back to back without waiting for the device
-    (few enough, with up to a few dozen launches a call, that the launch queue never fills and blocks the
-    host). CUDA only: on a CPU the host's time is all the time."""
-    if not timer.cuda:
-        return None
-    run()
+def fmt(value, spec: str) -> str:
+    """A table cell: ``value`` formatted, or "-" for a figure not measured (None)."""
+    return "-" if value is None else format(value, spec)
+
+
+def _issue_ms(call, calls: int) -> float:
+    """The host's ms per call of ``call`` (CUDA), calls issued back to back without waiting for the device."""
+    call()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
-        run()
+        call()
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return elapsed / calls * 1e3
+
+
+def host_ms(run, timer: Timer, calls: int = 5) -> float | None:
+    """The host's time per call of ``run``, calls issued back to back (few enough, with up to a few dozen
+    launches a call, that the launch queue never fills and blocks the host). CUDA only: on a CPU the
+    host's time is all the time."""
+    return _issue_ms(run, calls) if timer.cuda else None
 
 
 @triton.jit
@@ -98,16 +106,7 @@ def launch_costs_us(device: torch.device, launches: int = 500) -> dict | None:
     launch a fused call makes costs on this machine before any kernel runs. CUDA only."""
     if device.type != "cuda":
         return None
-    costs = {}
-    for name, call in launch_calls(torch.zeros(1, device=device)).items():
-        call()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(launches):
-            call()
-        costs[name] = (time.perf_counter() - start) / launches * 1e6
-        torch.cuda.synchronize()
-    return costs
+    return {name: _issue_ms(call, launches) * 1e3 for name, call in launch_calls(torch.zeros(1, device=device)).items()}
 
 
 def graph_replay_ms(run, timer: Timer, reps: int) -> float | None:

@@ -26,7 +26,7 @@ import torch
 
 import advent_fast as af
 from advent_fast import reference as ref
-from bench_common import Timer, fwd_bwd, graph_replay_ms, host_ms, launch_costs_us, peak_extra_mib, write_results
+from bench_common import Timer, fmt, fwd_bwd, graph_replay_ms, host_ms, launch_costs_us, peak_extra_mib, write_results
 
 GPU_SHAPES = [(1, 19, 512, 1024), (4, 19, 512, 1024), (1, 16, 760, 1280)]
 CPU_SHAPES = [(2, 19, 256, 512)]
@@ -87,10 +87,6 @@ def copy_bandwidth(device, timer: Timer, reps: int) -> float:
     ms = timer.median_ms(lambda: dst.copy_(src), reps, 3)
     return 2 * src.numel() * 4 / ms / 1e6
 
-
-
-def fmt_ms(ms) -> str:
-    return "-" if ms is None else f"{ms:.3f}"
 
 
 def fwd_only(fn, logits):
@@ -180,13 +176,11 @@ def main(argv=None) -> int:
                                           if "compile" in results else None), **r)
                     rows.append(row)
                     peak = "- | -" if r["peak_MiB"] is None else f"{r['peak_MiB']:.0f} | {row['peak_x_logits']:.3f}"
-                    xc = "-" if row["x_compile"] is None else f"{row['x_compile']:.2f}"
-                    floor = "-" if row["floor_ms"] is None else f"{row['floor_ms']:.3f}"
                     print(f"| {case} | {'x'.join(map(str, shape))} | {dname} | {impl} | "
-                          f"{r['fwd_bwd_ms']:.3f} | {r['fwd_ms']:.3f} | {fmt_ms(r['host_ms'])} | "
-                          f"{fmt_ms(r['graph_ms'])} | "
-                          f"{gbs:.0f} | "
-                          f"{row['pct_copy']:.0f} | {floor} | {peak} | {row['x_eager']:.2f} | {xc} |")
+                          f"{r['fwd_bwd_ms']:.3f} | {r['fwd_ms']:.3f} | {fmt(r['host_ms'], '.3f')} | "
+                          f"{fmt(r['graph_ms'], '.3f')} | {gbs:.0f} | {row['pct_copy']:.0f} | "
+                          f"{fmt(row['floor_ms'], '.3f')} | {peak} | {row['x_eager']:.2f} | "
+                          f"{fmt(row['x_compile'], '.2f')} |")
                     sys.stdout.flush()
                 write_results(args.json, {"machine": info, "results": rows}, announce=False)
     write_results(args.json, {"machine": info, "results": rows})

@@ -51,7 +51,7 @@ from torch.utils.data import Dataset
 
 from advent_fast.config import load_config
 from advent_fast.trainer import Datasets, Trainer
-from bench_common import write_results
+from bench_common import fmt, write_results
 
 VARIANTS = {
     "release_fp32": ["train.fast_path=false", "train.precision=fp32", "train.channels_last=false",
@@ -275,10 +275,6 @@ def release_memory(device):
     gc.collect()  # the last variant's trainer, before the next one allocates
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
 
 
 def format_row(row, rows) -> str:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import advent_fast as af
 from advent_fast import reference as ref
-from bench_common import Timer, fwd_bwd, graph_replay_ms, host_ms, peak_extra_mib, write_results
+from bench_common import Timer, fmt, fwd_bwd, graph_replay_ms, host_ms, peak_extra_mib, write_results
 from advent_fast.upsampled import upsampled_cross_entropy, upsampled_target_losses
 
 # (case, logits shape, full-resolution size)
@@ -126,10 +126,9 @@ def main(argv=None) -> int:
                 speedup = results["release"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
                 rows.append(dict(case=case, logits=list(shape), size=list(size), dtype=dname, impl=impl,
                                  x_release=speedup, **r))
-                peak = "-" if r["peak_MiB"] is None else f"{r['peak_MiB']:.0f}"
-                host, graph = ("-" if r[k] is None else f"{r[k]:.3f}" for k in ("host_ms", "graph_ms"))
                 print(f"| {case} | {'x'.join(map(str, shape))} | {size[0]}x{size[1]} | {dname} | {impl} | "
-                      f"{r['fwd_bwd_ms']:.3f} | {host} | {graph} | {peak} | {speedup:.2f} |")
+                      f"{r['fwd_bwd_ms']:.3f} | {fmt(r['host_ms'], '.3f')} | {fmt(r['graph_ms'], '.3f')} | "
+                      f"{fmt(r['peak_MiB'], '.0f')} | {speedup:.2f} |")
                 sys.stdout.flush()
     write_results(args.json, {"machine": machine, "results": rows})
     return 0

@@ -255,6 +255,11 @@ while [ $# -gt 1 ]; do [ "$1" = --json ] && echo '{}' > "$2"; shift; done
 """
 
 
+def run_gpu(env):
+    return subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
 def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
     """The device tool returns at most 8 files from $OUT (names of letters, digits, '.', '_', '-'): every
     stage's table, log and JSON travel in results.tgz, repacked after each stage."""
@@ -263,8 +268,7 @@ def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
     stub.chmod(0o755)
     out, logs = tmp_path / "out", tmp_path / "logs"
     env = dict(os.environ, PYTHON=str(stub), OUT=str(out), LOGS=str(logs), ADVENT_FAST_DATA=str(tmp_path / "data"))
-    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_gpu(env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["results.tgz", "stages.txt", "summary.md"]
     with tarfile.open(out / "results.tgz") as tar:
@@ -278,8 +282,7 @@ def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
 
     # ONLY= runs just the stages named; the archive holds the new call's results
     env.update(ONLY="bench_eval", OUT=str(tmp_path / "again"), LOGS=str(tmp_path / "logs_again"))
-    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_gpu(env)
     assert proc.returncode == 0
     ran = [line for line in (tmp_path / "again" / "stages.txt").read_text().splitlines() if "exit" in line]
     assert len(ran) == 1 and ran[0].startswith("== bench_eval: exit 0")

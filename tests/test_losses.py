@@ -188,19 +188,29 @@ def test_ranking_edge_cases(backend):
     assert abs(af.entropy_loss(tied, top_k=0.51).item() - (21 + 21 * low) / 42) < 1e-6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swapped_classes_have_one_entropy_and_rank_as_a_tie(backend, dtype):
-    """Two classes in either order give bitwise the same entropy, so ranking keeps such ties whole, as the
-    release and the float64 reference do (with a multiply-add in the class sum they were an ulp apart:
-    the CUDA twin of this test, in test_losses_cuda.py, is where that happened)."""
+def swapped_class_logits(dtype, width, device="cpu"):
+    """(1, 2, 16, width) logits whose rows 8-15 are rows 0-7 with the two classes swapped."""
     torch.manual_seed(0)
-    a = (torch.randn(1, 2, 8, 30) * 4).to(dtype)
-    x = torch.cat([a, a.flip(1)], dim=2)  # rows 8-15: rows 0-7 with the classes swapped
+    a = (torch.randn(1, 2, 8, width, device=device) * 4).to(dtype)
+    return torch.cat([a, a.flip(1)], dim=2)
+
+
+def assert_swapped_classes_tie(x):
+    """The swapped rows of :func:`swapped_class_logits` have bitwise the entropies of the others, and
+    entropy ranking keeps such ties whole, as the float64 reference does."""
     emap = af.entropy_map(x)
     assert torch.equal(emap[:, :8], emap[:, 8:])
     for top_k in (0.1, 0.3, 0.7):
         torch.testing.assert_close(af.entropy_loss(x, top_k), ref.entropy_loss(x.double(), top_k).float(),
                                    rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swapped_classes_have_one_entropy_and_rank_as_a_tie(backend, dtype):
+    """Two classes in either order give bitwise the same entropy, so ranking keeps such ties whole, as the
+    release and the float64 reference do (with a multiply-add in the class sum they were an ulp apart:
+    the CUDA twin of this test, in test_losses_cuda.py, is where that happened)."""
+    assert_swapped_classes_tie(swapped_class_logits(dtype, 30))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,6 +11,7 @@ import torch
 
 import advent_fast as af
 from advent_fast import reference as ref
+from test_losses import assert_swapped_classes_tie, swapped_class_logits
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -35,14 +36,8 @@ def test_swapped_classes_have_one_entropy_and_rank_as_a_tie(dtype):
     """Two classes in either order give bitwise the same entropy (the class sum is not contracted into a
     multiply-add, whose rounding depends on the order), so entropy ranking keeps such ties whole, as the
     release and the float64 reference do; also through the fused upsampling."""
-    torch.manual_seed(0)
-    a = (torch.randn(1, 2, 8, 300, device="cuda") * 4).to(dtype)
-    x = torch.cat([a, a.flip(1)], dim=2)  # rows 8-15: rows 0-7 with the classes swapped
-    emap = af.entropy_map(x)
-    assert torch.equal(emap[:, :8], emap[:, 8:])
-    for top_k in (0.1, 0.3, 0.7):
-        torch.testing.assert_close(af.entropy_loss(x, top_k), ref.entropy_loss(x.double(), top_k).float(),
-                                   rtol=1e-5, atol=0)
+    x = swapped_class_logits(dtype, 300, device="cuda")
+    assert_swapped_classes_tie(x)
     # align_corners with 2h - 1 output rows: output row r + 16 interpolates rows 8-15 with the weights
     # that row r gives rows 0-7, so their logits are the same in swapped classes
     up = af.upsampled_target_losses(x, (31, 300), self_information=False, entropy_map=True).entropy_map
