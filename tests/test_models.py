@@ -8,10 +8,12 @@ import copy
 import hashlib
 import math
 import warnings
+from collections import Counter
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from advent_fast.models import (
     ARCHS,
@@ -593,6 +595,57 @@ def test_fold_frozen_batchnorm_needs_freeze_bn_and_eval_mode_batchnorm():
     folded.stage1.train()  # bypasses the model's train(): BN would use batch statistics
     with pytest.raises(RuntimeError, match="eval mode"):
         folded(torch.randn(1, 3, 16, 16))
+
+
+class AtenOpCounts(TorchDispatchMode):
+    """Counts the aten ops a block runs (each one a kernel the host issues on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def forward_ops(model, x, autocast=False):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad(), AtenOpCounts() as ops:
+        out = model(x)[1]
+    return out, ops.counts
+
+
+def test_fold_frozen_batchnorm_reuses_the_bn_affine_until_a_bn_tensor_changes():
+    """A folded conv's BN scale and shift are computed once, not every forward (five small kernels a
+    conv), and again when a BN tensor changes: in place, by load_state_dict or by .to()."""
+    folded, reference = folded_small_and_reference()
+    x = torch.randn(1, 3, 16, 16)
+    _, first = forward_ops(folded, x)
+    assert first["rsqrt"] == 7
+    out, again = forward_ops(folded, x)
+    ref, ref_ops = forward_ops(reference, x)
+    assert_close_rel(out, ref)
+    assert again["rsqrt"] == again["sub"] == 0 and again["mul"] == 7  # the weight times s, per folded conv
+    assert again["convolution"] == ref_ops["convolution"] and "native_batch_norm" not in again
+    # Under autocast the cached shift is in bf16: no bias casts beyond the unfolded model's weight casts.
+    forward_ops(folded, x, autocast=True)
+    out, again = forward_ops(folded, x, autocast=True)
+    ref, ref_ops = forward_ops(reference, x, autocast=True)
+    assert again["_to_copy"] == ref_ops["_to_copy"] and again["rsqrt"] == 0
+    assert_close_rel(out.float(), ref.float(), rel=3e-2)
+    # Changes of the BN's tensors reach the next forward.
+    with torch.no_grad():
+        for model in (folded, reference):
+            model.stage4[1][1].running_var.mul_(4.0)
+    out, changed = forward_ops(folded, x)
+    assert changed["rsqrt"] == 1
+    assert_close_rel(out, forward_ops(reference, x)[0])
+    other = randomise_conv_and_bn(DeepLabV2Small(5, freeze_bn=True, width=8), seed=3).state_dict()
+    folded.load_state_dict(other)
+    reference.load_state_dict(other)
+    assert_close_rel(forward_ops(folded, x)[0], forward_ops(reference, x)[0])
+    x64 = x.double()
+    assert_close_rel(forward_ops(folded.double(), x64)[0], forward_ops(reference.double(), x64)[0], rel=1e-12)
 
 
 def test_fold_frozen_batchnorm_counts_and_r101_equality():

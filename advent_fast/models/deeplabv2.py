@@ -363,27 +363,59 @@ class FoldedConv2d(nn.Conv2d):
     """A Conv2d that also applies the eval-mode BatchNorm following it, in one convolution:
     ``conv(x, w * s) + (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``.
 
-    The folded weight and bias are rebuilt every forward from ``weight`` and the BN's current
-    values: ``weight`` stays the trainable tensor (its gradient flows through the multiply) and a
-    ``load_state_dict`` takes effect. The BN is held in a plain attribute, not registered as a
-    child, so the module tree and state dict list it once, under its own name.
+    ``weight`` stays the trainable tensor (its gradient flows through the multiply by ``s``). The BN
+    is held in a plain attribute, not registered as a child, so the module tree and state dict list
+    it once, under its own name. ``s`` and the BN's shift come from :meth:`frozen_affine`.
     """
 
     _folded_bn: FoldedBatchNorm2d
+    # ((eps, versions), BN tensors, s, shift by dtype) that frozen_affine last computed and may reuse.
+    _affine_cache: Optional[tuple] = None
+
+    def frozen_affine(self, shift_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, beta - mean * s), computed in at least fp32 as BatchNorm computes; the shift converted to
+        ``shift_dtype`` if given.
+
+        An eager forward reuses them while the BN's four tensors are the same objects at the same
+        versions (load_state_dict, in-place writes and ``.to()`` all change one, hence refresh them):
+        recomputing them every forward cost five small kernels per convolution, more host time than
+        the BatchNorm pass they save. Under torch.compile, during CUDA-graph capture and when a BN
+        tensor requires grad, they are computed in the graph, as part of the forward.
+        """
+        bn = self._folded_bn
+        tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        versions = tuple(t._version for t in tensors)
+        cacheable = not (torch.compiler.is_compiling() or any(t.requires_grad for t in tensors)
+                         or (bn.running_var.is_cuda and torch.cuda.is_current_stream_capturing()))
+        cache = self._affine_cache
+        if not (cacheable and cache is not None and cache[0] == (bn.eps, versions)
+                and all(a is b for a, b in zip(cache[1], tensors))):
+            acc = torch.promote_types(bn.running_var.dtype, torch.float32)
+            scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+            shift = bn.bias.to(acc) - bn.running_mean.to(acc) * scale
+            cache = ((bn.eps, versions), tensors, scale, {None: shift})
+            if cacheable:
+                self._affine_cache = cache
+        _, _, scale, shifts = cache
+        if shift_dtype not in shifts:
+            shifts[shift_dtype] = shifts[None].to(shift_dtype)
+        return scale, shifts[shift_dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bn = self._folded_bn
-        if bn.training:  # e.g. freeze_bn turned off, or a submodule's train() called directly
+        if self._folded_bn.training:  # e.g. freeze_bn turned off, or a submodule's train() called directly
             raise RuntimeError("a folded BatchNorm must stay in eval mode; keep freeze_bn=True "
                                "and call train() on the whole model")
-        # s and the bias in at least fp32 (as BatchNorm computes), then in the weight's dtype.
-        acc = torch.promote_types(bn.running_var.dtype, torch.float32)
-        scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-        shift = bn.bias.to(acc) - bn.running_mean.to(acc) * scale
-        if self.bias is not None:
-            shift = shift + self.bias.to(acc) * scale
+        if self.bias is None:
+            # Under autocast the convolution would cast the bias to the autocast dtype every forward:
+            # the cached shift is already in it (the same rounding of the same values).
+            device = x.device.type
+            autocast = torch.is_autocast_enabled(device)
+            scale, shift = self.frozen_affine(torch.get_autocast_dtype(device) if autocast else self.weight.dtype)
+        else:
+            scale, shift = self.frozen_affine()
+            shift = (shift + self.bias.to(scale.dtype) * scale).to(self.weight.dtype)
         weight = (self.weight * scale.reshape(-1, 1, 1, 1)).to(self.weight.dtype)
-        return self._conv_forward(x, weight, shift.to(self.weight.dtype))
+        return self._conv_forward(x, weight, shift)
 
 
 def _conv_bn_pairs(model: nn.Module) -> Iterator[tuple[nn.Module, nn.Module]]:
