@@ -54,12 +54,22 @@ def _backend_ops(device: torch.device):
 
 
 ForwardOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+# What a backend's forward returns: ForwardOut, or None in place of an output that was not asked for.
+BackendForwardOut = Tuple[Optional[Tensor], ...]
 
 
-def _forward_impl(x, prior, k, mu, want_info, want_emap, want_ent, want_cp) -> ForwardOut:
+def _forward_impl(x, prior, k, mu, want_info, want_emap, want_ent, want_cp) -> BackendForwardOut:
     forward, _ = _backend_ops(x.device)
     with device_guard(x.device):
         return tuple(forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp))
+
+
+def with_placeholders(x: Tensor, outputs: BackendForwardOut) -> ForwardOut:
+    """A target forward's outputs as its custom op returns them: each None (an output not asked for) a
+    fresh empty tensor (x.dtype for info, uint8 for keep, float32 for the others), as the op's schema
+    needs tensors that do not alias each other. Eager calls skip these allocations."""
+    dtypes = (x.dtype, *(torch.float32,) * 6, torch.uint8)
+    return tuple(x.new_empty(0, dtype=dtype) if t is None else t for t, dtype in zip(outputs, dtypes))
 
 
 def _backward_impl(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean, prior, mu) -> Tensor:
@@ -71,7 +81,7 @@ def _backward_impl(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmean
 @torch.library.custom_op("advent_fast::target_forward", mutates_args=())
 def _target_forward(x: Tensor, prior: Optional[Tensor], k: int, mu: float, want_info: bool,
                     want_emap: bool, want_ent: bool, want_cp: bool) -> ForwardOut:
-    return _forward_impl(x, prior, k, mu, want_info, want_emap, want_ent, want_cp)
+    return with_placeholders(x, _forward_impl(x, prior, k, mu, want_info, want_emap, want_ent, want_cp))
 
 
 @_target_forward.register_fake

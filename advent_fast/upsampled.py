@@ -37,8 +37,8 @@ from torch import Tensor
 
 from .backend import device_guard, get_backend
 from .eager_ops import FusedOp
-from .losses import (PriorLike, _check_logits, _check_prior, _check_top_k, _grad_or_none,
-                     fake_target_outputs, target_losses)
+from .losses import (BackendForwardOut, ForwardOut, PriorLike, _check_logits, _check_prior, _check_top_k, _grad_or_none,
+                     fake_target_outputs, target_losses, with_placeholders)
 from .reference import TargetLosses, ranked_pixel_count
 
 __all__ = ["upsampled_cross_entropy", "upsampled_target_losses"]
@@ -152,10 +152,8 @@ _ce_op = FusedOp(_ce_forward, _ce_forward_impl, _ce_setup_context, _ce_autograd,
 # ----------------------------------------------------------------------------------------------
 # Custom ops: target losses (docs/backend_contract.md on the upsampled logits)
 # ----------------------------------------------------------------------------------------------
-ForwardOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
-
-
-def _target_forward_impl(x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent, want_cp) -> ForwardOut:
+def _target_forward_impl(x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent,
+                         want_cp) -> BackendForwardOut:
     _check_triton(x)
     _, target = _kernels()
     with device_guard(x.device):
@@ -177,7 +175,8 @@ def _target_forward(x: Tensor, out_h: int, out_w: int, prior: Optional[Tensor], 
                     want_info: bool, want_emap: bool, want_ent: bool, want_cp: bool) -> ForwardOut:
     """-> (info, emap, ent, cp, thresh, kept, cmean, keep) of the contract, info (N, C, out_h, out_w),
     emap and keep (N, out_h, out_w)."""
-    return _target_forward_impl(x, out_h, out_w, prior, k, mu, want_info, want_emap, want_ent, want_cp)
+    return with_placeholders(x, _target_forward_impl(x, out_h, out_w, prior, k, mu, want_info, want_emap,
+                                                     want_ent, want_cp))
 
 
 @_target_forward.register_fake

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .softmax_entropy import ceil_div, next_power_of_2
+
 # Elements per [lanes, BLOCK_C] cell tile. The cell kernels keep four such tiles live (the two tap rows
 # and two row-weighted gradient sums) besides the softmax temporaries: 1K fp32 with 8 warps = 4 values a
 # thread per tile. Compiled for sm_90 they then take 120-160 registers without spills
@@ -56,12 +58,12 @@ def axis_scale(in_size, out_size):
 
 def cell_tile(num_classes, in_size, out_size):
     """(BLOCK_CELLS, SPAN, BLOCK_C) for the columns axis (in -> out) and C classes."""
-    block_c = triton.next_power_of_2(num_classes)
+    block_c = next_power_of_2(num_classes)
     lanes = max(1, CELL_TILE_ELEMENTS // block_c)
     # cells are floor or ceil of (out - 1) / (in - 1) wide (one more after float32 rounding: a 2nd chunk)
-    width = triton.cdiv(out_size - 1, in_size - 1) if in_size > 1 else out_size
-    span = min(triton.next_power_of_2(max(width, 1)), lanes)
-    block_cells = min(lanes // span, triton.next_power_of_2(in_size))
+    width = ceil_div(out_size - 1, in_size - 1) if in_size > 1 else out_size
+    span = min(next_power_of_2(max(width, 1)), lanes)
+    block_cells = min(lanes // span, next_power_of_2(in_size))
     return block_cells, span, block_c
 
 
@@ -223,9 +225,9 @@ def combine_taps(parts, x, numer=None, denom=None):
     denom == 0 (no host synchronisation)."""
     N, C, h, w = x.shape
     grad_x = torch.empty_like(x)
-    block_c = triton.next_power_of_2(C)
-    block_p = max(1, min(COMBINE_TILE_ELEMENTS // block_c, triton.next_power_of_2(h * w)))
-    _combine_taps_kernel[(triton.cdiv(h * w, block_p), N)](
+    block_c = next_power_of_2(C)
+    block_p = max(1, min(COMBINE_TILE_ELEMENTS // block_c, next_power_of_2(h * w)))
+    _combine_taps_kernel[(ceil_div(h * w, block_p), N)](
         parts,
         grad_x,
         numer,

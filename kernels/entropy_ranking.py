@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax_entropy import NUM_WARPS, programs_per_image
+from .softmax_entropy import NUM_WARPS, ceil_div, programs_per_image
 
 # constexpr globals: the kernels read them
 RADIX_BITS = tl.constexpr(8)
@@ -136,7 +136,7 @@ def rank_entropy(emap, k, hist=None):
     into thresh and kept), the (N, programs) partial sums of the kept E and the (N, S) uint8 keep mask.
     """
     num_images, num_pixels = emap.shape
-    programs = programs_per_image(triton.cdiv(num_pixels, BLOCK_R), num_images)
+    programs = programs_per_image(ceil_div(num_pixels, BLOCK_R), num_images)
     first_pass = 0 if hist is None else 1
     if hist is None:
         hist = zeroed_histograms(num_images, emap.device)

@@ -42,9 +42,20 @@ MAX_IMAGE_SPAN = 2**31 - 1
 MAX_IMAGES = 65535
 
 
+def ceil_div(a, b):
+    """ceil(a / b) for positive host integers, as triton.cdiv: that and triton.next_power_of_2 are
+    Triton constexpr functions, whose calls from Python cost 2-3 us each, several per launch."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n, for host integers n >= 1 (triton.next_power_of_2, see ceil_div)."""
+    return 1 << (n - 1).bit_length()
+
+
 def block_sizes(num_classes):
     """(BLOCK_S, BLOCK_C) for C classes: all classes in one tile, about TILE_ELEMENTS elements."""
-    block_c = triton.next_power_of_2(num_classes)
+    block_c = next_power_of_2(num_classes)
     return max(1, TILE_ELEMENTS // block_c), block_c
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax_entropy import NUM_WARPS, block_sizes, check_indexable, softmax_entropy
+from .softmax_entropy import NUM_WARPS, block_sizes, ceil_div, check_indexable, softmax_entropy
 
 
 @triton.jit
@@ -177,7 +177,7 @@ def target_backward(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmea
     grad_x = torch.empty_like(x)
     has_grad_info = grad_info is not None
     ent_mode, saved = saved_for_backward(grad_ent, grad_cp, keep, kept, cmean, prior)
-    _target_bwd_kernel[(triton.cdiv(S, block_s), N)](
+    _target_bwd_kernel[(ceil_div(S, block_s), N)](
         x,
         grad_x,
         grad_info,

@@ -19,8 +19,8 @@ import triton.language as tl
 
 from .entropy_ranking import (NUM_PASSES, RADIX, add_histogram, digit_histogram, radix_replay, rank_entropy, rank_key,
                               zeroed_histograms)
-from .softmax_entropy import (ENTROPY_LAUNCH_OPTIONS, NUM_WARPS, block_sizes, check_indexable, programs_per_image,
-                              softmax_entropy)
+from .softmax_entropy import (ENTROPY_LAUNCH_OPTIONS, NUM_WARPS, block_sizes, ceil_div, check_indexable,
+                              programs_per_image, softmax_entropy)
 
 
 @triton.jit
@@ -170,8 +170,8 @@ def empty_f32_if(wanted, shape, device):
 def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     """Contract forward (docs/backend_contract.md) -> (info, emap, ent, cp, thresh, kept, cmean, keep).
 
-    x: (N, C, S) logits of any strides (read in place). Outputs that were not asked for are empty
-    tensors (info: x.dtype, keep: uint8, the others float32); the kernels get None pointers for them.
+    x: (N, C, S) logits of any strides (read in place). Outputs that were not asked for are None (the
+    kernels get None pointers for them).
     """
     check_indexable("logits", x)
     N, C, S = x.shape
@@ -179,7 +179,7 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     ranked = want_ent and k > 0
     want_ent_sum = want_ent and not ranked
     block_s, block_c = block_sizes(C)
-    num_blocks = triton.cdiv(S, block_s)
+    num_blocks = ceil_div(S, block_s)
     programs = programs_per_image(num_blocks, N)
 
     info = torch.empty_like(x) if want_info else None
@@ -223,7 +223,7 @@ def finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_
     kernel filled hist's pass-0 row (see rank_entropy); then the
     finishing kernel reduces ent_part (N, num_parts) and cls_part (N, num_parts, block_c), the main
     kernel's partial sums, reading block_p rows of block_c at a time. Outputs not asked for, info
-    included, come back as fresh empty tensors (info: x.dtype, keep: uint8, the others float32).
+    included, come back as None.
     """
     N, C = x.shape[:2]
     device = x.device
@@ -260,9 +260,4 @@ def finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_
             BLOCK_C=block_c,
             num_warps=num_warps,
         )
-    if info is None:
-        info = torch.empty(0, dtype=x.dtype, device=device)
-    if keep is None:
-        keep = torch.empty(0, dtype=torch.uint8, device=device)
-    outputs = (info, emap if want_emap else None, ent, cp, thresh, kept, cmean, keep)
-    return tuple(torch.empty(0, dtype=torch.float32, device=device) if t is None else t for t in outputs)
+    return info, emap if want_emap else None, ent, cp, thresh, kept, cmean, keep

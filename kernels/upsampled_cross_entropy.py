@@ -33,6 +33,7 @@ from .bilinear import (
     combine_taps,
     store_tap_partials,
 )
+from .softmax_entropy import ceil_div
 
 # partials the finishing kernel reads per step
 BLOCK_FINISH = 1024
@@ -145,7 +146,7 @@ def upsampled_cross_entropy_forward(x, labels, ignore_index, want_grad):
     device = x.device
     f32 = torch.float32
     block_cells, span, block_c = cell_tile(C, w, W)
-    cell_blocks = triton.cdiv(w, block_cells)
+    cell_blocks = ceil_div(w, block_cells)
     num_parts = N * h * cell_blocks
     parts = torch.empty((4, N, h, w, C), dtype=f32, device=device) if want_grad else None
     loss_part = torch.empty(num_parts, dtype=f32, device=device)

@@ -33,7 +33,7 @@ from .bilinear import (
     combine_taps,
     store_tap_partials,
 )
-from .softmax_entropy import ENTROPY_LAUNCH_OPTIONS, softmax_entropy
+from .softmax_entropy import ENTROPY_LAUNCH_OPTIONS, ceil_div, softmax_entropy
 from .target_backward import saved_for_backward, target_grad_constants, target_pixel_grad
 from .target_forward import empty_f32_if, finish_target_forward
 
@@ -186,7 +186,7 @@ def _upsampled_target_bwd_kernel(
 def _launch_shape(x, out_h, out_w):
     N, C, h, w = x.shape
     block_cells, span, block_c = cell_tile(C, w, out_w)
-    grid = (triton.cdiv(w, block_cells), h, N)
+    grid = (ceil_div(w, block_cells), h, N)
     return grid, dict(BLOCK_CELLS=block_cells, SPAN=span, BLOCK_C=block_c, num_warps=CELL_NUM_WARPS)
 
 
@@ -194,7 +194,7 @@ def upsampled_target_forward(x, out_h, out_w, prior, k, mu, want_info, want_emap
     """The contract's forward on upsample(x) -> (info, emap, ent, cp, thresh, kept, cmean, keep).
 
     x: (N, C, h, w) logits of any strides. info: (N, C, out_h, out_w) in x.dtype, channels_last when x is;
-    emap: (N, out_h, out_w) float32; keep: (N, out_h, out_w) uint8. Outputs not asked for are empty tensors.
+    emap: (N, out_h, out_w) float32; keep: (N, out_h, out_w) uint8. Outputs not asked for are None.
     """
     N, C, h, w = x.shape
     device = x.device

@@ -130,6 +130,8 @@ class Poisoned:
 
 
 def same(a, b):
+    if a is None or b is None:  # an output not asked for
+        return a is b
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     return bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.dtype.is_floating_point else torch.equal(a, b)

@@ -219,7 +219,7 @@ def test_only_requested_outputs(want):
         "keep": ranked,
     }
     for name, is_requested in requested.items():
-        assert (out[name].numel() > 0) == is_requested, name
+        assert (out[name] is not None) == is_requested, name  # the custom ops turn None into empty tensors
     if ranked:
         assert out["keep"].dtype == torch.uint8 and out["keep"].shape == (x.shape[0], x.shape[2])
         assert torch.equal(out["kept"], out["keep"].sum(dim=1).float())
