@@ -15,7 +15,10 @@ kernels is the bottleneck; much shorter where the device is), images per second 
 peak memory, and on GPUs the GPU's busy ms per step (the union of the kernels' and copies' time
 spans from the profiler over a few steps) and that as a fraction of ms per step (timed without the
 profiler, which slows the host), and the kernels and copies per step (each one issued by the host:
-host ms / kernels is what one costs it). Rows are printed (and the JSON written) as each variant finishes.
+host ms / kernels is what one costs it). On every device, ops/step: the aten ops one step dispatches
+that compute (views, detaches and allocations left out), counted over one more step: what the host
+issues in an eager step (a fused op counts once, whatever its launches; a replayed CUDA graph counts 0;
+compiled steps are not counted). Rows are printed (and the JSON written) as each variant finishes.
 ``--track N`` trains the release fp32 step and the ``--track-variants`` (default: the fast path, and
 the fast path in fp32) from the same initial weights for N iterations on the same inputs and reports
 how far their losses stray from the fp32 release step's: tiny rounding differences grow as G and D
@@ -47,6 +50,7 @@ import time
 import traceback
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import Dataset
 
 from advent_fast.config import load_config
@@ -106,6 +110,8 @@ def parse_args(argv=None):
     p.add_argument("--track", type=int, default=0, metavar="N",
                    help="also train release_fp32 and the --track-variants for N iterations and compare their losses")
     p.add_argument("--track-variants", nargs="+", default=["fast", "fast_fp32"], choices=list(VARIANTS))
+    p.add_argument("--host-profile", type=int, default=0, metavar="K",
+                   help="also profile one step of each variant on the host: its K most expensive ops")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="fewer steps and variants")
     p.add_argument("--json", default="bench_train_step.json", help="where to write the results")
@@ -197,6 +203,50 @@ def gpu_activity(step, steps: int) -> tuple[float, float]:
     return covered_length(spans) / 1e3 / steps, len(spans) / steps
 
 
+# aten ops that launch no kernel on any device: views of a tensor's metadata, and allocations
+NO_KERNEL_OPS = frozenset({"_reshape_alias", "_unsafe_view", "alias", "as_strided", "detach", "empty", "empty_like",
+                           "empty_strided", "expand", "new_empty", "permute", "reshape", "select", "slice", "split",
+                           "squeeze", "t", "transpose", "unbind", "unsqueeze", "view"})
+
+
+class ComputeOpCounter(TorchDispatchMode):
+    """Counts the aten ops that reach the kernels' level (after autograd and autocast) and compute: each
+    is a kernel the host issues on a GPU (a fused op's own launches not counted) and what an eager step's
+    host time grows with."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "profiler" and func.overloadpacket.__name__ not in NO_KERNEL_OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def compute_ops(step) -> int:
+    """The compute ops (ComputeOpCounter) one call of ``step`` dispatches: 0 for a replayed CUDA graph."""
+    with ComputeOpCounter() as counter:
+        step()
+    return counter.count
+
+
+def host_profile(step, device, top: int) -> dict:
+    """Where one step's host time goes (the profiler's CPU side): the ``top`` ops by self time with their
+    calls, and the self time of all ops together (host ms minus that is Python around the ops; the
+    profiler adds a few us to each op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    sync(device)
+    events = prof.key_averages()
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"ops_self_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
+            "top": [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3} for e in ranked]}
+
+
 def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
     trainer = build_trainer(preset, mode, variant, args, *sizes, device)
     batches = fixed_batches(trainer, 2)
@@ -231,7 +281,11 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
            "images_per_s": (trainer.config.train.source_batch_size
                             + (trainer.config.train.target_batch_size if trainer.plan.target else 0)) / ms * 1e3,
            "host_ms": host_s * 1e3 / steps, "warmup_s": warmup_s, "peak_mib": None, "gpu_ms": None,
-           "gpu_busy": None, "kernels_per_step": None}
+           "gpu_busy": None, "kernels_per_step": None, "ops_per_step": None}
+    if trainer.config.train.compile == "none":  # a compiled step runs its own kernels, without aten dispatch
+        row["ops_per_step"] = compute_ops(step)
+    if args.host_profile:
+        row["host_profile"] = host_profile(step, device, args.host_profile)
     if device.type == "cuda":
         row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         try:  # the profiler is a measurement aid: its failure must not cost the timings
@@ -280,7 +334,7 @@ def release_memory(device):
 def format_row(row, rows) -> str:
     """A markdown row; the speed-up against the same mode's release_fp32 row measured in this run, if any."""
     if "error" in row:
-        return f"| {row['mode']} | {row['variant']} | failed: {row['error']} ||||||||||"
+        return f"| {row['mode']} | {row['variant']} | failed: {row['error']} |||||||||||"
     base = next((r for r in rows if r["mode"] == row["mode"] and r["variant"] == "release_fp32"
                  and "error" not in r), None)
     speedup = base["ms_per_step"] / row["ms_per_step"] if base else None
@@ -288,6 +342,7 @@ def format_row(row, rows) -> str:
     return (f"| {row['mode']} | {row['variant']} | {row['ms_per_step']:.1f} | {row['host_ms']:.1f} | "
             f"{row['images_per_s']:.1f} | {fmt(speedup, '.2f')} | {fmt(row['peak_mib'], ',.0f')} | "
             f"{fmt(row['gpu_ms'], '.1f')} | {fmt(busy, 's')} | {fmt(row['kernels_per_step'], ',.0f')} | "
+            f"{fmt(row['ops_per_step'], ',')} | "
             f"{row['warmup_s']:.1f} | {row['settings']} |")
 
 
@@ -317,8 +372,8 @@ def main(argv=None):
 
     if variants:
         print("| mode | variant | ms/step | host ms | images/s | x release_fp32 | peak MiB | GPU ms | GPU busy "
-              "| kernels/step | warm-up s | settings |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| kernels/step | ops/step | warm-up s | settings |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for mode in args.modes:
         for variant in variants:
             try:
@@ -331,6 +386,20 @@ def main(argv=None):
             save()
             torch._dynamo.reset()
             release_memory(device)
+    profiled = [r for r in rows if "host_profile" in r]
+    if profiled:
+        print()
+        print("Host time of one step by op (the profiler's CPU side, its overhead included; the rest of host ms "
+              "is Python around the ops):")
+        print()
+        print("| mode | variant | host ms | all ops' self ms | op | calls | self ms |")
+        print("|---|---|---|---|---|---|---|")
+        for r in profiled:
+            prof = r["host_profile"]
+            for i, op in enumerate(prof["top"]):
+                lead = (f"| {r['mode']} | {r['variant']} | {r['host_ms']:.1f} | {prof['ops_self_ms']:.1f} |" if i == 0
+                        else "| | | | |")
+                print(f"{lead} {op['op']} | {op['calls']} | {op['self_ms']:.2f} |")
     if args.track:
         print()
         print(f"Losses against release_fp32 over {args.track} iterations on the same inputs and initial "

@@ -85,8 +85,11 @@ stage pytest_losses_cuda 110 "$PY" -m pytest -q tests/test_losses_cuda.py
 # trainer and metric tests; then its timing against release_fp32 and the eager fast path in the same
 # run: the eager steps are bound by the host's issuing of kernels (GPU busy 25-43% on an H200).
 stage pytest_train_cuda 100 "$PY" -m pytest -q tests/test_train.py tests/test_metrics.py -k cuda
-stage bench_train_step_graph 130 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
-    --variants release_fp32 fast_graph fast --json "$LOGS/bench_train_step_graph.json"
+stage bench_train_step_graph 170 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
+    --variants release_fp32 fast_graph fast fast_fp32 fast_frozen_bn --json "$LOGS/bench_train_step_graph.json"
+# Where an eager step's host time goes: the most expensive ops of one step, on the host's side.
+stage profile_step 60 "$PY" benchmarks/bench_train_step.py --modes advent --variants release_fp32 fast \
+    --steps 3 --warmup 3 --host-profile 15 --json "$LOGS/profile_step.json"
 # Issue 2's figures: the fused losses against the eager reference at every shape and dtype, with the
 # device time of each (graph ms: the call replayed as a CUDA graph, no host work).
 stage bench_entropy 75 "$PY" benchmarks/bench_entropy.py --no-compile --json "$LOGS/bench_entropy.json"
@@ -126,7 +129,7 @@ stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/b
     done
     echo "-- training run"; tail -2 "$LOGS/train_embedded.md" 2>/dev/null
     for name in tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
-        bench_train_step_graph track_losses bench_entropy_compile bench_train_step bench_entropy; do
+        bench_train_step_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
         echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -70
     done
     echo "-- stages ($((SECONDS - START)) s; every table, log and JSON: $OUT/results.tgz)"; cat "$LOGS/stages.txt"

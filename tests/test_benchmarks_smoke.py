@@ -77,15 +77,18 @@ def test_bench_train_step(tmp_path):
     out = tmp_path / "bench_train_step.json"
     stdout = run_script("bench_train_step.py", "--device", "cpu", "--modes", "advent", "--variants", "release_fp32",
                         "fast", "--steps", "1", "--warmup", "1", "--source-size", "64", "32", "--target-size",
-                        "64", "32", "--set", "model.width=4", "--track", "2", "--json", str(out))
-    assert "ms/step" in stdout and "max rel. diff" in stdout
+                        "64", "32", "--set", "model.width=4", "--track", "2", "--host-profile", "3", "--json", str(out))
+    assert "ms/step" in stdout and "max rel. diff" in stdout and "all ops' self ms" in stdout
     result = json.loads(out.read_text())
     assert [(r["mode"], r["variant"]) for r in result["rows"]] == [("advent", "release_fp32"), ("advent", "fast")]
     for r in result["rows"]:
         assert r["ms_per_step"] > 0 and r["images_per_s"] > 0
         assert r["gpu_busy"] is r["gpu_ms"] is r["kernels_per_step"] is None  # profiled on GPUs only
         assert 0 < r["host_ms"] <= r["ms_per_step"]  # the host's part of each step
-    assert "fast path, fp32" in result["rows"][1]["settings"]
+        assert len(r["host_profile"]["top"]) == 3 and r["host_profile"]["top"][0]["self_ms"] > 0
+    release, fast = result["rows"]
+    assert "fast path, fp32" in fast["settings"]
+    assert 0 < fast["ops_per_step"] < release["ops_per_step"]  # fused losses and optimisers: fewer ops to issue
     tracked = {(r["variant"], r["loss"]): r for r in result["track"]}
     losses = {"seg_main", "seg_aux", "adv_main", "adv_aux", "d_main", "d_aux"}
     assert set(tracked) == {(v, loss) for v in ("fast", "fast_fp32") for loss in losses}
@@ -166,6 +169,17 @@ def test_bench_activations(tmp_path):
             assert rows[bn, c, "256x128"]["saved_MiB"] > rows[bn, c, "128x64"]["saved_MiB"] > 0
         assert rows[bn, "on", "256x128"]["saved_MiB"] < rows[bn, "off", "256x128"]["saved_MiB"]
     assert rows["train", "off", "256x128"]["saved_MiB"] > rows["folded", "off", "256x128"]["saved_MiB"]
+
+
+def test_bench_host(tmp_path):
+    out = tmp_path / "bench_host.json"
+    stdout = run_script("bench_host.py", "--reps", "3", "--warmup", "1", "--json", str(out))
+    assert "host us" in stdout
+    rows = {r["call"]: r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 9 and all(r["host_us"] > 0 for r in rows.values())
+    # The Triton launches a call issues: forward, finishing kernel, backward (ranking: four more passes).
+    assert rows["MinEnt"]["launches"] == 3 and rows["MinEnt+ER (0.3)"]["launches"] == 7
+    assert rows["self-information"]["launches"] == 2  # no scalar loss: no finishing kernel
 
 
 def test_bench_entropy(tmp_path):
@@ -275,7 +289,7 @@ def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
         packed = {os.path.basename(name) for name in tar.getnames()}
     stages = [line.split()[1].rstrip(":") for line in (out / "stages.txt").read_text().splitlines()
               if line.startswith("== ") and "exit 0" in line]
-    assert "bench_entropy" in stages and "bench_train_step_compile" in stages and len(stages) == 16
+    assert "bench_entropy" in stages and "bench_train_step_compile" in stages and len(stages) == 17
     assert {f"{name}.md" for name in stages} | {f"{name}.err" for name in stages} <= packed
     assert {"bench_entropy.json", "bench_train_step.json", "track_losses.json", "summary.md", "gpu.txt"} <= packed
     assert "| stub | benchmarks/bench_entropy.py" in proc.stdout.split("-- bench_entropy")[-1]
