@@ -4,12 +4,12 @@
 
 Each fused call (forward + backward, as bench_entropy.py and bench_upsampled.py time them) runs on the
 Triton backend, under the interpreter, with every Triton launch replaced by a no-op: the time left is
-what the host spends around the launches (validation, backend dispatch, allocations, autograd), which
-on a GPU comes on top of the launches themselves (bench_entropy.py's launch costs and host ms) and
-cannot overlap the kernels of the call. Baseline in the same run: a bare torch.autograd.Function that
-allocates its output and its gradient (the floor of any autograd call). The outputs are garbage (the
-kernels never run): times only. Columns: median microseconds per call over --reps calls, the number of
-Triton launches per call, and the call's time over the baseline's.
+what the host spends around the launches (validation, backend dispatch, allocations, autograd). On a GPU
+the launches themselves come on top (bench_entropy.py's launch costs and host ms), and the sum bounds a
+call's time from below wherever its kernels are shorter. Baseline in the same run: a bare
+torch.autograd.Function that allocates its output and its gradient (the floor of any autograd call). The
+outputs are garbage (the kernels never run): times only. Columns: median microseconds per call over
+--reps calls, the number of Triton launches per call, and the call's time over the baseline's.
 """
 from __future__ import annotations
 
