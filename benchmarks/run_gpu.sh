@@ -85,14 +85,14 @@ stage pytest_losses_cuda 110 "$PY" -m pytest -q tests/test_losses_cuda.py
 # trainer and metric tests; then its timing against release_fp32 and the eager fast path in the same
 # run: the eager steps are bound by the host's issuing of kernels (GPU busy 25-43% on an H200).
 stage pytest_train_cuda 100 "$PY" -m pytest -q tests/test_train.py tests/test_metrics.py -k cuda
-stage bench_train_step_graph 170 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
+stage bench_train_step_graph 190 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
     --variants release_fp32 fast_graph fast fast_fp32 fast_frozen_bn --json "$LOGS/bench_train_step_graph.json"
-# Where an eager step's host time goes: the most expensive ops of one step, on the host's side.
-stage profile_step 60 "$PY" benchmarks/bench_train_step.py --modes advent --variants release_fp32 fast \
-    --steps 3 --warmup 3 --host-profile 15 --json "$LOGS/profile_step.json"
 # Issue 2's figures: the fused losses against the eager reference at every shape and dtype, with the
 # device time of each (graph ms: the call replayed as a CUDA graph, no host work).
 stage bench_entropy 75 "$PY" benchmarks/bench_entropy.py --no-compile --json "$LOGS/bench_entropy.json"
+# Where an eager step's host time goes: the most expensive ops of one step, on the host's side.
+stage profile_step 60 "$PY" benchmarks/bench_train_step.py --modes advent --variants release_fp32 fast \
+    --steps 3 --warmup 3 --host-profile 15 --json "$LOGS/profile_step.json"
 # Every upsampled kernel variant on CUDA tensors against the float64 references (many compilations).
 stage pytest_upsampled_cuda 170 "$PY" -m pytest -q tests/test_upsampled.py
 # Issue 5's numerics: 100 iterations of the fast path (bf16, and fp32 as the control) against the
