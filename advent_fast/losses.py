@@ -95,18 +95,17 @@ def fake_target_outputs(x, make_info, pixel_shape, k, want_info, want_emap, want
     the self-information map, ``pixel_shape`` is the entropy map's (and the keep mask's) shape after N."""
     n, c = x.shape[:2]
     f32 = dict(dtype=torch.float32, device=x.device)
-    none = x.new_empty(0, dtype=torch.float32)
     ranked = want_ent and k > 0
-    return (
-        make_info() if want_info else x.new_empty(0),
-        x.new_empty((n, *pixel_shape), **f32) if want_emap else none.clone(),
-        x.new_empty((), **f32) if want_ent else none.clone(),
-        x.new_empty((), **f32) if want_cp else none.clone(),
-        x.new_empty((n,), **f32) if ranked else none.clone(),
-        x.new_empty((n,), **f32) if ranked else none.clone(),
-        x.new_empty((n, c), **f32) if want_cp else none.clone(),
-        x.new_empty((n, *pixel_shape), dtype=torch.uint8) if ranked else x.new_empty(0, dtype=torch.uint8),
-    )
+    return with_placeholders(x, (
+        make_info() if want_info else None,
+        x.new_empty((n, *pixel_shape), **f32) if want_emap else None,
+        x.new_empty((), **f32) if want_ent else None,
+        x.new_empty((), **f32) if want_cp else None,
+        x.new_empty((n,), **f32) if ranked else None,
+        x.new_empty((n,), **f32) if ranked else None,
+        x.new_empty((n, c), **f32) if want_cp else None,
+        x.new_empty((n, *pixel_shape), dtype=torch.uint8) if ranked else None,
+    ))
 
 
 @torch.library.custom_op("advent_fast::target_backward", mutates_args=())

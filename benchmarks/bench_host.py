@@ -27,7 +27,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import advent_fast as af  # noqa: E402
 from advent_fast.upsampled import upsampled_cross_entropy, upsampled_target_losses  # noqa: E402
-from bench_common import write_results  # noqa: E402
+from bench_common import fwd_bwd, write_results  # noqa: E402
 
 LOW_RES, FULL_RES = (9, 17), (65, 129)
 
@@ -89,14 +89,10 @@ def cases(c: int):
 def call_us(fn, shape, reps: int, warmup: int) -> tuple[float, float]:
     """(median microseconds per forward + backward, Triton launches per call)."""
     logits = torch.randn(shape)
-
-    def run():
-        x = logits.detach().requires_grad_(True)
-        out = fn(x)
-        outs = out if isinstance(out, tuple) else (out,)
-        torch.autograd.backward(outs, [torch.ones_like(o) if o.dim() else None for o in outs])
-
     with CountedLaunches() as launches:
+        outs = fn(logits)
+        maps = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o.dim()]
+        run = fwd_bwd(fn, logits, torch.ones_like(maps[0]) if maps else None)
         for _ in range(warmup):
             run()
         launches.count = 0
