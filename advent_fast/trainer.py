@@ -578,6 +578,35 @@ class Trainer:
 
     def _step(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], keep_logits: bool):
         """The iteration itself: (metrics, the main-head logits as the model gave them, if kept)."""
+        with self._shared_weight_casts():
+            losses, kept = self._forward_backward(source, target, keep_logits)
+
+        # One small all-reduce: every process reaches the same verdict from the reduced losses.
+        metrics = torch.stack([losses[name].detach().float() for name in self.metric_names])
+        metrics = dist_utils.all_reduce_mean(metrics, self.ctx)
+        if self.settings.sync_free:  # the fused kernels skip the whole update when found_inf is 1
+            found_inf = torch.isfinite(metrics).all().logical_not().float()
+            for opt in self.optimizers:  # G first, then the discriminators
+                opt.found_inf = found_inf
+                opt.step()
+        elif all(math.isfinite(v) for v in metrics.tolist()):  # one host sync
+            for opt in self.optimizers:
+                self.scaler.step(opt)
+            self.scaler.update()
+        return metrics, kept
+
+    def _shared_weight_casts(self):
+        """One autocast weight cache for the step's forwards and backwards: each weight is cast to the
+        autocast dtype once a step, not once a forward (G runs on the source and the target batch, D on
+        both maps). The cache lives while any autocast context is open; this outer one, with autocast
+        off, keeps it open between the forwards (backwards run outside autocast, as before) and drops it
+        before the optimisers change the weights. Not in a captured step, which casts in every replay."""
+        if self.autocast_dtype is None or self.settings.cuda_graph:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=False)
+
+    def _forward_backward(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], keep_logits: bool):
+        """Every forward and backward of the step: (the losses by metric name, the kept logits or None)."""
         t, plan, scale = self.config.train, self.plan, self.scaler.scale
         lambdas = {
             "seg": {"main": t.lambda_seg_main, "aux": t.lambda_seg_aux},
@@ -650,20 +679,7 @@ class Trainer:
                 loss_target = bce_to(d_target, TARGET_LABEL) / 2
                 scale(loss_target).backward()
                 losses[f"d_{h}"] = loss_source.detach() + loss_target.detach()
-
-        # One small all-reduce: every process reaches the same verdict from the reduced losses.
-        metrics = torch.stack([losses[name].detach().float() for name in self.metric_names])
-        metrics = dist_utils.all_reduce_mean(metrics, self.ctx)
-        if self.settings.sync_free:  # the fused kernels skip the whole update when found_inf is 1
-            found_inf = torch.isfinite(metrics).all().logical_not().float()
-            for opt in self.optimizers:  # G first, then the discriminators
-                opt.found_inf = found_inf
-                opt.step()
-        elif all(math.isfinite(v) for v in metrics.tolist()):  # one host sync
-            for opt in self.optimizers:
-                self.scaler.step(opt)
-            self.scaler.update()
-        return metrics, kept
+        return losses, kept
 
     # ---- the loop -------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, stream: str, batch_size: int) -> DeviceBatches:

@@ -1,4 +1,5 @@
 """The trainer end to end on tiny generated data: every mode, the release step, resume, bad input."""
+import contextlib
 import copy
 import io
 import inspect
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import advent_fast
 from advent_fast import train
@@ -522,6 +524,38 @@ def test_bf16_fast_path_tracks_the_fp32_release_step(tiny_data):
         assert got == pytest.approx(ref, rel=2e-2), f"iteration {i + 1}"  # seen: <= 2e-3
     # ...and bf16 is really in use: the losses are not the fp32 ones.
     assert any(got != pytest.approx(ref, rel=1e-6) for ref, got in zip(release, fast))
+
+
+class ParameterCasts(TorchDispatchMode):
+    """Counts the casts of each of ``params`` (by storage) to another dtype."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.names = {p.data_ptr(): name for name, p in params}
+        self.counts = {name: 0 for name, _ in params}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.names:
+            self.counts[self.names[args[0].data_ptr()]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_autocast_casts_each_weight_once_a_step(tiny_data, monkeypatch, fast_path):
+    """G runs on two batches and D on two maps, each under autocast: every trainable weight is cast to
+    bf16 once a step (the frozen D's forward, whose weights need no gradient, casts its own), and the
+    steps equal those that cast again in every forward."""
+    batches = fixed_batches(2, seed=3)
+    config = tiny_config(tiny_data, "advent", f"train.fast_path={str(fast_path).lower()}", "train.precision=bf16")
+    trainer, shared = run_steps(config, batches)
+    conv_weights = [(n, p) for n, p in trainer.model.named_parameters() if p.dim() == 4]
+    d_weights = [(f"d.{n}", p) for n, p in trainer.discriminators["main"].named_parameters()]
+    with ParameterCasts(conv_weights + d_weights) as casts:
+        trainer.train_step(*batches[0])
+    assert set(casts.counts.values()) == {2 if name.startswith("d.") else 1 for name, _ in conv_weights + d_weights}
+    monkeypatch.setattr(Trainer, "_shared_weight_casts", lambda self: contextlib.nullcontext())
+    _, separate = run_steps(config, batches)
+    assert shared == separate
 
 
 def test_runs_resume_across_the_fast_path_switch(tiny_data, tmp_path):
