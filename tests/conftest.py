@@ -1,4 +1,4 @@
-"""Test session setup.
+"""Test session setup, and the tiny embedded dataset the trainer tests share.
 
 Triton reads TRITON_INTERPRET when it is imported, so it is set here, before any test module
 imports advent_fast (and with it triton): the Triton kernels then run on CPU tensors.
@@ -6,7 +6,19 @@ imports advent_fast (and with it triton): the Triton kernels then run on CPU ten
 import os
 import sys
 
+import pytest
+
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Four source, four target-train and two target-val images in the real GTA5/Cityscapes layouts."""
+    from advent_fast.data import ensure_embedded_data
+
+    root = tmp_path_factory.mktemp("embedded")
+    return ensure_embedded_data(str(root), num_source=4, num_target_train=4, num_target_val=2,
+                                workers=1, progress=False)
 
 
 def pytest_runtest_logreport(report):

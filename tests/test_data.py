@@ -1,6 +1,7 @@
 """Readers on small files in the real formats, their errors, the embedded generator and the class prior."""
 import json
 import os
+import pathlib
 import pickle
 import warnings
 
@@ -221,13 +222,13 @@ def test_unreadable_and_truncated_files_name_themselves(tmp_path):
     with pytest.raises(DatasetError, match=r"images.00001\.png"):
         ds[0]
     label_path = ds.items[1][1]
-    data = open(label_path, "rb").read()
+    data = pathlib.Path(label_path).read_bytes()
     with open(label_path, "wb") as f:
         f.write(data[: len(data) // 2])
     with pytest.raises(DatasetError, match=r"labels.00002\.png"):
         ds[1]
     image_path = ds.items[2][0]
-    data = open(image_path, "rb").read()
+    data = pathlib.Path(image_path).read_bytes()
     with open(image_path, "wb") as f:
         f.write(data[: len(data) // 2])
     with pytest.raises(DatasetError, match=r"images.00003\.png"):
@@ -238,7 +239,7 @@ def test_unreadable_and_truncated_files_name_themselves(tmp_path):
     os.makedirs(os.path.join(synthia, "GT", "LABELS"))
     cv2.imwrite(os.path.join(synthia, "GT", "LABELS", "0000000.png"), RNG.integers(0, 30, (8, 16, 3)).astype(np.uint16))
     path = os.path.join(synthia, "GT", "LABELS", "0000000.png")
-    data = open(path, "rb").read()
+    data = pathlib.Path(path).read_bytes()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
     with pytest.raises(DatasetError, match=r"LABELS.0000000\.png"):
@@ -295,7 +296,7 @@ def _tree(root):
         for name in files:
             if name != "manifest.json":
                 path = os.path.join(folder, name)
-                out[os.path.relpath(path, root)] = open(path, "rb").read()
+                out[os.path.relpath(path, root)] = pathlib.Path(path).read_bytes()
     return out
 
 
@@ -304,7 +305,8 @@ def test_embedded_data_real_formats_determinism_and_cache(tmp_path, monkeypatch)
     data = ensure_embedded_data(str(tmp_path / "a"), seed=5, workers=1, **counts)
     assert data.num_classes == 19 and data.label_size == (512, 256)
     source = GTA5Dataset(data.source_root, size=data.source_size)
-    assert len(source) == 3 and Image.open(source.items[0][1]).mode == "P"
+    with Image.open(source.items[0][1]) as label:
+        assert len(source) == 3 and label.mode == "P"
     assert source[0]["image"].shape == (3, data.source_size[1], data.source_size[0])
     val = CityscapesDataset(data.target_root, "val", data.target_size, data.label_size)
     assert len(val) == 2 and val[0]["label"].shape == (256, 512)

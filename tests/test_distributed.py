@@ -10,7 +10,7 @@ from advent_fast import distributed as dist_utils
 from advent_fast import train
 from advent_fast.checkpoint import load
 
-from test_train import read_metrics, state_tensors, tiny_data, tiny_overrides, write_prior  # noqa: F401
+from test_train import read_metrics, state_tensors, tiny_overrides, write_prior
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

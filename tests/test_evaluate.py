@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import pathlib
 import shutil
 import threading
 import time
@@ -197,7 +198,7 @@ def make_snapshots(folder, checkpoints):
     shutil.copy(checkpoints["a"], os.path.join(folder, "model_100.pth"))
     shutil.copy(checkpoints["b"], os.path.join(folder, "model_200.pth"))
     torch.save({"0.weight": torch.zeros(1)}, os.path.join(folder, "model_200_D_main.pth"))  # not a snapshot
-    data = open(checkpoints["a"], "rb").read()
+    data = pathlib.Path(checkpoints["a"]).read_bytes()
     with open(os.path.join(folder, "model_300.pth"), "wb") as f:
         f.write(data[: len(data) // 2])  # half-written
 
@@ -241,7 +242,7 @@ def test_unreadable_sweep_cache_is_ignored_and_replaced(val_root, checkpoints, t
     result = cli(val_root, "--sweep", folder)
     assert [s["iteration"] for s in result["snapshots"]] == [100]
     assert "ignoring the unreadable sweep cache" in capsys.readouterr().err
-    stored = json.load(open(cache))
+    stored = json.loads(pathlib.Path(cache).read_text())
     assert list(stored["results"]) == ["model_100.pth"]
     assert not [n for n in os.listdir(folder) if ".tmp" in n]
 

@@ -23,16 +23,6 @@ from advent_fast.trainer import Trainer, TrainingDiverged
 MODES = ("source_only", "minent", "minent_er", "advent", "advent_minent")
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    """Four source, four target-train and two target-val images in the real GTA5/Cityscapes layouts."""
-    from advent_fast.data import ensure_embedded_data
-
-    root = tmp_path_factory.mktemp("embedded")
-    return ensure_embedded_data(str(root), num_source=4, num_target_train=4, num_target_val=2,
-                                workers=1, progress=False)
-
-
 def tiny_overrides(data, mode="advent", *extra):
     """Command-line style overrides: 64x32 images, a 4-channel model, 3 iterations, every log line."""
     return [

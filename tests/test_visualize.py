@@ -1,5 +1,6 @@
 """Panels: palette, entropy colour map, layout, and the command line writing valid PNGs."""
 import os
+import pathlib
 
 import cv2
 import numpy as np
@@ -81,4 +82,4 @@ def test_cli_writes_side_by_side_panels_of_the_expected_size(tmp_path):
     for path in written:
         panel = cv2.imread(path)
         assert panel is not None and panel.shape == (2 * (64 + 10), 3 * 128, 3)
-        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert pathlib.Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
