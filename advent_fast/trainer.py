@@ -595,15 +595,23 @@ class Trainer:
             self.scaler.update()
         return metrics, kept
 
-    def _shared_weight_casts(self):
-        """One autocast weight cache for the step's forwards and backwards: each weight is cast to the
-        autocast dtype once a step, not once a forward (G runs on the source and the target batch, D on
-        both maps). The cache lives while any autocast context is open; this outer one, with autocast
-        off, keeps it open between the forwards (backwards run outside autocast, as before) and drops it
-        before the optimisers change the weights. Not in a captured step, which casts in every replay."""
-        if self.autocast_dtype is None or self.settings.cuda_graph:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=False)
+    def _shared_weight_casts(self) -> contextlib.ExitStack:
+        """Each weight made once a step for the step's forwards and backwards, not once a forward (G runs
+        on the source and the target batch, D on both maps): its autocast cast (the autocast cache lives
+        while any autocast context is open: this outer one, with autocast off, keeps it open between the
+        forwards, whose backwards run outside autocast as before) and a folded frozen BN's scaled weight
+        (:func:`advent_fast.models.shared_scaled_weights`). Both are dropped before the optimisers change
+        the weights. Not in a captured step, which makes them in every replay."""
+        stack = contextlib.ExitStack()
+        if self.settings.cuda_graph:
+            return stack
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=False))
+        if self.settings.fold_frozen_bn:
+            from .models import shared_scaled_weights
+
+            stack.enter_context(shared_scaled_weights())
+        return stack
 
     def _forward_backward(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], keep_logits: bool):
         """Every forward and backward of the step: (the losses by metric name, the kept logits or None)."""

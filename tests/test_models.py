@@ -30,6 +30,7 @@ from advent_fast.models import (
     load_model_state,
     model_from_checkpoint,
     save_checkpoint,
+    shared_scaled_weights,
 )
 
 # sha256 of the "name:d0xd1x..." lines (scalars: "name:") of the release ResNetMulti (C=19).
@@ -627,11 +628,12 @@ def test_fold_frozen_batchnorm_reuses_the_bn_affine_until_a_bn_tensor_changes():
     assert_close_rel(out, ref)
     assert again["rsqrt"] == again["sub"] == 0 and again["mul"] == 7  # the weight times s, per folded conv
     assert again["convolution"] == ref_ops["convolution"] and "native_batch_norm" not in again
-    # Under autocast the cached shift is in bf16: no bias casts beyond the unfolded model's weight casts.
+    # Under autocast the cached shift is in bf16 (no bias casts), and each folded conv's multiply writes
+    # its scaled weight in bf16: 7 casts fewer than the unfolded model, which casts every weight.
     forward_ops(folded, x, autocast=True)
     out, again = forward_ops(folded, x, autocast=True)
     ref, ref_ops = forward_ops(reference, x, autocast=True)
-    assert again["_to_copy"] == ref_ops["_to_copy"] and again["rsqrt"] == 0
+    assert again["_to_copy"] == ref_ops["_to_copy"] - 7 and again["mul"] == 7 and again["rsqrt"] == 0
     assert_close_rel(out.float(), ref.float(), rel=3e-2)
     # Changes of the BN's tensors reach the next forward.
     with torch.no_grad():
@@ -646,6 +648,71 @@ def test_fold_frozen_batchnorm_reuses_the_bn_affine_until_a_bn_tensor_changes():
     assert_close_rel(forward_ops(folded, x)[0], forward_ops(reference, x)[0])
     x64 = x.double()
     assert_close_rel(forward_ops(folded.double(), x64)[0], forward_ops(reference.double(), x64)[0], rel=1e-12)
+
+
+class WeightOps(TorchDispatchMode):
+    """The multiplies and casts of one of ``weights``: what makes a convolution's (scaled, low-precision) weight."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.ptrs = {w.data_ptr() for w in weights}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("mul", "_to_copy") and args[0].data_ptr() in self.ptrs:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def two_passes(model, xs, autocast):
+    """A step's shape: a forward and backward per input, gradients accumulated; (outputs, grads, weight ops)."""
+    model.zero_grad(set_to_none=True)
+    outs = []
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with WeightOps(weights) as ops:
+        for i, x in enumerate(xs):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                aux, main = model(x)
+            g = torch.Generator().manual_seed(i)
+            (aux.float() * torch.randn(aux.shape, generator=g)).sum().backward()
+            outs.append(main.detach())
+    return outs, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, ops.count
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_shared_scaled_weights_are_made_once_for_several_forwards_and_backwards(autocast):
+    """Inside shared_scaled_weights a folded conv scales its weight once for two forwards, each with its
+    own backward: the same outputs and accumulated gradients as scaling in each forward, bit for bit."""
+    folded, reference = folded_small_and_reference()
+    xs = [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)]
+    per_forward = two_passes(folded, xs, autocast)
+    with shared_scaled_weights():
+        shared = two_passes(folded, xs, autocast)
+        with shared_scaled_weights():  # nested: the outer block keeps them
+            pass
+        assert folded.stage1[0]._scaled_weight_cache is not None
+    assert folded.stage1[0]._scaled_weight_cache is None  # dropped on leaving the block
+    unfolded_convs = sum(type(m) is nn.Conv2d for m in folded.modules())  # the heads' convs
+    casts = unfolded_convs * 2 if autocast else 0  # autocast casts them in each forward (no cache here)
+    assert per_forward[2] == 7 * 2 + casts and shared[2] == 7 + casts
+    for a, b in zip(per_forward[0], shared[0]):
+        assert torch.equal(a, b)
+    assert per_forward[1].keys() == shared[1].keys()
+    for k in per_forward[1]:
+        assert torch.equal(per_forward[1][k], shared[1][k]), k
+    if not autocast:  # and the unfolded model's (bf16 rounds the two differently)
+        _, ref_grads, _ = two_passes(reference, xs, autocast)
+        for k in ref_grads:
+            assert_close_rel(shared[1][k], ref_grads[k])
+    # A weight changed in place (an optimiser step) inside the block is scaled again.
+    with shared_scaled_weights():
+        before = folded(xs[0])[1]
+        with torch.no_grad():
+            folded.stage4[1][0].weight.mul_(2.0)
+            reference.stage4[1][0].weight.mul_(2.0)
+        after = folded(xs[0])[1]
+    assert not torch.equal(before, after)
+    assert_close_rel(after.detach(), reference(xs[0])[1].detach())
 
 
 def test_fold_frozen_batchnorm_counts_and_r101_equality():

@@ -517,7 +517,8 @@ def test_bf16_fast_path_tracks_the_fp32_release_step(tiny_data):
 
 
 class ParameterCasts(TorchDispatchMode):
-    """Counts the casts of each of ``params`` (by storage) to another dtype."""
+    """Counts the casts and multiplies of each of ``params`` (by storage): what makes a convolution's
+    low-precision (or folded frozen BN's scaled) weight."""
 
     def __init__(self, params):
         super().__init__()
@@ -525,24 +526,27 @@ class ParameterCasts(TorchDispatchMode):
         self.counts = {name: 0 for name, _ in params}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.names:
+        if func.overloadpacket.__name__ in ("_to_copy", "mul") and args[0].data_ptr() in self.names:
             self.counts[self.names[args[0].data_ptr()]] += 1
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("fast_path", [True, False])
-def test_autocast_casts_each_weight_once_a_step(tiny_data, monkeypatch, fast_path):
+@pytest.mark.parametrize("fast_path, freeze_bn", [(True, False), (False, False), (True, True)])
+def test_autocast_casts_each_weight_once_a_step(tiny_data, monkeypatch, fast_path, freeze_bn):
     """G runs on two batches and D on two maps, each under autocast: every trainable weight is cast to
-    bf16 once a step (the frozen D's forward, whose weights need no gradient, casts its own), and the
-    steps equal those that cast again in every forward."""
+    bf16 (with frozen BN folded on the fast path: scaled into bf16) once a step (the frozen D's forward,
+    whose weights need no gradient, casts its own), and the steps equal those that make the weights
+    again in every forward."""
     batches = fixed_batches(2, seed=3)
-    config = tiny_config(tiny_data, "advent", f"train.fast_path={str(fast_path).lower()}", "train.precision=bf16")
+    config = tiny_config(tiny_data, "advent", f"train.fast_path={str(fast_path).lower()}", "train.precision=bf16",
+                         f"model.freeze_bn={str(freeze_bn).lower()}")
     trainer, shared = run_steps(config, batches)
+    assert trainer.settings.fold_frozen_bn == (fast_path and freeze_bn)
     conv_weights = [(n, p) for n, p in trainer.model.named_parameters() if p.dim() == 4]
     d_weights = [(f"d.{n}", p) for n, p in trainer.discriminators["main"].named_parameters()]
     with ParameterCasts(conv_weights + d_weights) as casts:
         trainer.train_step(*batches[0])
-    assert set(casts.counts.values()) == {2 if name.startswith("d.") else 1 for name, _ in conv_weights + d_weights}
+    assert casts.counts == {name: 2 if name.startswith("d.") else 1 for name, _ in conv_weights + d_weights}
     monkeypatch.setattr(Trainer, "_shared_weight_casts", lambda self: contextlib.nullcontext())
     _, separate = run_steps(config, batches)
     assert shared == separate

@@ -10,6 +10,7 @@ from .deeplabv2 import (
     SegmentationModel,
     build_model,
     fold_frozen_batchnorm,
+    shared_scaled_weights,
 )
 from .discriminator import FCDiscriminator
 from .weights import (
@@ -39,4 +40,5 @@ __all__ = [
     "load_model_state",
     "model_from_checkpoint",
     "save_checkpoint",
+    "shared_scaled_weights",
 ]

@@ -7,7 +7,8 @@ named deviation that keeps BatchNorm in eval mode even under ``model.train()``.
 ``activation_checkpointing = True`` keeps only each backbone block's input for the backward and
 recomputes the block there (same values and gradients, BatchNorm statistics updated once).
 Also here: ``build_model`` (by arch name), ``fold_frozen_batchnorm`` (frozen BatchNorm folded
-into the preceding convolutions, exact, state dict unchanged) and ``ReleaseSGD``, the optimiser
+into the preceding convolutions, exact, state dict unchanged; ``shared_scaled_weights`` reuses the
+folded weights across a step's forwards) and ``ReleaseSGD``, the optimiser
 update that the release's repeated-tensor parameter group implies.
 """
 from __future__ import annotations
@@ -359,18 +360,63 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
         return x
 
 
+class _ScaledWeight(torch.autograd.Function):
+    """``weight * scale`` (one scale per output channel) written in ``dtype`` by one kernel (the product
+    in float32, rounded once, as a multiply then a cast round it); backward: ``grad * scale`` in the
+    weight's dtype, also one kernel. ``scale`` (frozen BN, no gradient) is kept on ctx, not saved for
+    backward, so the node survives a backward pass: the forwards of a training step share one scaled
+    weight (:func:`shared_scaled_weights`), each with its own backward."""
+
+    @staticmethod
+    def forward(ctx, weight, scale, dtype):
+        ctx.scale, ctx.weight_dtype = scale, weight.dtype
+        return torch.mul(weight, scale.reshape(-1, 1, 1, 1), out=torch.empty_like(weight, dtype=dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.mul(grad, ctx.scale.reshape(-1, 1, 1, 1)).to(ctx.weight_dtype), None, None
+
+
+# The folded convs holding a scaled weight for reuse while a shared_scaled_weights block is open (None: no block).
+_scaled_weight_holders: Optional[list] = None
+
+
+@contextlib.contextmanager
+def shared_scaled_weights():
+    """Within the block each folded conv (:func:`fold_frozen_batchnorm`) scales (and, under autocast, casts)
+    its weight once and reuses it in every forward with the same dtype and grad mode: a training step's
+    source and target forwards, each with its own backward, issue half the weight kernels. The weights
+    and BN tensors must not change inside the block without their version counters seeing it (in-place
+    ops on them do; writes through ``.data`` do not): open it around a step's forwards and backwards, not
+    its optimiser step. Leaving it drops the scaled weights."""
+    global _scaled_weight_holders
+    if _scaled_weight_holders is not None:  # nested: the outer block owns the reuse
+        yield
+        return
+    _scaled_weight_holders = []
+    try:
+        yield
+    finally:
+        holders, _scaled_weight_holders = _scaled_weight_holders, None
+        for conv in holders:
+            conv._scaled_weight_cache = None
+
+
 class FoldedConv2d(nn.Conv2d):
     """A Conv2d that also applies the eval-mode BatchNorm following it, in one convolution:
     ``conv(x, w * s) + (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``.
 
     ``weight`` stays the trainable tensor (its gradient flows through the multiply by ``s``). The BN
     is held in a plain attribute, not registered as a child, so the module tree and state dict list
-    it once, under its own name. ``s`` and the BN's shift come from :meth:`frozen_affine`.
+    it once, under its own name. ``s`` and the BN's shift come from :meth:`frozen_affine`, the scaled
+    weight from :meth:`scaled_weight`.
     """
 
     _folded_bn: FoldedBatchNorm2d
     # ((eps, versions), BN tensors, s, shift by dtype) that frozen_affine last computed and may reuse.
     _affine_cache: Optional[tuple] = None
+    # (key, weight, s, scaled weight) that scaled_weight made inside a shared_scaled_weights block.
+    _scaled_weight_cache: Optional[tuple] = None
 
     def frozen_affine(self, shift_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, beta - mean * s), computed in at least fp32 as BatchNorm computes; the shift converted to
@@ -401,21 +447,41 @@ class FoldedConv2d(nn.Conv2d):
             shifts[shift_dtype] = shifts[None].to(shift_dtype)
         return scale, shifts[shift_dtype]
 
+    def scaled_weight(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``weight * scale`` in ``dtype`` (the autocast dtype under autocast: the convolution then casts
+        nothing). Inside :func:`shared_scaled_weights` it is made once and reused while the weight and
+        ``scale`` are the same tensors (the weight at the same version) and the grad mode is the same;
+        not under torch.compile or during CUDA-graph capture, where it is part of the graph."""
+        weight = self.weight
+        if torch.compiler.is_compiling() or (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return (weight * scale.reshape(-1, 1, 1, 1)).to(dtype)
+        holders = _scaled_weight_holders
+        if holders is None:
+            return _ScaledWeight.apply(weight, scale, dtype)
+        key = (weight._version, dtype, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        cache = self._scaled_weight_cache
+        if cache is not None and cache[0] == key and cache[1] is weight and cache[2] is scale:
+            return cache[3]
+        scaled = _ScaledWeight.apply(weight, scale, dtype)
+        if cache is None:
+            holders.append(self)
+        self._scaled_weight_cache = (key, weight, scale, scaled)
+        return scaled
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._folded_bn.training:  # e.g. freeze_bn turned off, or a submodule's train() called directly
             raise RuntimeError("a folded BatchNorm must stay in eval mode; keep freeze_bn=True "
                                "and call train() on the whole model")
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
         if self.bias is None:
             # Under autocast the convolution would cast the bias to the autocast dtype every forward:
             # the cached shift is already in it (the same rounding of the same values).
-            device = x.device.type
-            autocast = torch.is_autocast_enabled(device)
-            scale, shift = self.frozen_affine(torch.get_autocast_dtype(device) if autocast else self.weight.dtype)
+            scale, shift = self.frozen_affine(dtype)
         else:
             scale, shift = self.frozen_affine()
             shift = (shift + self.bias.to(scale.dtype) * scale).to(self.weight.dtype)
-        weight = (self.weight * scale.reshape(-1, 1, 1, 1)).to(self.weight.dtype)
-        return self._conv_forward(x, weight, shift)
+        return self._conv_forward(x, self.scaled_weight(scale, dtype), shift)
 
 
 def _conv_bn_pairs(model: nn.Module) -> Iterator[tuple[nn.Module, nn.Module]]:
