@@ -426,7 +426,10 @@ class FoldedConv2d(nn.Conv2d):
         versions (load_state_dict, in-place writes and ``.to()`` all change one, hence refresh them):
         recomputing them every forward cost five small kernels per convolution, more host time than
         the BatchNorm pass they save. Under torch.compile, during CUDA-graph capture and when a BN
-        tensor requires grad, they are computed in the graph, as part of the forward.
+        tensor requires grad, they are computed in the graph, as part of the forward. Writes that leave
+        the version counters alone are not seen: through ``.data``, and DDP's broadcast of rank 0's
+        buffers before each forward (harmless while BN is frozen: every rank holds rank 0's statistics
+        from the moment DDP wraps the model, and that first sync does count).
         """
         bn = self._folded_bn
         tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
