@@ -651,16 +651,17 @@ def test_fold_frozen_batchnorm_reuses_the_bn_affine_until_a_bn_tensor_changes():
 
 
 class WeightOps(TorchDispatchMode):
-    """The multiplies and casts of one of ``weights``: what makes a convolution's (scaled, low-precision) weight."""
+    """Counts, by name, the multiplies and casts of each of the ``named`` tensors (found by storage): what
+    makes a convolution's low-precision (or a folded frozen BN's scaled) weight."""
 
-    def __init__(self, weights):
+    def __init__(self, named):
         super().__init__()
-        self.ptrs = {w.data_ptr() for w in weights}
-        self.count = 0
+        self.names = {t.data_ptr(): name for name, t in named}
+        self.counts = {name: 0 for name, _ in named}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in ("mul", "_to_copy") and args[0].data_ptr() in self.ptrs:
-            self.count += 1
+        if func.overloadpacket.__name__ in ("mul", "_to_copy") and args[0].data_ptr() in self.names:
+            self.counts[self.names[args[0].data_ptr()]] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -668,7 +669,7 @@ def two_passes(model, xs, autocast):
     """A step's shape: a forward and backward per input, gradients accumulated; (outputs, grads, weight ops)."""
     model.zero_grad(set_to_none=True)
     outs = []
-    weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    weights = [(name, m.weight) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     with WeightOps(weights) as ops:
         for i, x in enumerate(xs):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -676,7 +677,8 @@ def two_passes(model, xs, autocast):
             g = torch.Generator().manual_seed(i)
             (aux.float() * torch.randn(aux.shape, generator=g)).sum().backward()
             outs.append(main.detach())
-    return outs, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, ops.count
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return outs, grads, sum(ops.counts.values())
 
 
 @pytest.mark.parametrize("autocast", [False, True])

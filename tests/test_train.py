@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import advent_fast
 from advent_fast import train
@@ -19,6 +18,8 @@ from advent_fast import trainer as trainer_mod
 from advent_fast.checkpoint import FORMAT, load
 from advent_fast.config import load_config
 from advent_fast.trainer import Trainer, TrainingDiverged
+
+from test_models import WeightOps
 
 MODES = ("source_only", "minent", "minent_er", "advent", "advent_minent")
 
@@ -516,21 +517,6 @@ def test_bf16_fast_path_tracks_the_fp32_release_step(tiny_data):
     assert any(got != pytest.approx(ref, rel=1e-6) for ref, got in zip(release, fast))
 
 
-class ParameterCasts(TorchDispatchMode):
-    """Counts the casts and multiplies of each of ``params`` (by storage): what makes a convolution's
-    low-precision (or folded frozen BN's scaled) weight."""
-
-    def __init__(self, params):
-        super().__init__()
-        self.names = {p.data_ptr(): name for name, p in params}
-        self.counts = {name: 0 for name, _ in params}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in ("_to_copy", "mul") and args[0].data_ptr() in self.names:
-            self.counts[self.names[args[0].data_ptr()]] += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("fast_path, freeze_bn", [(True, False), (False, False), (True, True)])
 def test_autocast_casts_each_weight_once_a_step(tiny_data, monkeypatch, fast_path, freeze_bn):
     """G runs on two batches and D on two maps, each under autocast: every trainable weight is cast to
@@ -544,7 +530,7 @@ def test_autocast_casts_each_weight_once_a_step(tiny_data, monkeypatch, fast_pat
     assert trainer.settings.fold_frozen_bn == (fast_path and freeze_bn)
     conv_weights = [(n, p) for n, p in trainer.model.named_parameters() if p.dim() == 4]
     d_weights = [(f"d.{n}", p) for n, p in trainer.discriminators["main"].named_parameters()]
-    with ParameterCasts(conv_weights + d_weights) as casts:
+    with WeightOps(conv_weights + d_weights) as casts:
         trainer.train_step(*batches[0])
     assert casts.counts == {name: 2 if name.startswith("d.") else 1 for name, _ in conv_weights + d_weights}
     monkeypatch.setattr(Trainer, "_shared_weight_casts", lambda self: contextlib.nullcontext())

@@ -377,6 +377,12 @@ class _ScaledWeight(torch.autograd.Function):
         return torch.mul(grad, ctx.scale.reshape(-1, 1, 1, 1)).to(ctx.weight_dtype), None, None
 
 
+def _in_graph(tensor: torch.Tensor) -> bool:
+    """Whether this forward is traced by torch.compile or captured into a CUDA graph (``tensor`` tells the
+    device): what a folded conv would reuse from an earlier forward is then computed in the graph."""
+    return torch.compiler.is_compiling() or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 # The folded convs holding a scaled weight for reuse while a shared_scaled_weights block is open (None: no block).
 _scaled_weight_holders: Optional[list] = None
 
@@ -434,8 +440,7 @@ class FoldedConv2d(nn.Conv2d):
         bn = self._folded_bn
         tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
         versions = tuple(t._version for t in tensors)
-        cacheable = not (torch.compiler.is_compiling() or any(t.requires_grad for t in tensors)
-                         or (bn.running_var.is_cuda and torch.cuda.is_current_stream_capturing()))
+        cacheable = not (_in_graph(bn.running_var) or any(t.requires_grad for t in tensors))
         cache = self._affine_cache
         if not (cacheable and cache is not None and cache[0] == (bn.eps, versions)
                 and all(a is b for a, b in zip(cache[1], tensors))):
@@ -456,7 +461,7 @@ class FoldedConv2d(nn.Conv2d):
         ``scale`` are the same tensors (the weight at the same version) and the grad mode is the same;
         not under torch.compile or during CUDA-graph capture, where it is part of the graph."""
         weight = self.weight
-        if torch.compiler.is_compiling() or (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if _in_graph(weight):
             return (weight * scale.reshape(-1, 1, 1, 1)).to(dtype)
         holders = _scaled_weight_holders
         if holders is None:
