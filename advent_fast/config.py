@@ -92,7 +92,9 @@ class TrainConfig:
     compile: str = "none"  # torch.compile of G and D: none | default | max-autotune-no-cudagraphs | reduce-overhead
     # The whole step (both G passes, both D, the optimisers) replayed as one CUDA graph after a few
     # eager steps: needs the fast path on one CUDA device, fp32 or bf16, and no reduce-overhead.
-    cuda_graph: bool = False
+    # null: on where it can be (and torch.compile is off), falling back to eager steps with a warning
+    # if the capture fails or a batch changes shape; true: required, such a failure is an error.
+    cuda_graph: Optional[bool] = None
     # Keep only each backbone block's input for the backward and recompute the block there: a
     # fraction of the activation memory for about one more backbone forward per step. Exact.
     activation_checkpointing: bool = False
@@ -323,7 +325,7 @@ def validate(config: Config) -> None:
     if m.param_groups == "release" and m.arch != "deeplabv2_r101":
         raise ConfigError(f"config key 'model.param_groups' must be clean for {m.arch} "
                           f"(the release grouping is a quirk of the release's ResNet-101 code)")
-    if t.cuda_graph and (t.fast_path is False or t.precision == "fp16" or t.compile == "reduce-overhead"):
+    if t.cuda_graph is True and (t.fast_path is False or t.precision == "fp16" or t.compile == "reduce-overhead"):
         raise ConfigError("config key 'train.cuda_graph' needs train.fast_path (true or null), train.precision "
                           "other than fp16 (the gradient scaler decides on the host) and train.compile other "
                           f"than reduce-overhead (got fast_path {t.fast_path}, precision {t.precision}, "

@@ -9,6 +9,7 @@ copied into the tensors the graph was captured with.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -22,25 +23,46 @@ class CapturedStep:
     the next call, and replays the graph from then on. Warm-up and capture run on one side stream, as
     capture requires: libraries that keep per-stream state (cuBLAS workspaces) set it up during warm-up.
     Every call is a real training step. ``step`` returns tensors only (nested in tuples, or None);
-    the graph returns the same tensor objects at every replay, overwritten in place."""
+    the graph returns the same tensor objects at every replay, overwritten in place.
 
-    def __init__(self, step: Callable, device: torch.device):
+    ``fallback``: a failed capture warns and every later call is an eager step; a batch of another
+    shape than the captured one warns and is an eager step. Otherwise both raise."""
+
+    def __init__(self, step: Callable, device: torch.device, fallback: bool = False):
         self.step = step
         self.device = device
+        self.fallback = fallback
         self.warmup_left = WARMUP_STEPS
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.failed_graph: Optional[torch.cuda.CUDAGraph] = None  # kept: see _capture
         self.stream: Optional[torch.cuda.Stream] = None
         self.inputs: tuple = ()
         self.outputs: Any = None
+        self.pool_bytes = 0  # device memory the graph's private pool reserved at capture
+        self.warned_shapes = False
+
+    @property
+    def eager(self) -> bool:
+        """Every call is an eager step (the capture failed)."""
+        return self.failed_graph is not None
 
     def __call__(self, source: Dict[str, Any], target: Optional[Dict[str, Any]]):
-        if self.graph is None and self.warmup_left > 0:
-            self.warmup_left -= 1
+        if self.eager or (self.graph is None and self.warmup_left > 0):
+            self.warmup_left = max(self.warmup_left - 1, 0)
             return self._eager_on_side_stream(source, target)
-        if self.graph is None:
-            self._capture(source, target)
-        for static, batch, stream in zip(self.inputs, (source, target), ("source", "target")):
-            _copy_batch(static, batch, stream)
+        if self.graph is None and not self._capture(source, target):
+            return self._eager_on_side_stream(source, target)
+        mismatch = _shape_mismatch(self.inputs, (source, target))
+        if mismatch is not None:
+            if not self.fallback:
+                raise ValueError(f"train.cuda_graph replays fixed shapes: {mismatch}")
+            if not self.warned_shapes:
+                warnings.warn(f"train.cuda_graph: {mismatch}; such steps run eagerly", stacklevel=3)
+                self.warned_shapes = True
+            return self._eager_on_side_stream(source, target)
+        for static, batch in zip(self.inputs, (source, target)):
+            for key, tensor in (static or {}).items():
+                tensor.copy_(batch[key], non_blocking=True)
         self.graph.replay()
         return self.outputs
 
@@ -56,16 +78,33 @@ class CapturedStep:
             tensor.record_stream(main)
         return outputs
 
-    def _capture(self, source, target) -> None:
+    def _capture(self, source, target) -> bool:
+        """Captures the step on this call's batches (the call's step happens at the first replay);
+        False if the capture failed and ``fallback`` lets training go on eagerly."""
         self.inputs = (_static_copy(source), _static_copy(target))
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
         try:
             # thread_local: the data loader's pin-memory thread may call CUDA while this thread captures.
-            with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 self.outputs = self.step(*self.inputs)
         except Exception as exc:
-            raise RuntimeError(f"train.cuda_graph: capturing the training step failed ({type(exc).__name__}: "
-                               f"{exc}); train without it (--no-cuda-graph)") from exc
+            torch.cuda.set_stream(current)  # a failed capture_end leaves the capture stream current
+            self.inputs, self.outputs = (), None
+            if not self.fallback:
+                raise RuntimeError(f"train.cuda_graph: capturing the training step failed "
+                                   f"({type(exc).__name__}: {exc}); train without it (--no-cuda-graph)") from exc
+            # Kept alive: a capture_end that fails leaves the allocator's capture filter in place,
+            # which refers to the graph object. Nothing ran during the capture: the step is redone eagerly.
+            self.failed_graph = graph
+            self.stream = None  # a fresh side stream for the eager steps
+            warnings.warn(f"train.cuda_graph: capturing the training step failed ({type(exc).__name__}: {exc}); "
+                          "training on with eager steps (--no-cuda-graph skips the attempt)", stacklevel=3)
+            return False
+        self.graph = graph
+        self.pool_bytes = torch.cuda.memory_reserved(self.device) - reserved
+        return True
 
 
 def _static_copy(batch: Optional[Dict[str, Any]]) -> Optional[Dict[str, torch.Tensor]]:
@@ -74,15 +113,16 @@ def _static_copy(batch: Optional[Dict[str, Any]]) -> Optional[Dict[str, torch.Te
     return {k: batch[k].clone() for k in INPUT_KEYS if k in batch}
 
 
-def _copy_batch(static: Optional[Dict[str, torch.Tensor]], batch: Optional[Dict[str, Any]], stream: str) -> None:
-    if (static is None) != (batch is None):
-        raise ValueError(f"train.cuda_graph: the step was captured {'without' if static is None else 'with'} "
-                         f"a {stream} batch")
-    for key, tensor in (static or {}).items():
-        if batch[key].shape != tensor.shape:
-            raise ValueError(f"train.cuda_graph replays fixed shapes: the {stream} {key} has shape "
-                             f"{tuple(batch[key].shape)}, the captured one {tuple(tensor.shape)}")
-        tensor.copy_(batch[key], non_blocking=True)
+def _shape_mismatch(statics: tuple, batches: tuple) -> Optional[str]:
+    """How the batches differ from the captured ones, or None."""
+    for static, batch, stream in zip(statics, batches, ("source", "target")):
+        if (static is None) != (batch is None):
+            return f"the step was captured {'without' if static is None else 'with'} a {stream} batch"
+        for key, tensor in (static or {}).items():
+            if batch[key].shape != tensor.shape:
+                return (f"the {stream} {key} has shape {tuple(batch[key].shape)}, the captured one "
+                        f"{tuple(tensor.shape)}")
+    return None
 
 
 def _tensors(outputs):

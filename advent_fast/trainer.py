@@ -87,10 +87,13 @@ class StepSettings:
     # gradient scaler decides on the host).
     sync_free: bool
     cuda_graph: bool  # the whole step replayed as one CUDA graph (advent_fast.cuda_graph)
+    # train.cuda_graph null: a failed capture or a new batch shape falls back to eager steps (true: an error)
+    cuda_graph_fallback: bool
     activation_checkpointing: bool  # backbone blocks recomputed in the backward (memory for compute)
 
     @classmethod
-    def resolve(cls, config: Config, device: torch.device) -> "StepSettings":
+    def resolve(cls, config: Config, device: torch.device, distributed: bool = False) -> "StepSettings":
+        """``distributed``: the run has several processes (no whole-step CUDA graph)."""
         t = config.train
         fast = device.type == "cuda" if t.fast_path is None else t.fast_path
         precision = t.precision
@@ -99,6 +102,14 @@ class StepSettings:
         if t.cuda_graph and (device.type != "cuda" or not fast):
             raise ValueError(f"train.cuda_graph needs a CUDA device and the fast path (this run: device "
                              f"{device.type}, fast path {'on' if fast else 'off'})")
+        if t.cuda_graph and distributed:
+            raise ValueError("train.cuda_graph captures a single-process step; it is not supported with "
+                             "several processes")
+        # null: the graph wherever it can be. The config has refused true with fp16 (its gradient
+        # scaler decides on the host) and with compile: reduce-overhead (CUDA graphs of its own); a
+        # compiled G and D inside the graph is left to an explicit true.
+        cuda_graph = t.cuda_graph if t.cuda_graph is not None else (
+            device.type == "cuda" and fast and not distributed and precision != "fp16" and t.compile == "none")
         return cls(
             fast_path=fast,
             precision=precision,
@@ -108,7 +119,8 @@ class StepSettings:
             compile=t.compile,
             loss_backend=advent_fast.get_backend(device),
             sync_free=fast and precision != "fp16",
-            cuda_graph=t.cuda_graph,
+            cuda_graph=cuda_graph,
+            cuda_graph_fallback=t.cuda_graph is None,
             activation_checkpointing=t.activation_checkpointing,
         )
 
@@ -412,7 +424,7 @@ class Trainer:
         self.config = config
         self.ctx = ctx or dist_utils.DistContext()
         self.device = self.ctx.device
-        self.settings = StepSettings.resolve(config, self.device)
+        self.settings = StepSettings.resolve(config, self.device, distributed=self.ctx.distributed)
         t = config.train
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = t.cudnn_benchmark
@@ -469,12 +481,10 @@ class Trainer:
         self.metric_names = self._metric_names()
         self.captured = None
         if self.settings.cuda_graph:
-            if self.ctx.distributed:
-                raise ValueError("train.cuda_graph captures a single-process step; it is not supported "
-                                 f"with {self.ctx.world_size} processes")
             from .cuda_graph import CapturedStep
 
-            self.captured = CapturedStep(lambda s, t: self._step(s, t, keep_logits=True), self.device)
+            self.captured = CapturedStep(lambda s, t: self._step(s, t, keep_logits=True), self.device,
+                                         fallback=self.settings.cuda_graph_fallback)
 
         self.run_dir = run_dir
         self._tb = None

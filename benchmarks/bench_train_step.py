@@ -12,25 +12,30 @@ the clock stops when the device has finished the last one. Columns: ms per step 
 timed steps), host ms (the time the host spends in each ``step_async`` call: as long as the step
 where the host waits for the device, as the release path's loss reads do, or where issuing the
 kernels is the bottleneck; much shorter where the device is), images per second (source + target),
-peak memory, and on GPUs the GPU's busy ms per step (the union of the kernels' and copies' time
-spans from the profiler over a few steps) and that as a fraction of ms per step (timed without the
-profiler, which slows the host), and the kernels and copies per step (each one issued by the host:
-host ms / kernels is what one costs it). On every device, ops/step: the aten ops one step dispatches
-that compute (views, detaches and allocations left out), counted over one more step: what the host
-issues in an eager step (a fused op counts once, whatever its launches; a replayed CUDA graph counts 0;
-compiled steps are not counted). Rows are printed (and the JSON written) as each variant finishes.
-``--track N`` trains the release fp32 step and the ``--track-variants`` (default: the fast path, and
-the fast path in fp32) from the same initial weights for N iterations on the same inputs and reports
-how far their losses stray from the fp32 release step's: tiny rounding differences grow as G and D
-train, so fast_fp32 shows how much of the bf16 fast path's difference is bf16's.
+peak memory (of a captured step: what it allocates outside its graph plus what the graph's pool
+reserved at capture, an upper bound), and on GPUs the GPU's busy ms per step (the union of the
+kernels' and copies' time spans from the profiler over a few steps) and that as a fraction of ms per
+step (timed without the profiler, which slows the host), and the kernels and copies per step (each
+one issued by the host: host ms / kernels is what one costs it). On every device, ops/step: the aten
+ops one step dispatches that compute (views, detaches and allocations left out), counted over one
+more step: what the host issues in an eager step (a fused op counts once, whatever its launches; a
+replayed CUDA graph counts 0; compiled steps are not counted). Rows are printed (and the JSON
+written) as each variant finishes.
+``--track N`` trains the release fp32 step and the ``--track-variants`` (default: the release fp32
+step again, the fast path, and the fast path in fp32) from the same initial weights for N iterations
+on the same inputs and reports how far their losses stray from the first release run's: tiny rounding
+differences grow as G and D train. The second release run shows how far the release step strays from
+itself (on a GPU, cuDNN's algorithm choice and atomic adds differ from run to run), and fast_fp32 how
+much of the bf16 fast path's difference is bf16's.
 
 Variants (``--variants``):
   release_fp32   train.fast_path=false, fp32, naive release-style losses on upsampled logits
   release_bf16   the same with bf16 autocast and channels_last
-  fast           train.fast_path=true (bf16 + channels_last on GPUs, fused upsample+losses, fused optimisers)
+  fast           train.fast_path=true, the default on GPUs (bf16 + channels_last, fused upsample+losses, fused
+                 optimisers; on one GPU the whole step replayed as one CUDA graph, train.cuda_graph null)
+  fast_eager     the fast path without the CUDA graph (train.cuda_graph=false): every kernel issued by the host
   fast_fp32      the fast path in fp32 (with --track: separates the effect of bf16 from that of the rest)
-  fast_compile   the fast path with torch.compile of G and D (train.compile=default)
-  fast_graph     the fast path with the whole step replayed as one CUDA graph (train.cuda_graph; CUDA only)
+  fast_compile   the fast path with torch.compile of G and D (train.compile=default; no CUDA graph)
   fast_cudagraph the fast path with torch.compile(mode="reduce-overhead") (CUDA graphs of G and D)
   fast_compile_graph the fast path with torch.compile of G and D inside the whole-step CUDA graph (CUDA only)
   fast_frozen_bn the fast path with model.freeze_bn=true (BatchNorm folded into the convolutions; a
@@ -63,16 +68,16 @@ VARIANTS = {
     "release_bf16": ["train.fast_path=false", "train.precision=bf16", "train.channels_last=true",
                      "train.target_losses=reference"],
     "fast": ["train.fast_path=true"],
+    "fast_eager": ["train.fast_path=true", "train.cuda_graph=false"],
     "fast_fp32": ["train.fast_path=true", "train.precision=fp32"],
     "fast_compile": ["train.fast_path=true", "train.compile=default"],
-    "fast_graph": ["train.fast_path=true", "train.cuda_graph=true"],
     "fast_cudagraph": ["train.fast_path=true", "train.compile=reduce-overhead"],
     "fast_compile_graph": ["train.fast_path=true", "train.compile=default", "train.cuda_graph=true"],
     "fast_frozen_bn": ["train.fast_path=true", "model.freeze_bn=true"],
     "fast_checkpointed": ["train.fast_path=true", "train.activation_checkpointing=true"],
 }
-QUICK_VARIANTS = ["release_fp32", "release_bf16", "fast", "fast_frozen_bn", "fast_graph"]
-CUDA_ONLY = {"fast_graph", "fast_compile_graph"}
+QUICK_VARIANTS = ["release_fp32", "release_bf16", "fast", "fast_eager", "fast_frozen_bn"]
+CUDA_ONLY = {"fast_compile_graph"}
 
 
 class RandomScenes(Dataset):
@@ -109,9 +114,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 8 GPU / 2 CPU)")
     p.add_argument("--track", type=int, default=0, metavar="N",
                    help="also train release_fp32 and the --track-variants for N iterations and compare their losses")
-    p.add_argument("--track-variants", nargs="+", default=["fast", "fast_fp32"], choices=list(VARIANTS))
+    p.add_argument("--track-variants", nargs="+", default=["release_fp32", "fast", "fast_fp32"],
+                   choices=list(VARIANTS))
     p.add_argument("--host-profile", type=int, default=0, metavar="K",
                    help="also profile one step of each variant on the host: its K most expensive ops")
+    p.add_argument("--gpu-profile", type=int, default=0, metavar="K",
+                   help="also list each variant's K kernels with the most device time per step (GPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="fewer steps and variants")
     p.add_argument("--json", default="bench_train_step.json", help="where to write the results")
@@ -184,11 +192,12 @@ def covered_length(intervals) -> float:
     return total
 
 
-def gpu_activity(step, steps: int) -> tuple[float, float]:
-    """(busy ms, kernels) per step, from the profiler over ``steps`` steps: the time with at least one kernel
-    or copy running on the GPU (divided by the unprofiled ms/step for the busy fraction: profiling slows
-    the host, not the GPU), and how many kernels and copies ran (the host issues each of them: with host
-    ms, what one costs the host)."""
+def gpu_activity(step, steps: int, top: int = 0) -> tuple[float, float, list]:
+    """(busy ms, kernels, top kernels) per step, from the profiler over ``steps`` steps: the time with at
+    least one kernel or copy running on the GPU (divided by the unprofiled ms/step for the busy fraction:
+    profiling slows the host, not the GPU), how many kernels and copies ran (the host issues each of
+    them: with host ms, what one costs the host), and the ``top`` kernels by device time
+    (:func:`kernel_totals`)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -197,10 +206,23 @@ def gpu_activity(step, steps: int) -> tuple[float, float]:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    spans = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == DeviceType.CUDA]
     if not spans:  # CUPTI may not report the kernels of replayed CUDA graphs: no figure beats 0%
         raise RuntimeError("the profiler saw no GPU activity")
-    return covered_length(spans) / 1e3 / steps, len(spans) / steps
+    busy_ms = covered_length([(start, end) for _, start, end in spans]) / 1e3 / steps
+    return busy_ms, len(spans) / steps, kernel_totals(spans, steps, top)
+
+
+def kernel_totals(spans, steps: int, top: int) -> list:
+    """The ``top`` kernels (or copies) by device time among ``spans`` ((name, start us, end us) over
+    ``steps`` steps): per step, their ms and launches, each name cut to 100 characters."""
+    totals: dict = {}
+    for name, start, end in spans:
+        ms, calls = totals.get(name, (0.0, 0))
+        totals[name] = (ms + (end - start) / 1e3, calls + 1)
+    ranked = sorted(totals.items(), key=lambda item: item[1][0], reverse=True)[:top]
+    return [{"kernel": name[:100], "ms": ms / steps, "calls": calls / steps} for name, (ms, calls) in ranked]
 
 
 # aten ops that launch no kernel on any device: views of a tensor's metadata, and allocations
@@ -287,9 +309,12 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
     if args.host_profile:
         row["host_profile"] = host_profile(step, device, args.host_profile)
     if device.type == "cuda":
-        row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        pool = trainer.captured.pool_bytes if trainer.captured is not None else 0
+        row["peak_mib"] = (torch.cuda.max_memory_allocated() + pool) / 2**20
         try:  # the profiler is a measurement aid: its failure must not cost the timings
-            row["gpu_ms"], row["kernels_per_step"] = gpu_activity(step, min(steps, 5))
+            row["gpu_ms"], row["kernels_per_step"], top = gpu_activity(step, min(steps, 5), args.gpu_profile)
+            if args.gpu_profile:
+                row["gpu_profile"] = top
             row["gpu_busy"] = row["gpu_ms"] / ms
         except Exception as exc:
             print(f"{variant}/{mode}: GPU busy time not measured: {exc!r}", file=sys.stderr)
@@ -400,6 +425,18 @@ def main(argv=None):
                 lead = (f"| {r['mode']} | {r['variant']} | {r['host_ms']:.1f} | {prof['ops_self_ms']:.1f} |" if i == 0
                         else "| | | | |")
                 print(f"{lead} {op['op']} | {op['calls']} | {op['self_ms']:.2f} |")
+    profiled = [r for r in rows if r.get("gpu_profile")]
+    if profiled:
+        print()
+        print("Device time of one step by kernel (the profiler's CUDA side; share: of the GPU busy ms):")
+        print()
+        print("| mode | variant | GPU ms | kernel | launches | ms | share |")
+        print("|---|---|---|---|---|---|---|")
+        for r in profiled:
+            for i, k in enumerate(r["gpu_profile"]):
+                lead = f"| {r['mode']} | {r['variant']} | {r['gpu_ms']:.1f} |" if i == 0 else "| | | |"
+                name = k["kernel"].replace("|", "/")
+                print(f"{lead} `{name}` | {k['calls']:.0f} | {k['ms']:.2f} | {k['ms'] / r['gpu_ms']:.0%} |")
     if args.track:
         print()
         print(f"Losses against release_fp32 over {args.track} iterations on the same inputs and initial "

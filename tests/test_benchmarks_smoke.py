@@ -91,9 +91,10 @@ def test_bench_train_step(tmp_path):
     assert 0 < fast["ops_per_step"] < release["ops_per_step"]  # fused losses and optimisers: fewer ops to issue
     tracked = {(r["variant"], r["loss"]): r for r in result["track"]}
     losses = {"seg_main", "seg_aux", "adv_main", "adv_aux", "d_main", "d_aux"}
-    assert set(tracked) == {(v, loss) for v in ("fast", "fast_fp32") for loss in losses}
-    # On a CPU the fast path runs in fp32: the losses agree to float rounding.
+    assert set(tracked) == {(v, loss) for v in ("release_fp32", "fast", "fast_fp32") for loss in losses}
+    # On a CPU the fast path runs in fp32: the losses agree to float rounding; the release step with itself exactly.
     assert max(r["max_rel_diff"] for r in tracked.values()) < 1e-4
+    assert all(r["max_rel_diff"] == 0 for (variant, _), r in tracked.items() if variant == "release_fp32")
 
 
 def test_bench_train_step_tracks_losses_without_timing_when_given_no_variants(tmp_path):
@@ -137,6 +138,17 @@ def test_gpu_busy_counts_overlapping_kernels_once(monkeypatch):
     # a copy on its own stream overlapping two kernels, a nested kernel, a gap, then a touching one
     assert covered_length([(5, 9), (0, 4), (3, 6), (1, 2), (12, 14), (14, 15)]) == 9 + 3
     assert covered_length([]) == 0
+
+
+def test_gpu_profile_ranks_kernels_by_device_time_per_step(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from bench_train_step import kernel_totals
+
+    spans = [("conv", 0, 3000), ("relu", 3000, 3500), ("conv", 4000, 6000), ("bn", 6000, 7000), ("x" * 120, 0, 1)]
+    assert kernel_totals(spans, 2, 2) == [{"kernel": "conv", "ms": 2.5, "calls": 1.0},
+                                         {"kernel": "bn", "ms": 0.5, "calls": 0.5}]
+    assert kernel_totals(spans, 1, 9)[-1] == {"kernel": "x" * 100, "ms": 0.001, "calls": 1.0}
+    assert kernel_totals(spans, 1, 0) == []
 
 
 def test_kernel_resources_sees_the_spills_of_an_oversized_tile(tmp_path):

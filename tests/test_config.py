@@ -126,9 +126,11 @@ def test_cli_errors_name_the_key(capsys):
     assert train.main(["--no-fast-path", "--no-channels-last", "--compile", "default", "--print-config"]) == 0
     printed = parse_yaml(capsys.readouterr().out)["train"]
     assert (printed["fast_path"], printed["channels_last"], printed["compile"]) == (False, False, "default")
-    assert printed["cuda_graph"] is False
+    assert printed["cuda_graph"] is None  # wherever it can be
     assert train.main(["--cuda-graph", "--print-config"]) == 0
     assert parse_yaml(capsys.readouterr().out)["train"]["cuda_graph"] is True
+    assert train.main(["--no-cuda-graph", "--print-config"]) == 0
+    assert parse_yaml(capsys.readouterr().out)["train"]["cuda_graph"] is False
     assert printed["activation_checkpointing"] is False
     assert train.main(["--activation-checkpointing", "--print-config"]) == 0
     assert parse_yaml(capsys.readouterr().out)["train"]["activation_checkpointing"] is True

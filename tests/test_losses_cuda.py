@@ -81,7 +81,9 @@ def test_no_host_sync_and_graph_capture():
     def step():
         res = af.target_losses(x, self_information=True, entropy=True, top_k=0.3, prior=prior)
         (res.self_information.mean() + res.entropy_loss + res.class_prior_loss).backward()
-        return res.entropy_loss
+        # Detached: a result holding the autograd graph keeps x's AccumulateGrad node alive, with the
+        # stream it was made on (the default one), and capture fails when the backward syncs with it.
+        return res.entropy_loss.detach()
 
     step()  # compile the kernels outside the checks
     x.grad = None
@@ -100,7 +102,7 @@ def test_no_host_sync_and_graph_capture():
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     x.grad.zero_()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         captured = step()
     x.grad.zero_()
     graph.replay()

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -439,9 +440,30 @@ def test_step_settings_resolve_per_device():
     fp16 = load_config("embedded", ["train.precision=fp16"])
     assert not trainer_mod.StepSettings.resolve(fp16, torch.device("cuda")).sync_free  # its scaler decides on the host
     graph = load_config("embedded", ["train.cuda_graph=true"])
-    assert trainer_mod.StepSettings.resolve(graph, torch.device("cuda")).cuda_graph
+    required = trainer_mod.StepSettings.resolve(graph, torch.device("cuda"))
+    assert required.cuda_graph and not required.cuda_graph_fallback
     with pytest.raises(ValueError, match="train.cuda_graph needs a CUDA device"):
         trainer_mod.StepSettings.resolve(graph, torch.device("cpu"))
+    with pytest.raises(ValueError, match="single-process"):
+        trainer_mod.StepSettings.resolve(graph, torch.device("cuda"), distributed=True)
+
+
+@pytest.mark.parametrize("overrides, device, distributed, expected", [
+    ((), "cuda", False, True),  # the default on one GPU: the whole step as one CUDA graph
+    ((), "cpu", False, False),
+    ((), "cuda", True, False),  # DDP's all-reduces: eager steps
+    (("train.fast_path=false",), "cuda", False, False),
+    (("train.precision=fp16",), "cuda", False, False),  # its gradient scaler decides on the host
+    (("train.precision=fp32", "model.freeze_bn=true", "train.activation_checkpointing=true"), "cuda", False, True),
+    (("train.compile=default",), "cuda", False, False),
+    (("train.compile=reduce-overhead",), "cuda", False, False),
+    (("train.cuda_graph=false",), "cuda", False, False),
+])
+def test_cuda_graph_default_wherever_it_can_be(overrides, device, distributed, expected):
+    config = load_config("embedded", list(overrides))
+    settings = trainer_mod.StepSettings.resolve(config, torch.device(device), distributed=distributed)
+    assert settings.cuda_graph is expected
+    assert settings.cuda_graph_fallback is (config.train.cuda_graph is None)
 
 
 def run_steps(config, batches):
@@ -826,6 +848,7 @@ def cuda_batches(trainer, steps, seed=0):
     ("advent_minent", ("train.class_prior=PRIOR",)),
     ("minent_er", ()),
     ("advent", ("train.activation_checkpointing=true",)),  # recomputation inside the captured backward
+    ("advent", ("model.freeze_bn=true",)),  # the folded BN's affine and scaled weights made in every replay
 ])
 def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, monkeypatch, mode, extra):
     """3 eager warm-up steps, the capture, replays: same losses and weights as the eager fast path,
@@ -878,6 +901,75 @@ def test_cuda_graph_skips_a_nonfinite_replay_and_keeps_training(tiny_data):
     assert any(not torch.equal(value, weights[name]) for name, value in params.items())
     with pytest.raises(ValueError, match="fixed shapes"):
         trainer.train_step(source, {"image": target["image"][..., :32]})
+
+
+def warned(caught, text: str) -> int:
+    return len([w for w in caught if text in str(w.message)])
+
+
+@cuda_only
+def test_cuda_graph_by_default_runs_a_batch_of_another_shape_eagerly(tiny_data):
+    """train.cuda_graph null: a batch that does not fit the captured step trains eagerly, with one
+    warning, and the replays go on for the batches that fit."""
+    from advent_fast.cuda_graph import WARMUP_STEPS
+
+    trainer = cuda_trainer(tiny_config(tiny_data, "advent", "train.fast_path=true"))
+    assert trainer.config.train.cuda_graph is None and trainer.captured.fallback
+    batches = cuda_batches(trainer, WARMUP_STEPS + 3)
+    for source, target in batches[:WARMUP_STEPS + 1]:
+        assert trainer.train_step(source, target)[0]
+    graph = trainer.captured.graph
+    assert graph is not None and trainer.captured.pool_bytes > 0
+    params = dict(trainer.model.named_parameters())
+    source, target = batches[WARMUP_STEPS + 1]
+    for warnings_expected in (1, 0):
+        weights = {k: v.detach().clone() for k, v in params.items()}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            finite, metrics, _ = trainer.train_step(source, {"image": target["image"][..., :32]})
+        assert warned(caught, "such steps run eagerly") == warnings_expected
+        assert finite and all(math.isfinite(v) for v in metrics.values())
+        assert any(not torch.equal(value, weights[name]) for name, value in params.items())
+    weights = {k: v.detach().clone() for k, v in params.items()}
+    assert trainer.train_step(*batches[WARMUP_STEPS + 2])[0]
+    assert trainer.captured.graph is graph
+    assert any(not torch.equal(value, weights[name]) for name, value in params.items())
+
+
+@cuda_only
+@pytest.mark.parametrize("setting", ["null", "true"])
+def test_cuda_graph_capture_failure(tiny_data, monkeypatch, setting):
+    """A capture that fails (here: the step waits for the device) is an error with train.cuda_graph:
+    true; with null, one warning, and that step and the later ones train eagerly, as with
+    train.cuda_graph: false."""
+    from advent_fast.cuda_graph import WARMUP_STEPS
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    common = ("train.fast_path=true", "train.precision=fp32", "train.cudnn_benchmark=false", "train.lr=1e-2")
+    eager = cuda_trainer(tiny_config(tiny_data, "advent", *common, "train.cuda_graph=false"))
+    trainer = cuda_trainer(tiny_config(tiny_data, "advent", *common, f"train.cuda_graph={setting}"))
+    step = trainer.captured.step
+
+    def waits_for_the_device(source, target):
+        torch.cuda.synchronize()  # not allowed while capturing
+        return step(source, target)
+
+    trainer.captured.step = waits_for_the_device
+    for i, batch in enumerate(fixed_batches(WARMUP_STEPS + 3, 0)):
+        ref = eager.train_step(*[trainer_mod.to_device(b, eager.device, True) for b in batch])
+        on_device = [trainer_mod.to_device(b, trainer.device, True) for b in batch]
+        if i == WARMUP_STEPS and setting == "true":
+            with pytest.raises(RuntimeError, match="capturing the training step failed"):
+                trainer.train_step(*on_device)
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = trainer.train_step(*on_device)
+        assert warned(caught, "capturing the training step failed") == (i == WARMUP_STEPS)
+        assert got[1] == pytest.approx(ref[1], rel=1e-4, abs=1e-6)
+        eager.iteration += 1
+        trainer.iteration += 1
+    assert trainer.captured.eager and trainer.captured.graph is None
 
 
 @cuda_only
