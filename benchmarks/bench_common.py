@@ -159,8 +159,8 @@ def write_results(path: str, payload: dict, announce: bool = True) -> None:
 
 
 # The kernels' launch parameters are module constants that their launchers read at call time.
-KERNEL_MODULES = ("softmax_entropy", "entropy_ranking", "bilinear", "target_forward", "target_backward",
-                  "upsampled_cross_entropy", "upsampled_target")
+KERNEL_MODULES = ("softmax_entropy", "entropy_ranking", "bilinear", "class_loop", "target_forward",
+                  "target_backward", "upsampled_cross_entropy", "upsampled_target")
 
 
 def kernel_modules(package: str = "advent_fast.kernels"):

@@ -125,6 +125,14 @@ def launch_every_variant(case: dict):
         target_forward(x, prior, 1, 0.5, False, True, True, True)
         target_backward(x, grad_info, emap, scalar, scalar, None, None, cmean, prior, 0.5)
         target_backward(x, None, None, scalar, None, keep, per_image, None, None, 0.5)
+        target_backward(x, None, None, scalar, None, None, None, None, None, 0.5)  # MinEnt alone
+
+    # MinEnt alone at the most classes the class-loop kernels take (their registers grow with C)
+    class_loop = importlib.import_module(f"{kernels.__name__}.class_loop")
+    case["label"] = f"(1, {class_loop.MAX_LOOP_CLASSES}, 600) bfloat16 contiguous"
+    x = torch.randn(1, class_loop.MAX_LOOP_CLASSES, 600, dtype=torch.bfloat16)
+    target_forward(x, None, 0, 0.5, False, False, True, False)
+    target_backward(x, None, None, torch.ones(()), None, None, None, None, None, 0.5)
 
     # The fused upsample + loss kernels at the paper's training shapes (target 1024x512 and source
     # 1280x720 from their 1/8-resolution logits) and odd ones.

@@ -78,46 +78,50 @@ pack
 # README, Measured results) follow. A failing test's report goes to NAME.err at once (tests/conftest.py):
 # a stage stopped by its limit never prints pytest's summary.
 export ADVENT_FAST_REPORT_FAILURES=1
+# The whole step as one CUDA graph (the fast path's default on one GPU), in its own processes (a failed
+# capture can leave the CUDA context unusable): the captured step against the eager one (frozen BN and
+# activation checkpointing too), the default's eager fallbacks (a failed capture, a batch of another
+# shape), a training run with it, the other CUDA-only trainer and metric tests.
+stage pytest_train_cuda 100 "$PY" -m pytest -q tests/test_train.py tests/test_metrics.py -k cuda
+# The kernels on CUDA tensors against float64, the class-loop MinEnt kernels among them; then those
+# against the general kernels (MAX_LOOP_CLASSES=0) in one process, device time (graph replays).
+stage pytest_kernels_cuda 60 "$PY" -m pytest -q tests/test_kernels_triton.py
+stage tune_loop 60 "$PY" benchmarks/tune_kernels.py --quick --families loop --json "$LOGS/tune_loop.json"
+# Issue 5: the default fast path (one CUDA graph) against release_fp32 in one run, with frozen BN and
+# activation checkpointing (peak memory) inside the graph, and the kernels that take the GPU's time.
+stage bench_train_step_graph 190 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
+    --variants release_fp32 fast fast_frozen_bn fast_checkpointed --gpu-profile 12 \
+    --json "$LOGS/bench_train_step_graph.json"
 # The public losses on CUDA tensors: values against float64, no host synchronisation, CUDA-graph capture.
 stage pytest_losses_cuda 110 "$PY" -m pytest -q tests/test_losses_cuda.py
-# The whole step as one CUDA graph, in its own processes (a failed capture can leave the CUDA context
-# unusable): the captured step against the eager one, a training run with it, the other CUDA-only
-# trainer and metric tests; then its timing against release_fp32 and the eager fast path in the same
-# run: the eager steps are bound by the host's issuing of kernels (GPU busy 25-43% on an H200).
-stage pytest_train_cuda 100 "$PY" -m pytest -q tests/test_train.py tests/test_metrics.py -k cuda
-stage bench_train_step_graph 190 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
-    --variants release_fp32 fast_graph fast fast_fp32 fast_frozen_bn --json "$LOGS/bench_train_step_graph.json"
+# Issue 5's numerics: 100 iterations of the fast path (bf16, and fp32) and of the release step again (its
+# own run-to-run spread) against the release fp32 step from the same weights on the same inputs.
+stage track_losses 150 "$PY" benchmarks/bench_train_step.py --quick --modes advent --variants --track 100 \
+    --json "$LOGS/track_losses.json"
 # Issue 2's figures: the fused losses against the eager reference at every shape and dtype, with the
 # device time of each (graph ms: the call replayed as a CUDA graph, no host work).
 stage bench_entropy 75 "$PY" benchmarks/bench_entropy.py --no-compile --json "$LOGS/bench_entropy.json"
-# Where an eager step's host time goes: the most expensive ops of one step, on the host's side.
-stage profile_step 60 "$PY" benchmarks/bench_train_step.py --modes advent --variants release_fp32 fast \
-    --steps 3 --warmup 3 --host-profile 15 --json "$LOGS/profile_step.json"
-# Every upsampled kernel variant on CUDA tensors against the float64 references (many compilations).
-stage pytest_upsampled_cuda 170 "$PY" -m pytest -q tests/test_upsampled.py
-# Issue 5's numerics: 100 iterations of the fast path (bf16, and fp32 as the control) against the
-# release fp32 step from the same weights on the same inputs (no timing rows: --variants with none).
-stage track_losses 130 "$PY" benchmarks/bench_train_step.py --quick --modes advent --variants --track 100 \
-    --json "$LOGS/track_losses.json"
-# The trainer end to end on the embedded data: loaders, fast path, checkpoint, evaluation.
+# The trainer end to end on the embedded data: loaders, fast path (CUDA graph), checkpoint, evaluation.
 RUN_DIR=/tmp/advent_fast_run.$$  # a new run each call (an existing run folder is refused)
 stage train_embedded 60 "$PY" -m advent_fast.train --mode advent --run-dir "$RUN_DIR" \
     --set train.stop_iter=100 --set eval.every=0 --set run.snapshot_every=100 --set run.progress=false
 cp "$RUN_DIR/metrics.jsonl" "$LOGS/train_embedded_metrics.jsonl" 2>/dev/null
+# Tile sizes and warp counts of the general kernels (the defaults are untuned guesses until this has run).
+stage tune_kernels 120 "$PY" benchmarks/tune_kernels.py --quick --families pixel cell --json "$LOGS/tune_kernels.json"
 # torch.compile of G and D, alone and inside the whole-step graph (compiling ResNet-101 takes a while).
 stage bench_train_step_compile 240 "$PY" benchmarks/bench_train_step.py --modes advent \
     --variants fast_compile fast_compile_graph fast_cudagraph --steps 10 --warmup 5 \
     --json "$LOGS/bench_train_step_compile.json"
-# Tile sizes and warp counts of the kernels (the defaults are untuned guesses until this has run).
-stage tune_kernels 120 "$PY" benchmarks/tune_kernels.py --quick --json "$LOGS/tune_kernels.json"
 # Measured on an H200 on 2026-11-27 (README): again, for figures from the same card in one run.
+stage pytest_upsampled_cuda 170 "$PY" -m pytest -q tests/test_upsampled.py
+stage profile_step 60 "$PY" benchmarks/bench_train_step.py --modes advent --variants release_fp32 fast_eager \
+    --steps 3 --warmup 3 --host-profile 15 --json "$LOGS/profile_step.json"
 stage bench_train_step 180 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
-    --variants release_fp32 release_bf16 fast fast_frozen_bn fast_checkpointed --json "$LOGS/bench_train_step.json"
+    --variants release_fp32 release_bf16 fast_eager fast_fp32 --json "$LOGS/bench_train_step.json"
 stage bench_entropy_compile 120 "$PY" benchmarks/bench_entropy.py --quick --json "$LOGS/bench_entropy_compile.json"
 stage bench_upsampled 40 "$PY" benchmarks/bench_upsampled.py --quick --dtypes bf16 fp32 \
     --json "$LOGS/bench_upsampled.json"
 stage bench_eval 45 "$PY" benchmarks/bench_eval.py --quick --json "$LOGS/bench_eval.json"
-stage pytest_kernels_cuda 60 "$PY" -m pytest -q tests/test_kernels_triton.py
 stage bench_data 40 "$PY" benchmarks/bench_data.py --quick --counts 100 100 10 --json "$LOGS/bench_data.json"
 stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/bench_activations.json"
 
@@ -128,9 +132,9 @@ stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/b
         grep -A40 '^FAILED' "$LOGS/$name.err" 2>/dev/null | head -80  # reported as they failed
     done
     echo "-- training run"; tail -2 "$LOGS/train_embedded.md" 2>/dev/null
-    for name in tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
+    for name in tune_loop tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
         bench_train_step_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
-        echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -70
+        echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -120
     done
     echo "-- stages ($((SECONDS - START)) s; every table, log and JSON: $OUT/results.tgz)"; cat "$LOGS/stages.txt"
 } | tee "$LOGS/summary.md"

@@ -4,15 +4,20 @@
 
 The kernels take their launch parameters from module constants: kernels/softmax_entropy.py
 (TILE_ELEMENTS, NUM_WARPS: the per-pixel forward and backward), kernels/entropy_ranking.py (BLOCK_R:
-the radix-select passes) and kernels/bilinear.py (CELL_TILE_ELEMENTS, CELL_NUM_WARPS: the
+the radix-select passes), kernels/bilinear.py (CELL_TILE_ELEMENTS, CELL_NUM_WARPS: the
 upsampling-fused kernels; COMBINE_TILE_ELEMENTS: their gradients' gather, whose tile does not change
-the bits). For each candidate this sets the constants in every kernel module that holds them, checks
+the bits) and kernels/class_loop.py (MAX_LOOP_CLASSES: up to which C MinEnt alone on pixel-contiguous
+logits takes the class-loop kernels, 0: never; LOOP_VEC, LOOP_NUM_WARPS: their pixels a thread and warps). For each candidate this sets the constants in every kernel module that holds them, checks
 the results against the defaults' (a candidate that changes them beyond float rounding is reported,
 not timed) and times the public ops forward+backward at the training shapes:
   pixel family: MinEnt, MinEnt+ER (0.3) and self-information on (4, 19, 512, 1024) logits;
   cell family:  the discriminator's input (self-information map) and MinEnt of (1, 19, 65, 129) logits
-                upsampled to 512x1024, the source cross-entropy of (1, 19, 91, 161) logits at 720x1280.
-Columns: median ms, % of the copy bandwidth measured in the same run (pixel family), x the default.
+                upsampled to 512x1024, the source cross-entropy of (1, 19, 91, 161) logits at 720x1280;
+  loop family:  MinEnt on (4, 19, 512, 1024) and (1, 16, 760, 1280) logits, the class-loop kernels against
+                the general ones (MAX_LOOP_CLASSES=0) in the same run.
+Columns: median ms (on a GPU the device's time: the call replayed as a CUDA graph, as the host's time
+is the same for every candidate), % of the copy bandwidth measured in the same run (pixel and loop
+families), x the default.
 The defaults change by editing those constants once a table from the target GPUs says so: launch
 parameters set the order of the partial sums, hence the bits of a loss, so they are fixed, not autotuned.
 Without a GPU it runs under TRITON_INTERPRET=1 on small shapes (a smoke run: interpreter times say
@@ -29,7 +34,7 @@ import sys
 import torch
 
 import advent_fast as af
-from bench_common import Timer, apply_config, current_config, fwd_bwd, write_results
+from bench_common import Timer, apply_config, current_config, fwd_bwd, graph_replay_ms, write_results
 from bench_entropy import copy_bandwidth, min_bytes
 
 PIXEL_SWEEP = {"TILE_ELEMENTS": (2048, 4096, 8192), "NUM_WARPS": (4, 8, 16)}
@@ -41,16 +46,22 @@ CELL_SWEEP = {"CELL_TILE_ELEMENTS": (512, 1024, 2048), "CELL_NUM_WARPS": (4, 8),
 QUICK_PIXEL_SWEEP = {"TILE_ELEMENTS": (2048, 4096, 8192), "NUM_WARPS": (8, 16)}
 QUICK_CELL_SWEEP = {"CELL_TILE_ELEMENTS": (512, 1024), "CELL_NUM_WARPS": (8,), "COMBINE_TILE_ELEMENTS": (1024, 4096)}
 BLOCK_R_SWEEP = (1024, 4096)  # besides the default, with the pixel family's default tile
+# 0 first: the general kernels are the second candidate (the same-run baseline, also with --limit 2)
+LOOP_SWEEP = {"MAX_LOOP_CLASSES": (0, 24), "LOOP_VEC": (2, 4, 8), "LOOP_NUM_WARPS": (2, 4, 8)}
+QUICK_LOOP_SWEEP = {"MAX_LOOP_CLASSES": (0, 24), "LOOP_VEC": (4, 8), "LOOP_NUM_WARPS": (4, 8)}
 GPU_SHAPES = {"pixel": (4, 19, 512, 1024), "cell_target": ((1, 19, 65, 129), (512, 1024)),
-              "cell_source": ((1, 19, 91, 161), (720, 1280))}
+              "cell_source": ((1, 19, 91, 161), (720, 1280)), "loop": ((4, 19, 512, 1024), (1, 16, 760, 1280))}
 SMOKE_SHAPES = {"pixel": (1, 19, 16, 40), "cell_target": ((1, 19, 3, 5), (17, 33)),
-                "cell_source": ((1, 19, 3, 6), (17, 41))}
+                "cell_source": ((1, 19, 3, 6), (17, 41)), "loop": ((1, 19, 16, 40),)}
 ER_RATIO = 0.3
 
 
 def candidates(sweep, defaults):
-    """The default first, then every other combination of the sweep's values."""
+    """The default first, then every other combination of the sweep's values (the class-loop kernels'
+    parameters only where they are used)."""
     combos = [dict(zip(sweep, values)) for values in itertools.product(*sweep.values())]
+    combos = [c for c in combos if c.get("MAX_LOOP_CLASSES") != 0
+              or all(v == defaults[k] for k, v in c.items() if k != "MAX_LOOP_CLASSES")]
     return [defaults] + [c for c in combos if c != defaults]
 
 
@@ -70,6 +81,14 @@ def cases(family, shapes, device, dtypes):
                  min_bytes("minent_er", numel, elt)[1]),
                 (f"self_info {dname}", logits, af.self_information, upstream, min_bytes("self_info", numel, elt)[1]),
             ]
+        return out
+    if family == "loop":
+        for shape in shapes["loop"]:
+            for dname, dtype in dtypes.items():
+                logits = (torch.randn(shape, generator=g) * 3).to(device, dtype)
+                label = f"minent {'x'.join(map(str, shape))} {dname}"
+                out.append((label, logits, af.entropy_loss, None,
+                            min_bytes("minent", logits.numel(), logits.element_size())[1]))
         return out
     (low, size), (src_low, src_size) = shapes["cell_target"], shapes["cell_source"]
     for dname, dtype in dtypes.items():
@@ -101,7 +120,7 @@ def close(a, b, dtype):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer candidates and repetitions")
-    p.add_argument("--families", nargs="+", default=["pixel", "cell"], choices=["pixel", "cell"])
+    p.add_argument("--families", nargs="+", default=["loop", "pixel", "cell"], choices=["loop", "pixel", "cell"])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--limit", type=int, default=None, help="at most this many candidates per family (default first)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 30, 10 with --quick)")
@@ -131,7 +150,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
 
     sweeps = {"pixel": QUICK_PIXEL_SWEEP if args.quick else PIXEL_SWEEP,
-              "cell": QUICK_CELL_SWEEP if args.quick else CELL_SWEEP}
+              "cell": QUICK_CELL_SWEEP if args.quick else CELL_SWEEP,
+              "loop": QUICK_LOOP_SWEEP if args.quick else LOOP_SWEEP}
     rows = []
     for family in args.families:
         defaults = current_config(sweeps[family])
@@ -157,7 +177,9 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(f"| {family} | {label} | {case} | {row['error']} |||")
                     continue
-                ms = timer.median_ms(run, reps, warmup)
+                ms = graph_replay_ms(run, timer, reps) if device.type == "cuda" else None
+                if ms is None:  # no GPU, or the capture failed (its error on stderr): the call's own time
+                    ms = timer.median_ms(run, reps, warmup)
                 default_ms.setdefault(case, ms)
                 row.update(ms=ms, x_default=default_ms[case] / ms,
                            pct_copy=None if nbytes is None else 100 * nbytes / ms / 1e6 / copy_gbs)

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import class_loop
 from .softmax_entropy import NUM_WARPS, block_sizes, ceil_div, check_indexable, softmax_entropy
 
 
@@ -177,6 +178,14 @@ def target_backward(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmea
     grad_x = torch.empty_like(x)
     has_grad_info = grad_info is not None
     ent_mode, saved = saved_for_backward(grad_ent, grad_cp, keep, kept, cmean, prior)
+    if (ent_mode == 1 and not has_grad_info and grad_emap is None and grad_cp is None
+            and C <= class_loop.MAX_LOOP_CLASSES and x.stride(2) == 1):
+        # MinEnt alone: the class-loop kernel (classes inside each thread; class_loop.py)
+        block = class_loop.LOOP_VEC * 32 * class_loop.LOOP_NUM_WARPS
+        class_loop._minent_loop_bwd_kernel[(ceil_div(S, block), N)](
+            x, grad_x, grad_ent, S, 1.0 / math.log(C), 1.0 / (N * S), *x.stride(), *grad_x.stride(),
+            C=C, BLOCK=block, num_warps=class_loop.LOOP_NUM_WARPS)
+        return grad_x
     _target_bwd_kernel[(ceil_div(S, block_s), N)](
         x,
         grad_x,

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .entropy_ranking import (NUM_PASSES, RADIX, add_histogram, digit_histogram, radix_replay, rank_entropy, rank_key,
                               zeroed_histograms)
+from . import class_loop
 from .softmax_entropy import (ENTROPY_LAUNCH_OPTIONS, NUM_WARPS, block_sizes, ceil_div, check_indexable,
                               programs_per_image, softmax_entropy)
 
@@ -179,6 +180,18 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     ranked = want_ent and k > 0
     want_ent_sum = want_ent and not ranked
     block_s, block_c = block_sizes(C)
+    if (want_ent and not (ranked or want_info or want_emap or want_cp) and C <= class_loop.MAX_LOOP_CLASSES
+            and x.stride(2) == 1):  # pixel-contiguous (NCHW); channels_last keeps the class-contiguous tile
+        # MinEnt alone: the class-loop kernel (classes inside each thread; class_loop.py)
+        block = class_loop.LOOP_VEC * 32 * class_loop.LOOP_NUM_WARPS
+        num_blocks = ceil_div(S, block)
+        programs = programs_per_image(num_blocks, N)
+        ent_part = torch.empty((N, programs), dtype=torch.float32, device=device)
+        class_loop._minent_loop_fwd_kernel[(programs, N)](
+            x, ent_part, S, num_blocks, 1.0 / math.log(C), *x.stride(), C=C, BLOCK=block,
+            num_warps=class_loop.LOOP_NUM_WARPS)
+        return finish_target_forward(x, None, None, ent_part, None, prior, k, mu, False, True, False, S,
+                                     programs, block_s, block_c, NUM_WARPS)
     num_blocks = ceil_div(S, block_s)
     programs = programs_per_image(num_blocks, N)
 

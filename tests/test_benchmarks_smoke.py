@@ -259,10 +259,14 @@ def test_tune_kernels(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert not [r for r in rows if "error" in r]
     for family, cases in (("pixel", {"minent fp32", "minent_er fp32", "self_info fp32"}),
-                          ("cell", {"up_self_info fp32", "up_minent fp32", "source_ce fp32"})):
+                          ("cell", {"up_self_info fp32", "up_minent fp32", "source_ce fp32"}),
+                          ("loop", {"minent 1x19x16x40 fp32"})):
         family_rows = [r for r in rows if r["family"] == family]
         assert len({tuple(r["config"].items()) for r in family_rows}) == 2
         assert {r["case"] for r in family_rows} == cases and all(r["ms"] > 0 for r in family_rows)
+    # the class-loop kernels and, second, the general ones as the same-run baseline
+    loop = [r["config"]["MAX_LOOP_CLASSES"] for r in rows if r["family"] == "loop"]
+    assert loop[0] >= 19 and loop[1] == 0
 
 
 @pytest.mark.parametrize("script", ["run_gpu.sh", "gpu_wheels.sh"])
@@ -301,7 +305,7 @@ def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
         packed = {os.path.basename(name) for name in tar.getnames()}
     stages = [line.split()[1].rstrip(":") for line in (out / "stages.txt").read_text().splitlines()
               if line.startswith("== ") and "exit 0" in line]
-    assert "bench_entropy" in stages and "bench_train_step_compile" in stages and len(stages) == 17
+    assert "bench_entropy" in stages and "bench_train_step_compile" in stages and len(stages) == 18
     assert {f"{name}.md" for name in stages} | {f"{name}.err" for name in stages} <= packed
     assert {"bench_entropy.json", "bench_train_step.json", "track_losses.json", "summary.md", "gpu.txt"} <= packed
     assert "| stub | benchmarks/bench_entropy.py" in proc.stdout.split("-- bench_entropy")[-1]

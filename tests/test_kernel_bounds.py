@@ -180,15 +180,19 @@ def test_per_pixel_kernels_stay_in_bounds(n, c, s, dtype, layout, ranked):
 
     def case(p):
         x = logits(p, n, c, s, dtype, layout)
+        scalar = p.place((), (), torch.float32, torch.tensor(0.7))
+        alone = ()
+        if not ranked:  # MinEnt alone: on pixel-contiguous logits, the class-loop kernels
+            alone = (kernels.target_forward(x, None, 0, 0.5, False, False, True, False)[2],
+                     kernels.target_backward(x, None, None, scalar, None, None, None, None, None, 0.5))
         prior = p.place((c,), (1,), torch.float32, torch.rand(c))
         info, emap, ent, cp, thresh, kept, cmean, keep = kernels.target_forward(x, prior, k, 0.5, True, True,
                                                                                 True, True)
         grad_info = p.like(info, torch.randn(info.shape).to(dtype))
         grad_emap = p.place((n, s), (s, 1), torch.float32, torch.randn(n, s))
-        scalar = p.place((), (), torch.float32, torch.tensor(0.7))
         saved = (keep, kept) if ranked else (None, None)
         grad_x = kernels.target_backward(x, grad_info, grad_emap, scalar, scalar, *saved, cmean, prior, 0.5)
-        return info, emap, ent, cp, thresh, kept, cmean, keep, grad_x
+        return info, emap, ent, cp, thresh, kept, cmean, keep, grad_x, *alone
 
     run_twice(case)
 

@@ -450,6 +450,79 @@ def test_programs_loop_over_several_blocks(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# MinEnt alone: the class-loop kernels (kernels/class_loop.py)
+# ------------------------------------------------------------------------------------------------
+def launched_kernels(monkeypatch, kernel) -> list:
+    """The names of the Triton kernels launched from now on (the JIT or interpreter class of ``kernel``)."""
+    names, run = [], type(kernel).run
+
+    def spy(self, *args, **kwargs):
+        names.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(kernel), "run", spy)
+    return names
+
+
+def masked_pixels(x):
+    """A masked class, a pixel with one finite class, one with only its last class."""
+    C = x.shape[1]
+    x[0, 1, 5] = float("-inf")
+    x[1, :, 7] = float("-inf")
+    x[1, C - 1, 7] = 2.0
+    x[0, : C - 1, 9] = float("-inf")
+    return x
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy: 0 * -inf, masked
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C", [2, 16, 19, 21])
+def test_minent_alone_on_pixel_contiguous_logits_loops_over_the_classes(C, dtype, layout, monkeypatch):
+    """MinEnt alone (no other output, no ranking) takes the class-loop kernels on pixel-contiguous logits
+    and the general tile kernels on channels_last ones: both against float64, with masked classes, over
+    several pixel blocks (a partial one last) and several blocks a program."""
+    class_loop = importlib.import_module(f"{kernels.__name__}.class_loop")
+    monkeypatch.setattr(kernels.softmax_entropy, "MAX_PROGRAMS", N)  # one program an image: it loops
+    s = 2 * class_loop.LOOP_VEC * 32 * class_loop.LOOP_NUM_WARPS + 77
+    x = masked_pixels(make_logits(C, dtype, s=s))
+    if layout == "channels_last":
+        x = x.reshape(N, C, s, 1).contiguous(memory_format=torch.channels_last).reshape(N, C, s)
+    names = launched_kernels(monkeypatch, class_loop._minent_loop_fwd_kernel)
+    ent = target_forward(x, None, 0, 0.5, False, False, True, False)[2]
+    grad_ent = torch.tensor(0.7, device=DEVICE)
+    grad_x = target_backward(x, None, None, grad_ent, None, None, None, None, None, 0.5)
+    looped = [n for n in names if n.startswith("_minent_loop")]
+    assert looped == (["_minent_loop_fwd_kernel", "_minent_loop_bwd_kernel"] if layout == "contiguous" else [])
+    leaf = x.detach().double().requires_grad_()
+    ref = reference(leaf)
+    torch.testing.assert_close(ent.double(), ref["ent"].detach().to(ent.device), **F32_TOL)
+    (expected,) = torch.autograd.grad(ref["ent"] * 0.7, leaf)
+    rtol, atol = STORED_TOL[dtype]
+    assert grad_x.dtype == dtype and grad_x.stride() == x.stride()
+    assert_close(grad_x, expected, rtol, atol)
+    assert grad_x[1, :, 7].abs().max() == 0 and grad_x[0, 1, 5] == 0  # p = 0 and one-hot pixels: no gradient
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy: inf - inf
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_minent_alone_non_finite_logits(bad):
+    """A NaN or +inf logit, or a pixel of -inf logits only, makes the class-loop MinEnt NaN; the gradient
+    is NaN on that pixel only."""
+    x = make_logits(19, s=S)
+    if bad == float("-inf"):
+        x[1, :, 17] = bad
+    else:
+        x[1, 4, 17] = bad
+    assert target_forward(x, None, 0, 0.5, False, False, True, False)[2].isnan()
+    grad_x = target_backward(x, None, None, torch.ones((), device=DEVICE), None, None, None, None, None, 0.5)
+    assert grad_x[1, :, 17].isnan().all()
+    finite = torch.ones(S, dtype=torch.bool)
+    finite[17] = False
+    assert torch.isfinite(grad_x[0]).all() and torch.isfinite(grad_x[1][:, finite]).all()
+
+
+# ------------------------------------------------------------------------------------------------
 # what the kernels cannot address: a clear error, not wrapped 32-bit offsets
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape,message", [((1, 2, 2**30), "spans 2147483648 elements"),
