@@ -127,12 +127,19 @@ def launch_every_variant(case: dict):
         target_backward(x, None, None, scalar, None, keep, per_image, None, None, 0.5)
         target_backward(x, None, None, scalar, None, None, None, None, None, 0.5)  # MinEnt alone
 
-    # MinEnt alone at the most classes the class-loop kernels take (their registers grow with C)
+    # The class-loop kernels (pixel-contiguous logits, C <= MAX_LOOP_CLASSES: kernels/class_loop.py), whose
+    # registers grow with C: bf16 at C = 19, and the modes with the most live values (every output, ranked;
+    # every gradient source, ranked) at the most classes they take, at either pixels a thread (HEAVY_LOOP_CLASSES).
     class_loop = importlib.import_module(f"{kernels.__name__}.class_loop")
-    case["label"] = f"(1, {class_loop.MAX_LOOP_CLASSES}, 600) bfloat16 contiguous"
-    x = torch.randn(1, class_loop.MAX_LOOP_CLASSES, 600, dtype=torch.bfloat16)
-    target_forward(x, None, 0, 0.5, False, False, True, False)
-    target_backward(x, None, None, torch.ones(()), None, None, None, None, None, 0.5)
+    for c in (class_loop.HEAVY_LOOP_CLASSES, 19, class_loop.MAX_LOOP_CLASSES):
+        case["label"] = f"(2, {c}, 600) bfloat16 contiguous"
+        x, prior, cmean = torch.randn(2, c, 600, dtype=torch.bfloat16), torch.rand(c), torch.rand(2, c)
+        scalar, emap, keep = torch.ones(()), torch.rand(2, 600), torch.ones(2, 600, dtype=torch.uint8)
+        target_forward(x, prior, 0, 0.5, True, True, True, True)
+        target_forward(x, prior, 1, 0.5, True, True, True, True)
+        target_forward(x, None, 0, 0.5, False, False, True, False)
+        target_backward(x, torch.randn_like(x), emap, scalar, scalar, keep, torch.rand(2), cmean, prior, 0.5)
+        target_backward(x, None, None, scalar, None, None, None, None, None, 0.5)
 
     # The fused upsample + loss kernels at the paper's training shapes (target 1024x512 and source
     # 1280x720 from their 1/8-resolution logits) and odd ones.

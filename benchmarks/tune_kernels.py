@@ -6,8 +6,10 @@ The kernels take their launch parameters from module constants: kernels/softmax_
 (TILE_ELEMENTS, NUM_WARPS: the per-pixel forward and backward), kernels/entropy_ranking.py (BLOCK_R:
 the radix-select passes), kernels/bilinear.py (CELL_TILE_ELEMENTS, CELL_NUM_WARPS: the
 upsampling-fused kernels; COMBINE_TILE_ELEMENTS: their gradients' gather, whose tile does not change
-the bits) and kernels/class_loop.py (MAX_LOOP_CLASSES: up to which C MinEnt alone on pixel-contiguous
-logits takes the class-loop kernels, 0: never; LOOP_VEC, LOOP_NUM_WARPS: their pixels a thread and warps). For each candidate this sets the constants in every kernel module that holds them, checks
+the bits) and kernels/class_loop.py (MAX_LOOP_CLASSES: up to which C the target forward and backward
+on pixel-contiguous logits take the class-loop kernels, 0: never; LOOP_VEC, LOOP_NUM_WARPS: their pixels a
+thread and warps; HEAVY_LOOP_CLASSES: above it, the variants with the info map, class sums or grad_info take
+half the pixels a thread). For each candidate this sets the constants in every kernel module that holds them, checks
 the results against the defaults' (a candidate that changes them beyond float rounding is reported,
 not timed) and times the public ops forward+backward at the training shapes:
   pixel family: MinEnt, MinEnt+ER (0.3) and self-information on (4, 19, 512, 1024) logits;

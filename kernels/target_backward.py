@@ -178,37 +178,16 @@ def target_backward(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmea
     grad_x = torch.empty_like(x)
     has_grad_info = grad_info is not None
     ent_mode, saved = saved_for_backward(grad_ent, grad_cp, keep, kept, cmean, prior)
-    if (ent_mode == 1 and not has_grad_info and grad_emap is None and grad_cp is None
-            and C <= class_loop.MAX_LOOP_CLASSES and x.stride(2) == 1):
-        # MinEnt alone: the class-loop kernel (classes inside each thread; class_loop.py)
-        block = class_loop.LOOP_VEC * 32 * class_loop.LOOP_NUM_WARPS
-        class_loop._minent_loop_bwd_kernel[(ceil_div(S, block), N)](
-            x, grad_x, grad_ent, S, 1.0 / math.log(C), 1.0 / (N * S), *x.stride(), *grad_x.stride(),
-            C=C, BLOCK=block, num_warps=class_loop.LOOP_NUM_WARPS)
-        return grad_x
-    _target_bwd_kernel[(ceil_div(S, block_s), N)](
-        x,
-        grad_x,
-        grad_info,
-        grad_emap,
-        grad_ent,
-        grad_cp,
-        *saved,
-        S,
-        C,
-        1.0 / math.log(C),
-        1.0 / (N * S),
-        1.0 / N,
-        mu,
-        *x.stride(),
-        *grad_x.stride(),
-        *(grad_info.stride() if has_grad_info else (0, 0, 0)),
-        HAS_GRAD_INFO=has_grad_info,
-        HAS_GRAD_EMAP=grad_emap is not None,
-        ENT_MODE=ent_mode,
-        HAS_GRAD_CP=grad_cp is not None,
-        BLOCK_S=block_s,
-        BLOCK_C=block_c,
-        num_warps=NUM_WARPS,
-    )
+    args = (x, grad_x, grad_info, grad_emap, grad_ent, grad_cp, *saved, S)
+    scalars = (1.0 / math.log(C), 1.0 / (N * S), 1.0 / N, mu)
+    strides = (*x.stride(), *grad_x.stride(), *(grad_info.stride() if has_grad_info else (0, 0, 0)))
+    sources = dict(HAS_GRAD_INFO=has_grad_info, HAS_GRAD_EMAP=grad_emap is not None, ENT_MODE=ent_mode,
+                   HAS_GRAD_CP=grad_cp is not None)
+    if class_loop.takes_class_loop(x):  # pixel-contiguous, C <= 24: the classes inside each thread
+        vec, rows = class_loop.loop_vec(C, has_grad_info or grad_cp is not None), 32 * class_loop.LOOP_NUM_WARPS
+        class_loop._target_loop_bwd_kernel[(ceil_div(S, vec * rows), N)](
+            *args, *scalars, *strides, **sources, C=C, ROWS=rows, VEC=vec, num_warps=class_loop.LOOP_NUM_WARPS)
+    else:
+        _target_bwd_kernel[(ceil_div(S, block_s), N)](
+            *args, C, *scalars, *strides, **sources, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return grad_x

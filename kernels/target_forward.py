@@ -180,19 +180,9 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     ranked = want_ent and k > 0
     want_ent_sum = want_ent and not ranked
     block_s, block_c = block_sizes(C)
-    if (want_ent and not (ranked or want_info or want_emap or want_cp) and C <= class_loop.MAX_LOOP_CLASSES
-            and x.stride(2) == 1):  # pixel-contiguous (NCHW); channels_last keeps the class-contiguous tile
-        # MinEnt alone: the class-loop kernel (classes inside each thread; class_loop.py)
-        block = class_loop.LOOP_VEC * 32 * class_loop.LOOP_NUM_WARPS
-        num_blocks = ceil_div(S, block)
-        programs = programs_per_image(num_blocks, N)
-        ent_part = torch.empty((N, programs), dtype=torch.float32, device=device)
-        class_loop._minent_loop_fwd_kernel[(programs, N)](
-            x, ent_part, S, num_blocks, 1.0 / math.log(C), *x.stride(), C=C, BLOCK=block,
-            num_warps=class_loop.LOOP_NUM_WARPS)
-        return finish_target_forward(x, None, None, ent_part, None, prior, k, mu, False, True, False, S,
-                                     programs, block_s, block_c, NUM_WARPS)
-    num_blocks = ceil_div(S, block_s)
+    loop = class_loop.takes_class_loop(x)  # pixel-contiguous, C <= 24: the classes inside each thread
+    loop_vec = class_loop.loop_vec(C, want_info or want_cp)
+    num_blocks = ceil_div(S, loop_vec * 32 * class_loop.LOOP_NUM_WARPS if loop else block_s)
     programs = programs_per_image(num_blocks, N)
 
     info = torch.empty_like(x) if want_info else None
@@ -200,29 +190,19 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     ent_part = empty_f32_if(want_ent_sum, (N, programs), device)
     cls_part = empty_f32_if(want_cp, (N, programs, block_c), device)
     hist = zeroed_histograms(N, device) if ranked else None
-    _target_fwd_kernel[(programs, N)](
-        x,
-        info,
-        emap,
-        ent_part,
-        cls_part,
-        hist,
-        S,
-        C,
-        num_blocks,
-        1.0 / math.log(C),
-        *x.stride(),
-        *(info.stride() if want_info else (0, 0, 0)),
-        WANT_INFO=want_info,
-        WANT_EMAP=emap is not None,
-        WANT_ENT_SUM=want_ent_sum,
-        WANT_CLASS_SUM=want_cp,
-        WANT_HIST=ranked,
-        BLOCK_S=block_s,
-        BLOCK_C=block_c,
-        num_warps=NUM_WARPS,
-        **ENTROPY_LAUNCH_OPTIONS,
-    )
+    outputs = dict(WANT_INFO=want_info, WANT_EMAP=emap is not None, WANT_ENT_SUM=want_ent_sum,
+                   WANT_CLASS_SUM=want_cp, WANT_HIST=ranked)
+    args = (x, info, emap, ent_part, cls_part, hist, S)
+    strides = (*x.stride(), *(info.stride() if want_info else (0, 0, 0)))
+    if loop:
+        class_loop._target_loop_fwd_kernel[(programs, N)](
+            *args, num_blocks, 1.0 / math.log(C), *strides, **outputs, C=C, BLOCK_C=block_c,
+            ROWS=32 * class_loop.LOOP_NUM_WARPS, VEC=loop_vec, num_warps=class_loop.LOOP_NUM_WARPS,
+            **ENTROPY_LAUNCH_OPTIONS)
+    else:
+        _target_fwd_kernel[(programs, N)](
+            *args, C, num_blocks, 1.0 / math.log(C), *strides, **outputs, BLOCK_S=block_s, BLOCK_C=block_c,
+            num_warps=NUM_WARPS, **ENTROPY_LAUNCH_OPTIONS)
     return finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_emap, want_ent, want_cp, S,
                                  programs, block_s, block_c, NUM_WARPS, hist)
 

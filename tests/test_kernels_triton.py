@@ -450,7 +450,7 @@ def test_programs_loop_over_several_blocks(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# MinEnt alone: the class-loop kernels (kernels/class_loop.py)
+# pixel-contiguous logits, C <= 24: the class-loop kernels (kernels/class_loop.py)
 # ------------------------------------------------------------------------------------------------
 def launched_kernels(monkeypatch, kernel) -> list:
     """The names of the Triton kernels launched from now on (the JIT or interpreter class of ``kernel``)."""
@@ -474,41 +474,78 @@ def masked_pixels(x):
     return x
 
 
+# forward outputs asked for (info, emap, ent, cp; k) and the upstream gradients of the backward
+LOOP_MODES = {
+    "all": (dict(info=True, emap=True, ent=True, cp=True, k=0), ("info", "emap", "ent", "cp")),
+    "all-ranked": (dict(info=True, emap=True, ent=True, cp=True, k=300), ("info", "emap", "ent", "cp")),
+    "ent": (dict(info=False, emap=False, ent=True, cp=False, k=0), ("ent",)),
+    "ent-ranked": (dict(info=False, emap=False, ent=True, cp=False, k=300), ("ent",)),
+    "cp": (dict(info=False, emap=False, ent=False, cp=True, k=0), ("cp",)),
+    "info": (dict(info=True, emap=False, ent=False, cp=False, k=0), ("info",)),
+    "emap": (dict(info=False, emap=True, ent=False, cp=False, k=0), ("emap",)),
+}
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy: 0 * -inf, masked
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("C", [2, 16, 19, 21])
-def test_minent_alone_on_pixel_contiguous_logits_loops_over_the_classes(C, dtype, layout, monkeypatch):
-    """MinEnt alone (no other output, no ranking) takes the class-loop kernels on pixel-contiguous logits
-    and the general tile kernels on channels_last ones: both against float64, with masked classes, over
-    several pixel blocks (a partial one last) and several blocks a program."""
+@pytest.mark.parametrize("C, dtype", [(2, torch.float32), (19, torch.float32), (24, torch.float32),
+                                      (16, torch.float16), (21, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("mode", list(LOOP_MODES))
+def test_pixel_contiguous_logits_loop_over_the_classes(mode, C, dtype, layout, monkeypatch):
+    """Every mode of the forward and backward takes the class-loop kernels on pixel-contiguous logits
+    and the general tile kernels on channels_last ones (ranking: radix pass 0 in the main kernel either
+    way): both against float64, with masked classes and a one-hot pixel (exact 0 gradients), over several
+    pixel blocks (a partial one last) at 4 and 2 pixels a thread, several blocks a program."""
+    if dtype != torch.float32 and mode not in ("all", "all-ranked"):
+        pytest.skip("16-bit logits: the modes with every output")
+    want, sources = LOOP_MODES[mode]
     class_loop = importlib.import_module(f"{kernels.__name__}.class_loop")
     monkeypatch.setattr(kernels.softmax_entropy, "MAX_PROGRAMS", N)  # one program an image: it loops
     s = 2 * class_loop.LOOP_VEC * 32 * class_loop.LOOP_NUM_WARPS + 77
     x = masked_pixels(make_logits(C, dtype, s=s))
     if layout == "channels_last":
         x = x.reshape(N, C, s, 1).contiguous(memory_format=torch.channels_last).reshape(N, C, s)
-    names = launched_kernels(monkeypatch, class_loop._minent_loop_fwd_kernel)
-    ent = target_forward(x, None, 0, 0.5, False, False, True, False)[2]
-    grad_ent = torch.tensor(0.7, device=DEVICE)
-    grad_x = target_backward(x, None, None, grad_ent, None, None, None, None, None, 0.5)
-    looped = [n for n in names if n.startswith("_minent_loop")]
-    assert looped == (["_minent_loop_fwd_kernel", "_minent_loop_bwd_kernel"] if layout == "contiguous" else [])
+    prior, k = make_prior(C) if want["cp"] else None, want["k"]
+    names = launched_kernels(monkeypatch, class_loop._target_loop_fwd_kernel)
+    out = dict(zip(OUTPUTS, target_forward(x, prior, k, 0.5, want["info"], want["emap"], want["ent"], want["cp"])))
+    grads = upstream_grads(x, sources)
+    grad_x = target_backward(x, grads["info"], grads["emap"], grads["ent"], grads["cp"], out["keep"], out["kept"],
+                             out["cmean"], prior, 0.5)
+    main = {"_target_loop_fwd_kernel", "_target_loop_bwd_kernel", "_target_fwd_kernel", "_target_bwd_kernel"}
+    expected_main = (["_target_loop_fwd_kernel", "_target_loop_bwd_kernel"] if layout == "contiguous"
+                     else ["_target_fwd_kernel", "_target_bwd_kernel"])
+    assert [n for n in names if n in main] == expected_main
+    assert names.count("_rank_pass_kernel") == (4 if k else 0)  # passes 1-3 and the kept sum
+
+    keep = out["keep"].bool() if k else None
     leaf = x.detach().double().requires_grad_()
-    ref = reference(leaf)
-    torch.testing.assert_close(ent.double(), ref["ent"].detach().to(ent.device), **F32_TOL)
-    (expected,) = torch.autograd.grad(ref["ent"] * 0.7, leaf)
+    ref = reference(leaf, prior, 0.5, keep)
     rtol, atol = STORED_TOL[dtype]
+    if want["info"]:
+        assert out["info"].dtype == dtype and out["info"].stride() == x.stride()
+        assert_close(out["info"], ref["info"].detach(), rtol, atol)
+    for name in ("emap", "ent", "cp", "cmean"):
+        if out[name] is not None:
+            torch.testing.assert_close(out[name].double(), ref[name].detach().to(out[name].device), **F32_TOL)
+    if k:
+        assert torch.equal(out["kept"], out["keep"].sum(dim=1).float())
+        if want["emap"]:  # the kernel's own entropies: the exact k-th largest, the kept set
+            assert torch.equal(out["thresh"], out["emap"].topk(k, dim=1).values[:, -1])
+            assert torch.equal(keep, kept_mask(out["emap"], out["thresh"]))
+        ref_thresh = ref["emap"].detach().topk(k, dim=1).values[:, -1]
+        torch.testing.assert_close(out["thresh"].double(), ref_thresh.to(out["thresh"].device), **F32_TOL)
+    loss = sum((ref[name] * grads[name].double()).sum() for name in sources)
+    (expected,) = torch.autograd.grad(loss, leaf)
     assert grad_x.dtype == dtype and grad_x.stride() == x.stride()
     assert_close(grad_x, expected, rtol, atol)
-    assert grad_x[1, :, 7].abs().max() == 0 and grad_x[0, 1, 5] == 0  # p = 0 and one-hot pixels: no gradient
+    assert (grad_x[x == float("-inf")] == 0).all() and (grad_x[1, :, 7] == 0).all()  # p = 0, one-hot: exact 0
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy: inf - inf
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_minent_alone_non_finite_logits(bad):
-    """A NaN or +inf logit, or a pixel of -inf logits only, makes the class-loop MinEnt NaN; the gradient
-    is NaN on that pixel only."""
+    """A NaN or +inf logit, or a pixel of -inf logits only, makes MinEnt alone (the class-loop kernels) NaN;
+    the gradient is NaN on that pixel only."""
     x = make_logits(19, s=S)
     if bad == float("-inf"):
         x[1, :, 17] = bad
@@ -586,7 +623,8 @@ def test_kernels_compile_without_large_spills(tmp_path, arch):
     kernel_names = {r["kernel"] for r in rows}
     assert {"_target_fwd_kernel", "_target_bwd_kernel", "_target_finish_kernel", "_rank_pass_kernel",
             "_upsampled_ce_fwd_kernel", "_ce_finish_kernel", "_combine_taps_kernel",
-            "_upsampled_target_fwd_kernel", "_upsampled_target_bwd_kernel"} <= kernel_names
+            "_upsampled_target_fwd_kernel", "_upsampled_target_bwd_kernel", "_target_loop_fwd_kernel",
+            "_target_loop_bwd_kernel"} <= kernel_names
     # A spill moves registers through device memory. ptxas spills a few on its own well below the
     # register limit (seen: 16-24 bytes a thread in 3 of the 70 variants, different ones with Triton 3.6
     # and 3.9); a tile too large for its warps spills hundreds (1,000 bytes with 1 warp instead of 8).
@@ -595,4 +633,4 @@ def test_kernels_compile_without_large_spills(tmp_path, arch):
     # The entropies that ranking compares are computed without multiply-add contraction (softmax_entropy.py,
     # "Ties"): with it, the same two logits in swapped classes get entropies an ulp apart on a GPU.
     fused = {r["kernel"] for r in rows if r["fp_fusion"]}
-    assert not fused & {"_target_fwd_kernel", "_upsampled_target_fwd_kernel"}, fused
+    assert not fused & {"_target_fwd_kernel", "_target_loop_fwd_kernel", "_upsampled_target_fwd_kernel"}, fused
