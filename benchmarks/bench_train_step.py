@@ -299,7 +299,10 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
     ms = (time.perf_counter() - start) * 1e3 / steps
     if not torch.isfinite(torch.stack(losses)).all():
         raise RuntimeError(f"{variant}/{mode}: non-finite losses")
-    row = {"mode": mode, "variant": variant, "settings": trainer.settings.describe(), "ms_per_step": ms,
+    settings = trainer.settings.describe()
+    if trainer.captured is not None and trainer.captured.eager:  # train.cuda_graph null fell back
+        settings += " (its capture failed: eager steps)"
+    row = {"mode": mode, "variant": variant, "settings": settings, "ms_per_step": ms,
            "images_per_s": (trainer.config.train.source_batch_size
                             + (trainer.config.train.target_batch_size if trainer.plan.target else 0)) / ms * 1e3,
            "host_ms": host_s * 1e3 / steps, "warmup_s": warmup_s, "peak_mib": None, "gpu_ms": None,

@@ -12,11 +12,13 @@ thread and warps; HEAVY_LOOP_CLASSES: above it, the variants with the info map, 
 half the pixels a thread). For each candidate this sets the constants in every kernel module that holds them, checks
 the results against the defaults' (a candidate that changes them beyond float rounding is reported,
 not timed) and times the public ops forward+backward at the training shapes:
-  pixel family: MinEnt, MinEnt+ER (0.3) and self-information on (4, 19, 512, 1024) logits;
+  loop family:  bench_entropy.py's five cases (MinEnt, MinEnt+ER, self-information, class prior, the
+                fused target call) on (4, 19, 512, 1024) logits: the class-loop kernels against the
+                general ones (MAX_LOOP_CLASSES=0, the second candidate) in the same run;
+  pixel family: MinEnt, MinEnt+ER (0.3) and self-information on channels_last (4, 19, 512, 1024) logits
+                (the general tile kernels' layout: pixel-contiguous logits take the class loop);
   cell family:  the discriminator's input (self-information map) and MinEnt of (1, 19, 65, 129) logits
-                upsampled to 512x1024, the source cross-entropy of (1, 19, 91, 161) logits at 720x1280;
-  loop family:  MinEnt on (4, 19, 512, 1024) and (1, 16, 760, 1280) logits, the class-loop kernels against
-                the general ones (MAX_LOOP_CLASSES=0) in the same run.
+                upsampled to 512x1024, the source cross-entropy of (1, 19, 91, 161) logits at 720x1280.
 Columns: median ms (on a GPU the device's time: the call replayed as a CUDA graph, as the host's time
 is the same for every candidate), % of the copy bandwidth measured in the same run (pixel and loop
 families), x the default.
@@ -37,7 +39,8 @@ import torch
 
 import advent_fast as af
 from bench_common import Timer, apply_config, current_config, fwd_bwd, graph_replay_ms, write_results
-from bench_entropy import copy_bandwidth, min_bytes
+from bench_entropy import cases as entropy_cases
+from bench_entropy import copy_bandwidth, make_prior, min_bytes
 
 PIXEL_SWEEP = {"TILE_ELEMENTS": (2048, 4096, 8192), "NUM_WARPS": (4, 8, 16)}
 CELL_SWEEP = {"CELL_TILE_ELEMENTS": (512, 1024, 2048), "CELL_NUM_WARPS": (4, 8),
@@ -50,11 +53,11 @@ QUICK_CELL_SWEEP = {"CELL_TILE_ELEMENTS": (512, 1024), "CELL_NUM_WARPS": (8,), "
 BLOCK_R_SWEEP = (1024, 4096)  # besides the default, with the pixel family's default tile
 # 0 first: the general kernels are the second candidate (the same-run baseline, also with --limit 2)
 LOOP_SWEEP = {"MAX_LOOP_CLASSES": (0, 24), "LOOP_VEC": (2, 4, 8), "LOOP_NUM_WARPS": (2, 4, 8)}
-QUICK_LOOP_SWEEP = {"MAX_LOOP_CLASSES": (0, 24), "LOOP_VEC": (4, 8), "LOOP_NUM_WARPS": (4, 8)}
+QUICK_LOOP_SWEEP = {"MAX_LOOP_CLASSES": (0, 24), "LOOP_VEC": (4,), "LOOP_NUM_WARPS": (4, 8)}
 GPU_SHAPES = {"pixel": (4, 19, 512, 1024), "cell_target": ((1, 19, 65, 129), (512, 1024)),
-              "cell_source": ((1, 19, 91, 161), (720, 1280)), "loop": ((4, 19, 512, 1024), (1, 16, 760, 1280))}
+              "cell_source": ((1, 19, 91, 161), (720, 1280)), "loop": (4, 19, 512, 1024)}
 SMOKE_SHAPES = {"pixel": (1, 19, 16, 40), "cell_target": ((1, 19, 3, 5), (17, 33)),
-                "cell_source": ((1, 19, 3, 6), (17, 41)), "loop": ((1, 19, 16, 40),)}
+                "cell_source": ((1, 19, 3, 6), (17, 41)), "loop": (1, 19, 16, 40)}
 ER_RATIO = 0.3
 
 
@@ -74,7 +77,7 @@ def cases(family, shapes, device, dtypes):
     if family == "pixel":
         shape = shapes["pixel"]
         for dname, dtype in dtypes.items():
-            logits = (torch.randn(shape, generator=g) * 3).to(device, dtype)
+            logits = (torch.randn(shape, generator=g) * 3).to(device, dtype, memory_format=torch.channels_last)
             upstream = torch.randn(shape, generator=g).to(device, dtype)
             numel, elt = logits.numel(), logits.element_size()
             out += [
@@ -85,12 +88,14 @@ def cases(family, shapes, device, dtypes):
             ]
         return out
     if family == "loop":
-        for shape in shapes["loop"]:
-            for dname, dtype in dtypes.items():
-                logits = (torch.randn(shape, generator=g) * 3).to(device, dtype)
-                label = f"minent {'x'.join(map(str, shape))} {dname}"
-                out.append((label, logits, af.entropy_loss, None,
-                            min_bytes("minent", logits.numel(), logits.element_size())[1]))
+        shape = shapes["loop"]
+        fused = {name: fns[1] for name, fns in entropy_cases(make_prior(shape[1], device)).items()}
+        for dname, dtype in dtypes.items():
+            logits = (torch.randn(shape, generator=g) * 3).to(device, dtype)
+            upstream = torch.randn(shape, generator=g).to(device, dtype)
+            numel, elt = logits.numel(), logits.element_size()
+            out += [(f"{name} {dname}", logits, fn, upstream, min_bytes(name, numel, elt)[1])
+                    for name, fn in fused.items()]
         return out
     (low, size), (src_low, src_size) = shapes["cell_target"], shapes["cell_source"]
     for dname, dtype in dtypes.items():

@@ -488,16 +488,16 @@ LOOP_MODES = {
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy: 0 * -inf, masked
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("C, dtype", [(2, torch.float32), (19, torch.float32), (24, torch.float32),
-                                      (16, torch.float16), (21, torch.bfloat16)], ids=str)
-@pytest.mark.parametrize("mode", list(LOOP_MODES))
+@pytest.mark.parametrize("mode, C, dtype", [  # 16-bit logits: the modes with every output
+    (mode, C, dtype) for mode in LOOP_MODES
+    for C, dtype in [(2, torch.float32), (19, torch.float32), (24, torch.float32), (16, torch.float16),
+                     (21, torch.bfloat16)]
+    if dtype == torch.float32 or mode in ("all", "all-ranked")], ids=str)
 def test_pixel_contiguous_logits_loop_over_the_classes(mode, C, dtype, layout, monkeypatch):
     """Every mode of the forward and backward takes the class-loop kernels on pixel-contiguous logits
     and the general tile kernels on channels_last ones (ranking: radix pass 0 in the main kernel either
     way): both against float64, with masked classes and a one-hot pixel (exact 0 gradients), over several
     pixel blocks (a partial one last) at 4 and 2 pixels a thread, several blocks a program."""
-    if dtype != torch.float32 and mode not in ("all", "all-ranked"):
-        pytest.skip("16-bit logits: the modes with every output")
     want, sources = LOOP_MODES[mode]
     class_loop = importlib.import_module(f"{kernels.__name__}.class_loop")
     monkeypatch.setattr(kernels.softmax_entropy, "MAX_PROGRAMS", N)  # one program an image: it loops
@@ -505,12 +505,13 @@ def test_pixel_contiguous_logits_loop_over_the_classes(mode, C, dtype, layout, m
     x = masked_pixels(make_logits(C, dtype, s=s))
     if layout == "channels_last":
         x = x.reshape(N, C, s, 1).contiguous(memory_format=torch.channels_last).reshape(N, C, s)
-    prior, k = make_prior(C) if want["cp"] else None, want["k"]
+    # mu = 1: the hinges of some classes active (mu prior_c above the class mean), of others not
+    prior, k, mu = make_prior(C) if want["cp"] else None, want["k"], 1.0
     names = launched_kernels(monkeypatch, class_loop._target_loop_fwd_kernel)
-    out = dict(zip(OUTPUTS, target_forward(x, prior, k, 0.5, want["info"], want["emap"], want["ent"], want["cp"])))
+    out = dict(zip(OUTPUTS, target_forward(x, prior, k, mu, want["info"], want["emap"], want["ent"], want["cp"])))
     grads = upstream_grads(x, sources)
     grad_x = target_backward(x, grads["info"], grads["emap"], grads["ent"], grads["cp"], out["keep"], out["kept"],
-                             out["cmean"], prior, 0.5)
+                             out["cmean"], prior, mu)
     main = {"_target_loop_fwd_kernel", "_target_loop_bwd_kernel", "_target_fwd_kernel", "_target_bwd_kernel"}
     expected_main = (["_target_loop_fwd_kernel", "_target_loop_bwd_kernel"] if layout == "contiguous"
                      else ["_target_fwd_kernel", "_target_bwd_kernel"])
@@ -519,8 +520,10 @@ def test_pixel_contiguous_logits_loop_over_the_classes(mode, C, dtype, layout, m
 
     keep = out["keep"].bool() if k else None
     leaf = x.detach().double().requires_grad_()
-    ref = reference(leaf, prior, 0.5, keep)
+    ref = reference(leaf, prior, mu, keep)
     rtol, atol = STORED_TOL[dtype]
+    if want["cp"]:
+        assert out["cp"] > 0 and ((mu * prior > out["cmean"]).sum(dim=1) < C).all()
     if want["info"]:
         assert out["info"].dtype == dtype and out["info"].stride() == x.stride()
         assert_close(out["info"], ref["info"].detach(), rtol, atol)
