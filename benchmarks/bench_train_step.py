@@ -20,7 +20,9 @@ one issued by the host: host ms / kernels is what one costs it). On every device
 ops one step dispatches that compute (views, detaches and allocations left out), counted over one
 more step: what the host issues in an eager step (a fused op counts once, whatever its launches; a
 replayed CUDA graph counts 0; compiled steps are not counted). Rows are printed (and the JSON
-written) as each variant finishes.
+written) as each variant finishes; below them, for a captured step, what one replay costs the host
+with the device idle (launching the graph's thousands of nodes; host ms/step may also include waiting for
+room in the launch queue).
 ``--track N`` trains the release fp32 step and the ``--track-variants`` (default: the release fp32
 step again, the fast path, and the fast path in fp32) from the same initial weights for N iterations
 on the same inputs and reports how far their losses stray from the first release run's: tiny rounding
@@ -181,6 +183,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def graph_launch_ms(graph, device, calls: int = 3) -> float:
+    """Host ms of one replay call with the device idle (median over ``calls``, each after a sync): what
+    launching the captured step costs the host before any queueing (each call is a training step)."""
+    times = []
+    for _ in range(calls):
+        sync(device)
+        start = time.perf_counter()
+        graph.replay()
+        times.append(time.perf_counter() - start)
+    sync(device)
+    return statistics.median(times) * 1e3
+
+
 def covered_length(intervals) -> float:
     """Length of the union of (start, end) intervals: overlapping kernels (the batch copies' own
     stream, a graph's parallel branches) count once."""
@@ -311,6 +326,8 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
         row["ops_per_step"] = compute_ops(step)
     if args.host_profile:
         row["host_profile"] = host_profile(step, device, args.host_profile)
+    if trainer.captured is not None and trainer.captured.graph is not None:
+        row["graph_launch_ms"] = graph_launch_ms(trainer.captured.graph, device)
     if device.type == "cuda":
         pool = trainer.captured.pool_bytes if trainer.captured is not None else 0
         row["peak_mib"] = (torch.cuda.max_memory_allocated() + pool) / 2**20
@@ -414,6 +431,10 @@ def main(argv=None):
             save()
             torch._dynamo.reset()
             release_memory(device)
+    for r in rows:
+        if "graph_launch_ms" in r:
+            print(f"- {r['mode']}/{r['variant']}: one replay of the captured step costs the host "
+                  f"{r['graph_launch_ms']:.1f} ms with the device idle (host ms/step above: {r['host_ms']:.1f})")
     profiled = [r for r in rows if "host_profile" in r]
     if profiled:
         print()

@@ -85,8 +85,8 @@ export ADVENT_FAST_REPORT_FAILURES=1
 stage pytest_train_cuda 100 "$PY" -m pytest -q tests/test_train.py tests/test_metrics.py -k cuda
 # The kernels on CUDA tensors against float64, the class-loop MinEnt kernels among them; then those
 # against the general kernels (MAX_LOOP_CLASSES=0) in one process, device time (graph replays).
-stage pytest_kernels_cuda 60 "$PY" -m pytest -q tests/test_kernels_triton.py
-stage tune_loop 60 "$PY" benchmarks/tune_kernels.py --quick --families loop --json "$LOGS/tune_loop.json"
+stage pytest_kernels_cuda 90 "$PY" -m pytest -q tests/test_kernels_triton.py
+stage tune_loop 120 "$PY" benchmarks/tune_kernels.py --quick --families loop --json "$LOGS/tune_loop.json"
 # Issue 5: the default fast path (one CUDA graph) against release_fp32 in one run, with frozen BN and
 # activation checkpointing (peak memory) inside the graph, and the kernels that take the GPU's time.
 stage bench_train_step_graph 190 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
