@@ -50,9 +50,11 @@ def takes_class_loop(x):
     return x.shape[1] <= MAX_LOOP_CLASSES and x.stride(2) == 1
 
 
-def loop_vec(num_classes, heavy):
-    """Pixels a thread for a variant (heavy: see HEAVY_LOOP_CLASSES)."""
-    return max(1, LOOP_VEC // 2) if heavy and num_classes > HEAVY_LOOP_CLASSES else LOOP_VEC
+def loop_tile(num_classes, heavy):
+    """(ROWS, VEC) of a variant's pixel block: 32 x LOOP_NUM_WARPS rows of threads, VEC pixels a thread
+    (heavy: see HEAVY_LOOP_CLASSES)."""
+    vec = max(1, LOOP_VEC // 2) if heavy and num_classes > HEAVY_LOOP_CLASSES else LOOP_VEC
+    return 32 * LOOP_NUM_WARPS, vec
 
 
 @triton.jit

@@ -184,8 +184,8 @@ def target_backward(x, grad_info, grad_emap, grad_ent, grad_cp, keep, kept, cmea
     sources = dict(HAS_GRAD_INFO=has_grad_info, HAS_GRAD_EMAP=grad_emap is not None, ENT_MODE=ent_mode,
                    HAS_GRAD_CP=grad_cp is not None)
     if class_loop.takes_class_loop(x):  # pixel-contiguous, C <= 24: the classes inside each thread
-        vec, rows = class_loop.loop_vec(C, has_grad_info or grad_cp is not None), 32 * class_loop.LOOP_NUM_WARPS
-        class_loop._target_loop_bwd_kernel[(ceil_div(S, vec * rows), N)](
+        rows, vec = class_loop.loop_tile(C, has_grad_info or grad_cp is not None)
+        class_loop._target_loop_bwd_kernel[(ceil_div(S, rows * vec), N)](
             *args, *scalars, *strides, **sources, C=C, ROWS=rows, VEC=vec, num_warps=class_loop.LOOP_NUM_WARPS)
     else:
         _target_bwd_kernel[(ceil_div(S, block_s), N)](

@@ -181,8 +181,8 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     want_ent_sum = want_ent and not ranked
     block_s, block_c = block_sizes(C)
     loop = class_loop.takes_class_loop(x)  # pixel-contiguous, C <= 24: the classes inside each thread
-    loop_vec = class_loop.loop_vec(C, want_info or want_cp)
-    num_blocks = ceil_div(S, loop_vec * 32 * class_loop.LOOP_NUM_WARPS if loop else block_s)
+    loop_rows, loop_vec = class_loop.loop_tile(C, want_info or want_cp)
+    num_blocks = ceil_div(S, loop_rows * loop_vec if loop else block_s)
     programs = programs_per_image(num_blocks, N)
 
     info = torch.empty_like(x) if want_info else None
@@ -197,7 +197,7 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     if loop:
         class_loop._target_loop_fwd_kernel[(programs, N)](
             *args, num_blocks, 1.0 / math.log(C), *strides, **outputs, C=C, BLOCK_C=block_c,
-            ROWS=32 * class_loop.LOOP_NUM_WARPS, VEC=loop_vec, num_warps=class_loop.LOOP_NUM_WARPS,
+            ROWS=loop_rows, VEC=loop_vec, num_warps=class_loop.LOOP_NUM_WARPS,
             **ENTROPY_LAUNCH_OPTIONS)
     else:
         _target_fwd_kernel[(programs, N)](
