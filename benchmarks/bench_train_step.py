@@ -51,6 +51,7 @@ import argparse
 import gc
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -121,7 +122,8 @@ def parse_args(argv=None):
     p.add_argument("--host-profile", type=int, default=0, metavar="K",
                    help="also profile one step of each variant on the host: its K most expensive ops")
     p.add_argument("--gpu-profile", type=int, default=0, metavar="K",
-                   help="also list each variant's K kernels with the most device time per step (GPU)")
+                   help="also list each variant's device time per step by kind of kernel, and its K longest "
+                        "kernels (GPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="fewer steps and variants")
     p.add_argument("--json", default="bench_train_step.json", help="where to write the results")
@@ -207,12 +209,12 @@ def covered_length(intervals) -> float:
     return total
 
 
-def gpu_activity(step, steps: int, top: int = 0) -> tuple[float, float, list]:
-    """(busy ms, kernels, top kernels) per step, from the profiler over ``steps`` steps: the time with at
+def gpu_activity(step, steps: int, top: int = 0) -> tuple[float, float, dict | None]:
+    """(busy ms, kernels, profile) per step, from the profiler over ``steps`` steps: the time with at
     least one kernel or copy running on the GPU (divided by the unprofiled ms/step for the busy fraction:
     profiling slows the host, not the GPU), how many kernels and copies ran (the host issues each of
-    them: with host ms, what one costs the host), and the ``top`` kernels by device time
-    (:func:`kernel_totals`)."""
+    them: with host ms, what one costs the host), and if ``top``, the ``top`` kernels by device time
+    (:func:`kernel_totals`) and every kernel's time by kind (:func:`kernel_kinds`)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -226,7 +228,8 @@ def gpu_activity(step, steps: int, top: int = 0) -> tuple[float, float, list]:
     if not spans:  # CUPTI may not report the kernels of replayed CUDA graphs: no figure beats 0%
         raise RuntimeError("the profiler saw no GPU activity")
     busy_ms = covered_length([(start, end) for _, start, end in spans]) / 1e3 / steps
-    return busy_ms, len(spans) / steps, kernel_totals(spans, steps, top)
+    profile = {"kernels": kernel_totals(spans, steps, top), "kinds": kernel_kinds(spans, steps)} if top else None
+    return busy_ms, len(spans) / steps, profile
 
 
 def kernel_totals(spans, steps: int, top: int) -> list:
@@ -238,6 +241,43 @@ def kernel_totals(spans, steps: int, top: int) -> list:
         totals[name] = (ms + (end - start) / 1e3, calls + 1)
     ranked = sorted(totals.items(), key=lambda item: item[1][0], reverse=True)[:top]
     return [{"kernel": name[:100], "ms": ms / steps, "calls": calls / steps} for name, (ms, calls) in ranked]
+
+
+# What a kernel does, from its name: the first pattern that matches (case-insensitive) names its kind.
+# cuDNN's BatchNorm kernels (fp32) are "bn_fw..."/"bn_bw...", aten's (bf16: no cuDNN) "batch_norm_...";
+# Triton kernels carry their function's name (this project's "_..._kernel", torch.compile's "triton_...").
+KERNEL_KINDS = (
+    ("advent_fast Triton kernels", r"^_\w+_kernel$"),
+    ("torch.compile Triton kernels", r"^triton_"),  # fusions: BatchNorm with its ReLU, say
+    ("BatchNorm", r"batch_?norm|\bbn_(fw|bw)|welford"),
+    ("layout transposes (cuDNN)", r"nchwToNhwc|nhwcToNchw"),
+    ("convolution, GEMM", r"xmma|cutlass|gemm|conv|cudnn|cask"),
+    ("optimisers", r"multi_tensor_apply|fused_?(sgd|adam)"),
+    ("ReLU and its backward", r"clamp|threshold"),
+    ("interpolation", r"upsample|interp"),
+    ("softmax, losses (aten)", r"softmax|nll_loss|cross_entropy|binary_cross"),
+    ("pooling", r"pool"),
+    ("copies, casts", r"copy|memcpy|catarray"),
+    ("fills", r"fill|memset"),
+    ("reductions", r"reduce"),
+    ("other elementwise", r"elementwise"),
+    ("other", r""),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next(kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name, re.IGNORECASE))
+
+
+def kernel_kinds(spans, steps: int) -> list:
+    """Every kernel's device time grouped by :data:`KERNEL_KINDS`, per step: [{kind, ms, calls}] by ms."""
+    totals: dict = {}
+    for name, start, end in spans:
+        kind = kernel_kind(name)
+        ms, calls = totals.get(kind, (0.0, 0))
+        totals[kind] = (ms + (end - start) / 1e3, calls + 1)
+    ranked = sorted(totals.items(), key=lambda item: item[1][0], reverse=True)
+    return [{"kind": kind, "ms": ms / steps, "calls": calls / steps} for kind, (ms, calls) in ranked]
 
 
 # aten ops that launch no kernel on any device: views of a tensor's metadata, and allocations
@@ -332,9 +372,9 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
         pool = trainer.captured.pool_bytes if trainer.captured is not None else 0
         row["peak_mib"] = (torch.cuda.max_memory_allocated() + pool) / 2**20
         try:  # the profiler is a measurement aid: its failure must not cost the timings
-            row["gpu_ms"], row["kernels_per_step"], top = gpu_activity(step, min(steps, 5), args.gpu_profile)
-            if args.gpu_profile:
-                row["gpu_profile"] = top
+            row["gpu_ms"], row["kernels_per_step"], profile = gpu_activity(step, min(steps, 5), args.gpu_profile)
+            if profile:
+                row["gpu_profile"] = profile
             row["gpu_busy"] = row["gpu_ms"] / ms
         except Exception as exc:
             print(f"{variant}/{mode}: GPU busy time not measured: {exc!r}", file=sys.stderr)
@@ -389,6 +429,27 @@ def format_row(row, rows) -> str:
             f"{fmt(row['gpu_ms'], '.1f')} | {fmt(busy, 's')} | {fmt(row['kernels_per_step'], ',.0f')} | "
             f"{fmt(row['ops_per_step'], ',')} | "
             f"{row['warmup_s']:.1f} | {row['settings']} |")
+
+
+def print_gpu_profiles(rows) -> None:
+    """The device time by kind of kernel, then by kernel, of the rows profiled with --gpu-profile."""
+    profiled = [r for r in rows if r.get("gpu_profile")]
+    if not profiled:
+        return
+    for title, key, label in (("kind of kernel (every kernel)", "kinds", "kind"),
+                              ("kernel (the longest)", "kernels", "kernel")):
+        print()
+        print(f"Device time of one step by {title}; the profiler's CUDA side, share: of the GPU busy ms "
+              "(kernels on parallel streams can add up to more):")
+        print()
+        print(f"| mode | variant | GPU ms | {label} | launches | ms | share |")
+        print("|---|---|---|---|---|---|---|")
+        for r in profiled:
+            for i, k in enumerate(r["gpu_profile"][key]):
+                lead = f"| {r['mode']} | {r['variant']} | {r['gpu_ms']:.1f} |" if i == 0 else "| | | |"
+                name = k[label].replace("|", "/")
+                name = name if label == "kind" else f"`{name}`"
+                print(f"{lead} {name} | {k['calls']:.0f} | {k['ms']:.2f} | {k['ms'] / r['gpu_ms']:.0%} |")
 
 
 def main(argv=None):
@@ -449,18 +510,7 @@ def main(argv=None):
                 lead = (f"| {r['mode']} | {r['variant']} | {r['host_ms']:.1f} | {prof['ops_self_ms']:.1f} |" if i == 0
                         else "| | | | |")
                 print(f"{lead} {op['op']} | {op['calls']} | {op['self_ms']:.2f} |")
-    profiled = [r for r in rows if r.get("gpu_profile")]
-    if profiled:
-        print()
-        print("Device time of one step by kernel (the profiler's CUDA side; share: of the GPU busy ms):")
-        print()
-        print("| mode | variant | GPU ms | kernel | launches | ms | share |")
-        print("|---|---|---|---|---|---|---|")
-        for r in profiled:
-            for i, k in enumerate(r["gpu_profile"]):
-                lead = f"| {r['mode']} | {r['variant']} | {r['gpu_ms']:.1f} |" if i == 0 else "| | | |"
-                name = k["kernel"].replace("|", "/")
-                print(f"{lead} `{name}` | {k['calls']:.0f} | {k['ms']:.2f} | {k['ms'] / r['gpu_ms']:.0%} |")
+    print_gpu_profiles(rows)
     if args.track:
         print()
         print(f"Losses against release_fp32 over {args.track} iterations on the same inputs and initial "

@@ -151,6 +151,63 @@ def test_gpu_profile_ranks_kernels_by_device_time_per_step(monkeypatch):
     assert kernel_totals(spans, 1, 0) == []
 
 
+@pytest.mark.parametrize("name, kind", [
+    ("void at::native::batch_norm_collect_statistics_channels_last_kernel<c10::BFloat16, float, float, 4>", "BatchNorm"),
+    ("void cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, int, 512, true, 1, true>", "BatchNorm"),
+    ("_target_loop_fwd_kernel", "advent_fast Triton kernels"),
+    ("triton_red_fused_native_batch_norm_backward_relu_0", "torch.compile Triton kernels"),
+    ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution, GEMM"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>",
+     "layout transposes (cuDNN)"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+     "TensorListMetadata<3>, at::native::(anonymous namespace)::FusedSgdMathFunctor<float, 3>>", "optimisers"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::launch_clamp_scalar"
+     "(at::TensorIteratorBase&, c10::Scalar, c10::Scalar)::{lambda(c10::BFloat16)#1}>", "ReLU and its backward"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)"
+     "::{lambda(float)#1}>", "copies, casts"),
+    ("Memcpy HtoD (Pinned -> Device)", "copies, casts"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "fills"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
+     "other elementwise"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MeanOps<float, float>>>",
+     "reductions"),
+    ("some_new_kernel", "other"),
+])
+def test_gpu_profile_sorts_kernels_by_kind(monkeypatch, name, kind):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from bench_train_step import kernel_kind
+
+    assert kernel_kind(name) == kind
+
+
+def test_gpu_profile_totals_every_kernel_by_kind(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from bench_train_step import kernel_kinds
+
+    spans = [("sm90_xmma_fprop", 0, 3000), ("batch_norm_transform_input_kernel", 3000, 3500),
+             ("cutlass_conv", 4000, 6000), ("welford", 6000, 7000), ("mystery", 0, 10)]
+    assert kernel_kinds(spans, 2) == [{"kind": "convolution, GEMM", "ms": 2.5, "calls": 1.0},
+                                      {"kind": "BatchNorm", "ms": 0.75, "calls": 1.0},
+                                      {"kind": "other", "ms": 0.005, "calls": 0.5}]
+
+
+def test_gpu_profile_tables(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from bench_train_step import kernel_kinds, kernel_totals, print_gpu_profiles
+
+    spans = [("sm90_xmma_fprop", 0, 3000), ("batch_norm_stats", 3000, 4000), ("a|b", 4000, 5000)]
+    profile = {"kernels": kernel_totals(spans, 1, 2), "kinds": kernel_kinds(spans, 1)}
+    print_gpu_profiles([{"mode": "advent", "variant": "fast", "gpu_ms": 5.0, "gpu_profile": profile},
+                        {"mode": "advent", "variant": "fast_eager", "gpu_ms": 9.0}])
+    out = capsys.readouterr().out
+    assert "| advent | fast | 5.0 | convolution, GEMM | 1 | 3.00 | 60% |" in out
+    assert "| | | | other | 1 | 1.00 | 20% |" in out
+    assert "| advent | fast | 5.0 | `sm90_xmma_fprop` | 1 | 3.00 | 60% |" in out
+    assert "| | | | `batch_norm_stats` | 1 | 1.00 | 20% |" in out and "fast_eager" not in out
+    print_gpu_profiles([{"mode": "advent", "variant": "fast", "gpu_ms": 5.0}])
+    assert capsys.readouterr().out == ""
+
+
 def test_kernel_resources_sees_the_spills_of_an_oversized_tile(tmp_path):
     """--set compiles with other launch parameters: 8K-element tiles on 4 warps do not fit in registers."""
     out = tmp_path / "kernel_resources.json"
