@@ -75,7 +75,7 @@ echo "== install: $((SECONDS - START)) s" | tee -a "$LOGS/stages.txt"
 pack
 
 # First what the open issues need, most important first; the stages measured by a previous run (see
-# README, Measured results) follow. A failing test's report goes to NAME.err at once (tests/conftest.py):
+# docs/measurements.md) follow. A failing test's report goes to NAME.err at once (tests/conftest.py):
 # a stage stopped by its limit never prints pytest's summary.
 export ADVENT_FAST_REPORT_FAILURES=1
 # The whole step as one CUDA graph (the fast path's default on one GPU), in its own processes (a failed
@@ -112,7 +112,7 @@ stage tune_kernels 120 "$PY" benchmarks/tune_kernels.py --quick --families pixel
 stage bench_train_step_compile 240 "$PY" benchmarks/bench_train_step.py --modes advent \
     --variants fast_compile fast_compile_graph fast_cudagraph --steps 10 --warmup 5 \
     --json "$LOGS/bench_train_step_compile.json"
-# Measured on an H200 on 2026-11-27 (README): again, for figures from the same card in one run.
+# Measured on an H200 on 2026-11-27 (docs/measurements.md): again, for figures from the same card in one run.
 stage pytest_upsampled_cuda 170 "$PY" -m pytest -q tests/test_upsampled.py
 stage profile_step 60 "$PY" benchmarks/bench_train_step.py --modes advent --variants release_fp32 fast_eager \
     --steps 3 --warmup 3 --host-profile 15 --json "$LOGS/profile_step.json"
@@ -134,7 +134,7 @@ stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/b
     echo "-- training run"; tail -2 "$LOGS/train_embedded.md" 2>/dev/null
     for name in tune_loop tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
         bench_train_step_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
-        echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -120
+        echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -300
     done
     echo "-- stages ($((SECONDS - START)) s; every table, log and JSON: $OUT/results.tgz)"; cat "$LOGS/stages.txt"
 } | tee "$LOGS/summary.md"
