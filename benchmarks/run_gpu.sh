@@ -92,6 +92,10 @@ stage tune_loop 120 "$PY" benchmarks/tune_kernels.py --quick --families loop --j
 stage bench_train_step_graph 190 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
     --variants release_fp32 fast fast_frozen_bn fast_checkpointed --gpu-profile 12 \
     --json "$LOGS/bench_train_step_graph.json"
+# Issue 5: torch.compile of G and D inside the whole-step graph, against the default graph step in the same
+# process: what Inductor's fusions (BatchNorm with its ReLU, the residual adds) take off the GPU's time.
+stage bench_train_step_compile_graph 200 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
+    --variants fast fast_compile_graph --gpu-profile 12 --json "$LOGS/bench_train_step_compile_graph.json"
 # The public losses on CUDA tensors: values against float64, no host synchronisation, CUDA-graph capture.
 stage pytest_losses_cuda 110 "$PY" -m pytest -q tests/test_losses_cuda.py
 # Issue 5's numerics: 100 iterations of the fast path (bf16, and fp32) and of the release step again (its
@@ -108,9 +112,9 @@ stage train_embedded 60 "$PY" -m advent_fast.train --mode advent --run-dir "$RUN
 cp "$RUN_DIR/metrics.jsonl" "$LOGS/train_embedded_metrics.jsonl" 2>/dev/null
 # Tile sizes and warp counts of the general kernels (the defaults are untuned guesses until this has run).
 stage tune_kernels 120 "$PY" benchmarks/tune_kernels.py --quick --families pixel cell --json "$LOGS/tune_kernels.json"
-# torch.compile of G and D, alone and inside the whole-step graph (compiling ResNet-101 takes a while).
+# torch.compile of G and D without the whole-step graph (compiling ResNet-101 takes a while).
 stage bench_train_step_compile 240 "$PY" benchmarks/bench_train_step.py --modes advent \
-    --variants fast_compile fast_compile_graph fast_cudagraph --steps 10 --warmup 5 \
+    --variants fast_compile fast_cudagraph --steps 10 --warmup 5 \
     --json "$LOGS/bench_train_step_compile.json"
 # Measured on an H200 on 2026-11-27 (docs/measurements.md): again, for figures from the same card in one run.
 stage pytest_upsampled_cuda 170 "$PY" -m pytest -q tests/test_upsampled.py
@@ -133,7 +137,7 @@ stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/b
     done
     echo "-- training run"; tail -2 "$LOGS/train_embedded.md" 2>/dev/null
     for name in tune_loop tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
-        bench_train_step_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
+        bench_train_step_graph bench_train_step_compile_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
         echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -300
     done
     echo "-- stages ($((SECONDS - START)) s; every table, log and JSON: $OUT/results.tgz)"; cat "$LOGS/stages.txt"
