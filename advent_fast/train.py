@@ -53,6 +53,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="train.compile: torch.compile mode of the generator and discriminators")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="train.cuda_graph: replay the whole step as one CUDA graph (fast path, one GPU)")
+    p.add_argument("--fused-batchnorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="train.fused_batchnorm: train-mode BatchNorm (+ ReLU) in the fused kernels (GPU)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="train.activation_checkpointing: recompute the backbone's blocks in the backward "
                         "(less memory, about one more backbone forward per step)")
@@ -73,6 +75,7 @@ def flag_updates(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
              ("train", "class_prior"): args.class_prior, ("train", "precision"): args.precision,
              ("train", "channels_last"): args.channels_last, ("train", "fast_path"): args.fast_path,
              ("train", "compile"): args.compile, ("train", "cuda_graph"): args.cuda_graph,
+             ("train", "fused_batchnorm"): args.fused_batchnorm,
              ("train", "activation_checkpointing"): args.activation_checkpointing,
              ("run", "dir"): args.run_dir}
     updates: Dict[str, Dict[str, Any]] = {}

@@ -90,6 +90,7 @@ class StepSettings:
     # train.cuda_graph null: a failed capture or a new batch shape falls back to eager steps (true: an error)
     cuda_graph_fallback: bool
     activation_checkpointing: bool  # backbone blocks recomputed in the backward (memory for compute)
+    fused_batchnorm: bool  # train-mode BatchNorm (+ ReLU) in the fused kernels (advent_fast.batch_norm)
 
     @classmethod
     def resolve(cls, config: Config, device: torch.device, distributed: bool = False) -> "StepSettings":
@@ -122,6 +123,7 @@ class StepSettings:
             cuda_graph=cuda_graph,
             cuda_graph_fallback=t.cuda_graph is None,
             activation_checkpointing=t.activation_checkpointing,
+            fused_batchnorm=t.fused_batchnorm and not config.model.freeze_bn,
         )
 
     @property
@@ -143,6 +145,7 @@ class StepSettings:
         parts += [f"torch.compile({self.compile})"] if self.compile != "none" else []
         parts += ["whole step as one CUDA graph"] if self.cuda_graph else []
         parts += ["activation checkpointing"] if self.activation_checkpointing else []
+        parts += ["fused train-mode BatchNorm"] if self.fused_batchnorm else []
         return ", ".join(parts)
 
 
@@ -445,6 +448,10 @@ class Trainer:
             from .models import fold_frozen_batchnorm
 
             fold_frozen_batchnorm(self.model)
+        if self.settings.fused_batchnorm:
+            from .models import use_fused_batchnorm
+
+            use_fused_batchnorm(self.model)
         self.model.activation_checkpointing = self.settings.activation_checkpointing
         self.model.to(self.device, memory_format=self.memory_format)
         fused = self.settings.fused_optimizers

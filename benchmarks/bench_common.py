@@ -160,7 +160,7 @@ def write_results(path: str, payload: dict, announce: bool = True) -> None:
 
 # The kernels' launch parameters are module constants that their launchers read at call time.
 KERNEL_MODULES = ("softmax_entropy", "entropy_ranking", "bilinear", "class_loop", "target_forward",
-                  "target_backward", "upsampled_cross_entropy", "upsampled_target")
+                  "target_backward", "upsampled_cross_entropy", "upsampled_target", "batch_norm")
 
 
 def kernel_modules(package: str = "advent_fast.kernels"):

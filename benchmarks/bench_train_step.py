@@ -40,6 +40,7 @@ Variants (``--variants``):
   fast_compile   the fast path with torch.compile of G and D (train.compile=default; no CUDA graph)
   fast_cudagraph the fast path with torch.compile(mode="reduce-overhead") (CUDA graphs of G and D)
   fast_compile_graph the fast path with torch.compile of G and D inside the whole-step CUDA graph (CUDA only)
+  fast_fused_bn  the fast path with train.fused_batchnorm=true (train-mode BatchNorm + ReLU in the fused kernels)
   fast_frozen_bn the fast path with model.freeze_bn=true (BatchNorm folded into the convolutions; a
                  deviation from the release, whose BatchNorm trains in batch-1 train mode)
   fast_checkpointed the fast path with train.activation_checkpointing (backbone blocks recomputed in
@@ -76,6 +77,7 @@ VARIANTS = {
     "fast_compile": ["train.fast_path=true", "train.compile=default"],
     "fast_cudagraph": ["train.fast_path=true", "train.compile=reduce-overhead"],
     "fast_compile_graph": ["train.fast_path=true", "train.compile=default", "train.cuda_graph=true"],
+    "fast_fused_bn": ["train.fast_path=true", "train.fused_batchnorm=true"],
     "fast_frozen_bn": ["train.fast_path=true", "model.freeze_bn=true"],
     "fast_checkpointed": ["train.fast_path=true", "train.activation_checkpointing=true"],
 }
@@ -247,6 +249,7 @@ def kernel_totals(spans, steps: int, top: int) -> list:
 # cuDNN's BatchNorm kernels (fp32) are "bn_fw..."/"bn_bw...", aten's (bf16: no cuDNN) "batch_norm_...";
 # Triton kernels carry their function's name (this project's "_..._kernel", torch.compile's "triton_...").
 KERNEL_KINDS = (
+    ("advent_fast BatchNorm kernels", r"^_batch_norm_\w+_kernel$"),  # train.fused_batchnorm
     ("advent_fast Triton kernels", r"^_\w+_kernel$"),
     ("torch.compile Triton kernels", r"^triton_"),  # fusions: BatchNorm with its ReLU, say
     ("BatchNorm", r"batch_?norm|\bbn_(fw|bw)|welford"),

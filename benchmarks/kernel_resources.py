@@ -167,6 +167,18 @@ def launch_every_variant(case: dict):
         up.upsampled_target_backward(x, H, W, None, emap, scalar, None, keep, per_image, None, None, 0.5)
 
 
+    # Train-mode BatchNorm (+ ReLU) on channels_last activations: ResNet-101's layer3 at 1280x720 (bf16), odd sizes.
+    bn = importlib.import_module(f"{kernels.__name__}.batch_norm")
+    for n, c, h, w, dtype in [(1, 256, 90, 160, torch.bfloat16), (2, 19, 7, 11, torch.float32),
+                              (1, 3, 5, 1, torch.float16)]:
+        case["label"] = f"({n}, {c}, {h}, {w}) {str(dtype)[6:]} channels_last"
+        x = torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight, bias, running_mean, running_var = (torch.rand(c) for _ in range(4))
+        for relu in (False, True):
+            _, mean, invstd, scale = bn.batch_norm_forward(x, weight, bias, running_mean, running_var, 0.1, 1e-5, relu)
+            bn.batch_norm_backward(torch.randn_like(x), x, bias, mean, invstd, scale, relu)
+
+
 def resource_usage(cubin: bytes) -> dict[str, int]:
     """REG, STACK, SHARED, ... of the one function in a cubin, as cuobjdump -res-usage reports."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

@@ -83,15 +83,17 @@ export ADVENT_FAST_REPORT_FAILURES=1
 # activation checkpointing too), the default's eager fallbacks (a failed capture, a batch of another
 # shape), a training run with it, the other CUDA-only trainer and metric tests.
 stage pytest_train_cuda 100 "$PY" -m pytest -q tests/test_train.py tests/test_metrics.py -k cuda
-# The kernels on CUDA tensors against float64, the class-loop MinEnt kernels among them; then those
+# The kernels on CUDA tensors against float64, the class-loop ones and the fused BatchNorm among them; then those
 # against the general kernels (MAX_LOOP_CLASSES=0) in one process, device time (graph replays).
-stage pytest_kernels_cuda 90 "$PY" -m pytest -q tests/test_kernels_triton.py
+stage pytest_kernels_cuda 100 "$PY" -m pytest -q tests/test_kernels_triton.py tests/test_batch_norm.py
 stage tune_loop 120 "$PY" benchmarks/tune_kernels.py --quick --families loop --json "$LOGS/tune_loop.json"
-# Issue 5: the default fast path (one CUDA graph) against release_fp32 in one run, with frozen BN and
-# activation checkpointing (peak memory) inside the graph, and the kernels that take the GPU's time.
-stage bench_train_step_graph 190 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
-    --variants release_fp32 fast fast_frozen_bn fast_checkpointed --gpu-profile 12 \
+# Issue 5: the default fast path (one CUDA graph) against release_fp32 in one run, with the fused train-mode
+# BatchNorm, frozen BN and activation checkpointing (peak memory) inside the graph, and where the GPU's time goes.
+stage bench_train_step_graph 230 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
+    --variants release_fp32 fast fast_fused_bn fast_frozen_bn fast_checkpointed --gpu-profile 12 \
     --json "$LOGS/bench_train_step_graph.json"
+# The fused train-mode BatchNorm (+ ReLU) against ATen's and torch.compile's, ResNet-101's layers, bf16.
+stage bench_batchnorm 90 "$PY" benchmarks/bench_batchnorm.py --quick --json "$LOGS/bench_batchnorm.json"
 # Issue 5: torch.compile of G and D inside the whole-step graph, against the default graph step in the same
 # process: what Inductor's fusions (BatchNorm with its ReLU, the residual adds) take off the GPU's time.
 stage bench_train_step_compile_graph 200 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
@@ -136,7 +138,7 @@ stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/b
         grep -A40 '^FAILED' "$LOGS/$name.err" 2>/dev/null | head -80  # reported as they failed
     done
     echo "-- training run"; tail -2 "$LOGS/train_embedded.md" 2>/dev/null
-    for name in tune_loop tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
+    for name in tune_loop bench_batchnorm tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
         bench_train_step_graph bench_train_step_compile_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
         echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -300
     done

@@ -155,6 +155,7 @@ def test_gpu_profile_ranks_kernels_by_device_time_per_step(monkeypatch):
     ("void at::native::batch_norm_collect_statistics_channels_last_kernel<c10::BFloat16, float, float, 4>", "BatchNorm"),
     ("void cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, int, 512, true, 1, true>", "BatchNorm"),
     ("_target_loop_fwd_kernel", "advent_fast Triton kernels"),
+    ("_batch_norm_grad_input_kernel", "advent_fast BatchNorm kernels"),
     ("triton_red_fused_native_batch_norm_backward_relu_0", "torch.compile Triton kernels"),
     ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution, GEMM"),
     ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>",
@@ -307,6 +308,17 @@ def test_bench_upsampled(tmp_path):
         assert r["fwd_bwd_ms"] > 0 and r["x_release"] > 0 and r["peak_MiB"] is r["graph_ms"] is r["host_ms"] is None
 
 
+def test_bench_batchnorm(tmp_path):
+    out = tmp_path / "bench_batchnorm.json"
+    stdout = run_script("bench_batchnorm.py", "--quick", "--no-compile", "--json", str(out))
+    assert "| layer3 bn2 | 1x256x23x40 | yes | bf16 | fused |" in stdout
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["case"], r["impl"]) for r in rows] == [(case, impl) for case in ("layer3 bn2", "layer3 bn3")
+                                                      for impl in ("aten", "fused")]
+    for r in rows:
+        assert r["fwd_bwd_ms"] > 0 and r["GBps"] > 0 and r["x_aten"] > 0 and r["peak_MiB"] is r["graph_ms"] is None
+
+
 def test_tune_kernels(tmp_path):
     """Under the interpreter: two candidates a family, the same gradients as the defaults' (no error rows)."""
     out = tmp_path / "tune_kernels.json"
@@ -363,7 +375,7 @@ def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
         packed = {os.path.basename(name) for name in tar.getnames()}
     stages = [line.split()[1].rstrip(":") for line in (out / "stages.txt").read_text().splitlines()
               if line.startswith("== ") and "exit 0" in line]
-    assert "bench_entropy" in stages and "bench_train_step_compile_graph" in stages and len(stages) == 19
+    assert "bench_entropy" in stages and "bench_batchnorm" in stages and len(stages) == 20
     assert {f"{name}.md" for name in stages} | {f"{name}.err" for name in stages} <= packed
     assert {"bench_entropy.json", "bench_train_step.json", "track_losses.json", "summary.md", "gpu.txt"} <= packed
     assert "| stub | benchmarks/bench_entropy.py" in proc.stdout.split("-- bench_entropy")[-1]

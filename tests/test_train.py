@@ -717,6 +717,37 @@ def test_activation_checkpointing_gives_the_same_step(tiny_data, fast_path):
         torch.testing.assert_close(value, ref_state[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("extra", [(), ("train.activation_checkpointing=true",)], ids=["plain", "checkpointed"])
+def test_fused_batchnorm_gives_the_same_step(tiny_data, triton_backend, monkeypatch, extra):
+    """train.fused_batchnorm: every train-mode BatchNorm in the fused kernels (channels_last activations),
+    the same losses, weights and running statistics; with activation checkpointing, whose recomputation
+    must leave the running statistics alone."""
+    from advent_fast.kernels import batch_norm as bn_kernels
+    from advent_fast.models import FusedBatchNorm2d
+
+    launches = []
+    forward = bn_kernels.batch_norm_forward
+    monkeypatch.setattr(bn_kernels, "batch_norm_forward", lambda *a: launches.append(1) or forward(*a))
+    common = (*extra, "train.lr=1e-2", "train.precision=fp32", "train.channels_last=true")
+    batches = fixed_batches(2, seed=4)
+    plain, plain_metrics = run_steps(tiny_config(tiny_data, "minent", *common), batches)
+    assert not launches
+    fused, metrics = run_steps(tiny_config(tiny_data, "minent", "train.fused_batchnorm=true", *common), batches)
+    assert "fused train-mode BatchNorm" in fused.settings.describe()
+    layers = [m for m in fused.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert layers and all(type(m) is FusedBatchNorm2d for m in layers)
+    forwards = 2 * 2 * (2 if extra else 1)  # 2 steps x (source, target), each block again in its backward
+    assert len(launches) == forwards * len(layers)
+    for ref, got in zip(plain_metrics, metrics):
+        assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    ref_state = plain.model.state_dict()
+    for name, value in fused.model.state_dict().items():
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+    frozen = trainer_mod.StepSettings.resolve(load_config("embedded", ["train.fused_batchnorm=true",
+                                                                       "model.freeze_bn=true"]), torch.device("cpu"))
+    assert not frozen.fused_batchnorm  # eval-mode BatchNorm: nothing to fuse
+
+
 def test_tensorboard_scalars_and_images(tiny_data, tmp_path):
     pytest.importorskip("tensorboard")
     config = tiny_config(tiny_data, "minent_er", "run.tensorboard=true", "run.image_every=1",
@@ -849,6 +880,7 @@ def cuda_batches(trainer, steps, seed=0):
     ("minent_er", ()),
     ("advent", ("train.activation_checkpointing=true",)),  # recomputation inside the captured backward
     ("advent", ("model.freeze_bn=true",)),  # the folded BN's affine and scaled weights made in every replay
+    ("advent", ("train.fused_batchnorm=true",)),  # the fused train-mode BatchNorm kernels captured
 ])
 def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, monkeypatch, mode, extra):
     """3 eager warm-up steps, the capture, replays: same losses and weights as the eager fast path,

@@ -6,11 +6,13 @@ from .deeplabv2 import (
     DeepLabV2ResNet101,
     DeepLabV2Small,
     DeepLabV2VGG16,
+    FusedBatchNorm2d,
     ReleaseSGD,
     SegmentationModel,
     build_model,
     fold_frozen_batchnorm,
     shared_scaled_weights,
+    use_fused_batchnorm,
 )
 from .discriminator import FCDiscriminator
 from .weights import (
@@ -30,6 +32,7 @@ __all__ = [
     "DeepLabV2Small",
     "DeepLabV2VGG16",
     "FCDiscriminator",
+    "FusedBatchNorm2d",
     "GROUPINGS",
     "ReleaseSGD",
     "SegmentationModel",
@@ -41,4 +44,5 @@ __all__ = [
     "model_from_checkpoint",
     "save_checkpoint",
     "shared_scaled_weights",
+    "use_fused_batchnorm",
 ]

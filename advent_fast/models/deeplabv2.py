@@ -18,8 +18,11 @@ from collections import Counter
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..batch_norm import train_batch_norm
 
 ASPP_DILATIONS = (6, 12, 18, 24)
 GROUPINGS = ("release", "clean")
@@ -45,6 +48,13 @@ class ASPPHead(nn.Module):
         for conv in self.conv2d_list[1:]:
             out = out + conv(x)
         return out
+
+
+def bn_relu(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ReLU (in place, as the release's) of ``bn(x)``; a :class:`FusedBatchNorm2d` applies both in one pass."""
+    if isinstance(bn, FusedBatchNorm2d):
+        return bn(x, relu=True)
+    return F.relu(bn(x), inplace=True)
 
 
 def frozen_batchnorm(channels: int) -> nn.BatchNorm2d:
@@ -186,8 +196,8 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = bn_relu(self.bn1, self.conv1(x))
+        out = bn_relu(self.bn2, self.conv2(out))
         out = self.bn3(self.conv3(out))
         residual = x if self.downsample is None else self.downsample(x)
         return self.relu(out + residual)
@@ -219,7 +229,6 @@ class DeepLabV2ResNet101(SegmentationModel):
         super().__init__(num_classes, multi_level, freeze_bn)
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = frozen_batchnorm(64)
-        self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
         self.layer1 = _resnet_layer(64, 64, 3, stride=1, dilation=1)
         self.layer2 = _resnet_layer(256, 128, 4, stride=2, dilation=1)
@@ -232,7 +241,7 @@ class DeepLabV2ResNet101(SegmentationModel):
         self.train()
 
     def forward(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(bn_relu(self.bn1, self.conv1(x)))
         x = self._run_blocks([*self.layer1, *self.layer2, *self.layer3], x)  # bottlenecks
         aux = self.layer5(x) if self.multi_level else None
         return aux, self.layer6(self._run_blocks(self.layer4, x))
@@ -358,6 +367,30 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose train-mode forward is :func:`advent_fast.batch_norm.train_batch_norm`: the fused
+    kernels on channels_last CUDA activations (with the ReLU that follows, through :func:`bn_relu`),
+    ATen's otherwise; eval mode is nn.BatchNorm2d's. Same parameters, buffers and state dict."""
+
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        if not (self.training and self.track_running_stats and self.momentum is not None):
+            y = super().forward(x)
+            return F.relu(y, inplace=True) if relu else y
+        if self.num_batches_tracked is not None:  # None while activation checkpointing recomputes
+            self.num_batches_tracked.add_(1)
+        return train_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum,
+                                self.eps, relu)
+
+
+def use_fused_batchnorm(model: nn.Module) -> int:
+    """Every nn.BatchNorm2d of ``model`` becomes a :class:`FusedBatchNorm2d`, in place; returns how many.
+    Folded (frozen) BatchNorm is left as it is: it has no pass of its own to fuse."""
+    layers = [m for m in model.modules() if type(m) is nn.BatchNorm2d]
+    for bn in layers:
+        bn.__class__ = FusedBatchNorm2d
+    return len(layers)
 
 
 class _ScaledWeight(torch.autograd.Function):

@@ -1,0 +1,118 @@
+"""Train-mode BatchNorm (+ ReLU) in one fused pass each way: the release ResNet-101's normalisation.
+
+:func:`train_batch_norm` equals ``F.batch_norm(x, running_mean, running_var, weight, bias, training=True,
+momentum=momentum, eps=eps)`` followed by ``F.relu`` if ``relu``: the batch statistics normalise, the
+running ones are updated in place (momentum, unbiased variance), and the gradient reaches ``x`` only (the
+affine parameters are frozen, as in the release). On the Triton backend, for (N, C, H, W) channels_last
+activations, it runs the kernels of ``kernels/batch_norm.py`` (five passes over the activations against
+the thirteen of ATen's BatchNorm, which has no cuDNN kernel for bfloat16, and a separate ReLU); everywhere
+else, and under torch.compile, ATen's.
+:class:`advent_fast.models.FusedBatchNorm2d` (``train.fused_batchnorm``) puts it into a model.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from torch.autograd.function import once_differentiable
+
+from .backend import device_guard, get_backend
+
+__all__ = ["train_batch_norm"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The kernels index the (M, C) activations with 32-bit offsets.
+MAX_ELEMENTS = 2**31 - 1
+
+
+def _kernels():
+    from .kernels import batch_norm
+
+    return batch_norm
+
+
+class _TrainBatchNorm(torch.autograd.Function):
+    """The kernels' forward (running statistics updated in place) and backward (x's gradient only).
+
+    Not a torch.library custom op: one that mutates its inputs (the running statistics) cannot have an
+    autograd formula, and under torch.compile ATen's BatchNorm is the better input anyway (Inductor
+    fuses it with its neighbours), so compiled code takes that path."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu):
+        with device_guard(x.device):
+            y, mean, invstd, scale = _kernels().batch_norm_forward(x, weight, bias, running_mean, running_var,
+                                                                   momentum, eps, relu)
+        ctx.relu = relu
+        ctx.save_for_backward(x, bias, mean, invstd, scale)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, bias, mean, invstd, scale = ctx.saved_tensors
+        with device_guard(x.device):
+            grad_x = _kernels().batch_norm_backward(grad_y.contiguous(memory_format=torch.channels_last), x, bias,
+                                                    mean, invstd, scale, ctx.relu)
+        return grad_x, None, None, None, None, None, None, None
+
+
+def _check(x, weight, bias, running_mean, running_var, momentum, eps) -> None:
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (N, C, H, W), got shape {tuple(x.shape)}")
+    channels = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t.shape != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},) for x with {channels} channels, "
+                             f"got {tuple(t.shape)}")
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if x.numel() // max(channels, 1) < 2:
+        raise ValueError(f"expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}")
+
+
+def _use_kernels(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
+    """Whether the fused kernels run: Triton backend, channels_last activations the 32-bit offsets cover,
+    frozen affine parameters (the kernels give no weight or bias gradient), not traced by torch.compile."""
+    return (get_backend(x.device) == "triton" and not torch.compiler.is_compiling()
+            and x.is_contiguous(memory_format=torch.channels_last) and x.numel() <= MAX_ELEMENTS
+            and not (weight.requires_grad or bias.requires_grad))
+
+
+def train_batch_norm(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                     momentum: float = 0.1, eps: float = 1e-5, relu: bool = False) -> Tensor:
+    """Train-mode BatchNorm of ``x`` (N, C, H, W), then ReLU if ``relu``; updates the running statistics.
+
+    Equals ``F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)`` (then
+    ``F.relu``) up to float rounding. Fused on the Triton backend for channels_last ``x`` with weight and
+    bias that need no gradient, outside torch.compile (module docstring); ATen's otherwise. First
+    derivatives only on the fused path.
+
+    Args:
+        x: (N, C, H, W) float32/float16/bfloat16 activations, N * H * W >= 2.
+        weight, bias: (C,) affine parameters (any float dtype).
+        running_mean, running_var: (C,) running statistics, updated in place.
+        momentum: weight of this batch's statistics in the running ones (ATen's convention).
+        eps: added to the variance.
+        relu: apply ReLU to the output (one pass with the normalisation).
+    Returns:
+        The normalised activations in x's dtype and memory format.
+    """
+    _check(x, weight, bias, running_mean, running_var, momentum, eps)
+    if not _use_kernels(x, weight, bias):
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+        return F.relu(y, inplace=True) if relu else y
+    return _TrainBatchNorm.apply(x, weight, bias, running_mean, running_var, float(momentum), float(eps), bool(relu))

@@ -1,0 +1,129 @@
+"""Train-mode BatchNorm (+ ReLU) of the release ResNet-101: ATen against the fused kernels.
+
+    python benchmarks/bench_batchnorm.py [--quick] [--no-compile] [--dtypes bf16 fp32] [--json bench_batchnorm.json]
+
+Cases: the BatchNorm layers of the release DeepLab-V2 ResNet-101 on a 1280x720 source image (batch 1,
+channels_last): the stem (BN + ReLU, 64 channels at 1/2 resolution), layer1's bn2 (BN + ReLU) and bn3 (BN
+alone, 256 channels at 1/4), layer3's bn2 (BN + ReLU, 256 channels at 1/8) and bn3 (BN alone, 1024
+channels: 23 of each in ResNet-101) and layer4's bn3 (2048 channels). Frozen affine parameters, running
+statistics updated, as in training.
+Implementations, one run: aten (F.batch_norm, then an in-place F.relu: the release's), compile
+(torch.compile of the same; --no-compile skips it) and fused (advent_fast.batch_norm.train_batch_norm).
+Columns: median fwd+bwd ms (a leaf tensor -> output -> backward with a random upstream gradient), on GPUs
+the device's time alone (graph ms: the call replayed as a CUDA graph; not for compiled code), GB/s and %
+of the copy bandwidth measured in the same run, both for the fused design's bytes (it reads the
+activations twice and writes the output in the forward, reads x and the upstream gradient twice and
+writes the gradient in the backward: 8 passes of the activations' size), peak memory above the inputs,
+speed-up vs aten. Without a GPU: the CPU at small sizes (the fused path then falls back to ATen unless
+ADVENT_FAST_BACKEND=triton under TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import advent_fast as af
+from advent_fast.batch_norm import train_batch_norm
+from bench_common import Timer, fmt, graph_replay_ms, peak_extra_mib, write_results
+from bench_entropy import copy_bandwidth
+
+# (case, (N, C, H, W), relu): ResNet-101's BatchNorm layers on a 1280x720 image
+GPU_CASES = [
+    ("stem", (1, 64, 360, 640), True),
+    ("layer1 bn2", (1, 64, 180, 320), True),
+    ("layer1 bn3", (1, 256, 180, 320), False),
+    ("layer3 bn2", (1, 256, 90, 160), True),
+    ("layer3 bn3", (1, 1024, 90, 160), False),
+    ("layer4 bn3", (1, 2048, 90, 160), False),
+]
+CPU_CASES = [
+    ("layer3 bn2", (1, 256, 23, 40), True),
+    ("layer3 bn3", (1, 1024, 23, 40), False),
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PASSES = 8  # activation-sized reads and writes of the fused forward + backward (module docstring)
+
+
+def aten(x, weight, bias, mean, var, relu):
+    y = F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
+    return F.relu(y, inplace=True) if relu else y
+
+
+def fused(x, weight, bias, mean, var, relu):
+    return train_batch_norm(x, weight, bias, mean, var, 0.1, 1e-5, relu)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few repetitions, first dtype only")
+    parser.add_argument("--json", default="bench_batchnorm.json", help="where to write the results")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    timer = Timer(device)
+    reps, warmup = (10, 3) if args.quick else (30, 5)
+    dtypes = args.dtypes[:1] if args.quick else args.dtypes
+    copy_gbs = copy_bandwidth(device, timer, reps)
+    machine = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "backend": af.get_backend(device), "torch": torch.__version__, "copy_GBps": copy_gbs,
+    }
+    print(f"# {machine['device']} | advent_fast backend: {machine['backend']} | torch {torch.__version__} | "
+          f"measured copy bandwidth {copy_gbs:.0f} GB/s")
+    header = ("case", "shape", "relu", "dtype", "impl", "fwd+bwd ms", "graph ms", "GB/s", "% copy", "peak MiB",
+              "x aten")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    for case, shape, relu in GPU_CASES if device.type == "cuda" else CPU_CASES:
+        channels = shape[1]
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            x = (torch.randn(shape, generator=gen, device=device) * 2 + 1).to(dtype)
+            x = x.contiguous(memory_format=torch.channels_last)
+            upstream = torch.randn(shape, generator=gen, device=device).to(dtype)
+            upstream = upstream.contiguous(memory_format=torch.channels_last)
+            weight = torch.rand(channels, generator=gen, device=device) + 0.5
+            bias = torch.randn(channels, generator=gen, device=device)
+            stats = (torch.zeros(channels, device=device), torch.ones(channels, device=device))
+            impls = {"aten": aten, "fused": fused}
+            if not args.no_compile:
+                torch._dynamo.reset()
+                impls["compile"] = torch.compile(aten, dynamic=False)
+            results = {}
+            for impl, fn in impls.items():
+                def run(fn=fn):
+                    leaf = x.detach().requires_grad_()
+                    fn(leaf, weight, bias, *stats, relu).backward(upstream)
+                    return leaf.grad
+
+                ms = timer.median_ms(run, reps, warmup)
+                graph = None if impl == "compile" else graph_replay_ms(run, timer, reps)
+                results[impl] = dict(fwd_bwd_ms=ms, graph_ms=graph, peak_MiB=peak_extra_mib(run, device))
+            moved = PASSES * x.numel() * x.element_size()
+            for impl, r in results.items():
+                best = r["graph_ms"] or r["fwd_bwd_ms"]
+                gbs = moved / best / 1e6
+                speedup = results["aten"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+                rows.append(dict(case=case, shape=list(shape), relu=relu, dtype=dname, impl=impl, GBps=gbs,
+                                 copy_fraction=gbs / copy_gbs, x_aten=speedup, **r))
+                print(f"| {case} | {'x'.join(map(str, shape))} | {'yes' if relu else 'no'} | {dname} | {impl} | "
+                      f"{r['fwd_bwd_ms']:.3f} | {fmt(r['graph_ms'], '.3f')} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | "
+                      f"{fmt(r['peak_MiB'], '.0f')} | {speedup:.2f} |")
+                sys.stdout.flush()
+            write_results(args.json, {"machine": machine, "results": rows}, announce=False)
+    write_results(args.json, {"machine": machine, "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Train-mode BatchNorm with frozen affine parameters, optionally followed by ReLU, on channels_last activations.
+
+The release's ResNet-101 normalises every activation with its batch statistics (BatchNorm in train mode,
+weight and bias frozen) and most of them go through a ReLU next. ATen has no cuDNN BatchNorm for bfloat16,
+and its own kernels plus a separate ReLU pass read and write the activations 13 times a layer (forward
+and backward). Here the activations x are an (M, C) matrix, M = N * H * W rows of C contiguous channels:
+
+forward   pass 1 (_batch_norm_stats_kernel): per program a range of rows -> per channel count, mean and M2
+                  (sum of squared deviations), merged chunk by chunk with Chan's formula (no
+                  cancellation, unlike sum and sum of squares);
+          _batch_norm_finish_stats_kernel: the partials merged in program order (deterministic), then
+                  mean, var = M2 / M, invstd = 1 / sqrt(var + eps), scale = weight * invstd; the
+                  running statistics updated as ATen does (momentum, unbiased variance);
+          pass 2 (_batch_norm_normalize_kernel): y = relu((x - mean) * scale + bias).
+backward  with g = dy where y > 0 (ReLU; the mask recomputed from x, rounded to y's dtype as y was),
+          sum_g = sum_rows g, sum_gx = sum_rows g (x - mean):
+          pass 1 (_batch_norm_grad_stats_kernel) partials of both, _batch_norm_finish_grad_stats_kernel merges them;
+          pass 2 (_batch_norm_grad_input_kernel): dx = scale (g - sum_g / M - (x - mean) invstd^2 sum_gx / M).
+Five passes over the activations instead of thirteen; everything in float32 inside. No weight or bias
+gradient (frozen, as in the release). NaN or inf in a channel makes that channel's statistics, outputs
+and gradients NaN, as ATen's do; the ReLU keeps a NaN (it passes x where not x < 0).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .softmax_entropy import ceil_div, next_power_of_2
+
+BN_BLOCK_ROWS = 64
+BN_BLOCK_CHANNELS = 64
+BN_NUM_WARPS = 4
+# Row ranges (programs along the rows) of the reducing passes: a fixed cap, not the SM count, so the
+# merge order, hence the bits, are the same on every GPU.
+BN_MAX_ROW_PARTS = 128
+# Channels of the finishing kernels' blocks.
+BN_FINISH_BLOCK = 128
+
+
+@triton.jit
+def _tile(ptr, rows, cols, C, ok):
+    """The [rows, cols] tile of the (M, C) matrix at ptr, in float32 (0 outside ok)."""
+    return tl.load(ptr + rows[:, None] * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _normalized(x, mean, scale, bias):
+    """(x - mean) * scale + bias: the forward's value before ReLU, and the backward's recomputation of it."""
+    return (x - mean[None, :]) * scale[None, :] + bias[None, :]
+
+
+@triton.jit
+def _batch_norm_stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, M, C, rows_per_part,
+                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    part = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    first = part * rows_per_part
+    last = tl.minimum(first + rows_per_part, M)
+    count = 0.0
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(first, last, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < last
+        ok = row_ok[:, None] & col_ok[None, :]
+        x = _tile(x_ptr, rows, cols, C, ok)
+        n_b = tl.minimum(last - start, BLOCK_M).to(tl.float32)
+        mean_b = tl.sum(x, axis=0) / n_b
+        dev = tl.where(ok, x - mean_b[None, :], 0.0)
+        m2_b = tl.sum(dev * dev, axis=0)
+        # Chan et al.: merge (count, mean, m2) with the chunk's (n_b, mean_b, m2_b)
+        total = count + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+        count = total
+    tl.store(mean_part_ptr + part * C + cols, mean, mask=col_ok)
+    tl.store(m2_part_ptr + part * C + cols, m2, mask=col_ok)
+
+
+@triton.jit
+def _batch_norm_finish_stats_kernel(mean_part_ptr, m2_part_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
+                         mean_ptr, invstd_ptr, scale_ptr, M, C, num_parts, rows_per_part, momentum, eps,
+                         UPDATE_RUNNING: tl.constexpr, BLOCK: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < C
+    count = 0.0
+    mean = tl.zeros([BLOCK], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for part in range(0, num_parts):
+        n_b = tl.minimum(M - part * rows_per_part, rows_per_part).to(tl.float32)
+        mean_b = tl.load(mean_part_ptr + part * C + cols, mask=ok, other=0.0)
+        m2_b = tl.load(m2_part_ptr + part * C + cols, mask=ok, other=0.0)
+        total = count + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+        count = total
+    var = m2 / count
+    invstd = 1.0 / tl.sqrt(var + eps)
+    weight = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(mean_ptr + cols, mean, mask=ok)
+    tl.store(invstd_ptr + cols, invstd, mask=ok)
+    tl.store(scale_ptr + cols, weight * invstd, mask=ok)
+    if UPDATE_RUNNING:
+        # ATen: running = momentum * batch + (1 - momentum) * running, with the unbiased variance
+        unbiased = m2 / (count - 1.0)
+        running_mean = tl.load(running_mean_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        running_var = tl.load(running_var_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(running_mean_ptr + cols, momentum * mean + (1.0 - momentum) * running_mean, mask=ok)
+        tl.store(running_var_ptr + cols, momentum * unbiased + (1.0 - momentum) * running_var, mask=ok)
+
+
+@triton.jit
+def _batch_norm_normalize_kernel(x_ptr, y_ptr, mean_ptr, scale_ptr, bias_ptr, M, C, RELU: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    ok = (rows < M)[:, None] & col_ok[None, :]
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = _normalized(_tile(x_ptr, rows, cols, C, ok), mean, scale, bias)
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum: a NaN stays NaN
+    tl.store(y_ptr + rows[:, None] * C + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _relu_grad(dy, x, mean, scale, bias, y_dtype: tl.constexpr, RELU: tl.constexpr):
+    """dy where the forward's output (recomputed, rounded to its dtype) was > 0; dy without ReLU."""
+    if RELU:
+        y = _normalized(x, mean, scale, bias).to(y_dtype).to(tl.float32)
+        dy = tl.where(y > 0.0, dy, 0.0)
+    return dy
+
+
+@triton.jit
+def _batch_norm_grad_stats_kernel(dy_ptr, x_ptr, mean_ptr, scale_ptr, bias_ptr, sum_g_part_ptr, sum_gx_part_ptr, M, C,
+                       rows_per_part, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    part = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    first = part * rows_per_part
+    last = tl.minimum(first + rows_per_part, M)
+    sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(first, last, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        ok = (rows < last)[:, None] & col_ok[None, :]
+        x = _tile(x_ptr, rows, cols, C, ok)
+        g = _relu_grad(_tile(dy_ptr, rows, cols, C, ok), x, mean, scale, bias, x_ptr.dtype.element_ty, RELU)
+        sum_g += tl.sum(g, axis=0)
+        sum_gx += tl.sum(tl.where(ok, g * (x - mean[None, :]), 0.0), axis=0)
+    tl.store(sum_g_part_ptr + part * C + cols, sum_g, mask=col_ok)
+    tl.store(sum_gx_part_ptr + part * C + cols, sum_gx, mask=col_ok)
+
+
+@triton.jit
+def _batch_norm_finish_grad_stats_kernel(sum_g_part_ptr, sum_gx_part_ptr, invstd_ptr, mean_g_ptr, coef_x_ptr, M, C,
+                              num_parts, BLOCK: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < C
+    sum_g = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_gx = tl.zeros([BLOCK], dtype=tl.float32)
+    for part in range(0, num_parts):
+        sum_g += tl.load(sum_g_part_ptr + part * C + cols, mask=ok, other=0.0)
+        sum_gx += tl.load(sum_gx_part_ptr + part * C + cols, mask=ok, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=ok, other=0.0)
+    tl.store(mean_g_ptr + cols, sum_g / M, mask=ok)
+    tl.store(coef_x_ptr + cols, invstd * invstd * (sum_gx / M), mask=ok)
+
+
+@triton.jit
+def _batch_norm_grad_input_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, scale_ptr, bias_ptr, mean_g_ptr, coef_x_ptr, M, C,
+                       RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    ok = (rows < M)[:, None] & col_ok[None, :]
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    mean_g = tl.load(mean_g_ptr + cols, mask=col_ok, other=0.0)
+    coef_x = tl.load(coef_x_ptr + cols, mask=col_ok, other=0.0)
+    x = _tile(x_ptr, rows, cols, C, ok)
+    g = _relu_grad(_tile(dy_ptr, rows, cols, C, ok), x, mean, scale, bias, x_ptr.dtype.element_ty, RELU)
+    dx = scale[None, :] * (g - mean_g[None, :] - (x - mean[None, :]) * coef_x[None, :])
+    tl.store(dx_ptr + rows[:, None] * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def _layout(x):
+    """(M, C, BLOCK_C, row parts, rows a part) of channels_last x viewed as an (M, C) matrix."""
+    n, c, h, w = x.shape
+    m = n * h * w
+    block_c = min(BN_BLOCK_CHANNELS, next_power_of_2(c))
+    parts = min(BN_MAX_ROW_PARTS, ceil_div(m, BN_BLOCK_ROWS))
+    rows_per_part = ceil_div(ceil_div(m, parts), BN_BLOCK_ROWS) * BN_BLOCK_ROWS
+    return m, c, block_c, ceil_div(m, rows_per_part), rows_per_part
+
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps, relu):
+    """-> (y, mean, invstd, scale): y = relu?(batch_norm(x)) in x's dtype and layout, the batch mean, 1 /
+    sqrt(var + eps) and weight * invstd (float32, (C,)); running_mean and running_var updated in place
+    (both or neither given). x: (N, C, H, W) channels_last contiguous, N * H * W >= 2."""
+    m, c, block_c, parts, rows_per_part = _layout(x)
+    device = x.device
+    f32 = dict(dtype=torch.float32, device=device)
+    mean_part, m2_part = torch.empty((parts, c), **f32), torch.empty((parts, c), **f32)
+    _batch_norm_stats_kernel[(parts, ceil_div(c, block_c))](
+        x, mean_part, m2_part, m, c, rows_per_part, BLOCK_M=BN_BLOCK_ROWS, BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
+    mean, invstd, scale = (torch.empty(c, **f32) for _ in range(3))
+    update = running_mean is not None
+    _batch_norm_finish_stats_kernel[(ceil_div(c, BN_FINISH_BLOCK),)](
+        mean_part, m2_part, weight, bias, running_mean if update else mean, running_var if update else mean,
+        mean, invstd, scale, m, c, parts, rows_per_part, float(momentum), float(eps), UPDATE_RUNNING=update,
+        BLOCK=BN_FINISH_BLOCK, num_warps=BN_NUM_WARPS)
+    y = torch.empty_like(x)
+    _batch_norm_normalize_kernel[(ceil_div(m, BN_BLOCK_ROWS), ceil_div(c, block_c))](
+        x, y, mean, scale, bias, m, c, RELU=relu, BLOCK_M=BN_BLOCK_ROWS, BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
+    return y, mean, invstd, scale
+
+
+def batch_norm_backward(grad_y, x, bias, mean, invstd, scale, relu):
+    """-> grad_x (x's dtype and layout) of batch_norm_forward's y; grad_y, x channels_last contiguous."""
+    m, c, block_c, parts, rows_per_part = _layout(x)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    sum_g_part, sum_gx_part = torch.empty((parts, c), **f32), torch.empty((parts, c), **f32)
+    _batch_norm_grad_stats_kernel[(parts, ceil_div(c, block_c))](
+        grad_y, x, mean, scale, bias, sum_g_part, sum_gx_part, m, c, rows_per_part, RELU=relu,
+        BLOCK_M=BN_BLOCK_ROWS, BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
+    mean_g, coef_x = torch.empty(c, **f32), torch.empty(c, **f32)
+    _batch_norm_finish_grad_stats_kernel[(ceil_div(c, BN_FINISH_BLOCK),)](
+        sum_g_part, sum_gx_part, invstd, mean_g, coef_x, m, c, parts, BLOCK=BN_FINISH_BLOCK, num_warps=BN_NUM_WARPS)
+    grad_x = torch.empty_like(x)
+    _batch_norm_grad_input_kernel[(ceil_div(m, BN_BLOCK_ROWS), ceil_div(c, block_c))](
+        grad_y, x, grad_x, mean, scale, bias, mean_g, coef_x, m, c, RELU=relu, BLOCK_M=BN_BLOCK_ROWS,
+        BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
+    return grad_x
