@@ -1,12 +1,12 @@
-"""Train-mode BatchNorm (+ ReLU) in one fused pass each way: the release ResNet-101's normalisation.
+"""Train-mode BatchNorm (+ ReLU) in fused kernels: the release ResNet-101's normalisation.
 
 :func:`train_batch_norm` equals ``F.batch_norm(x, running_mean, running_var, weight, bias, training=True,
 momentum=momentum, eps=eps)`` followed by ``F.relu`` if ``relu``: the batch statistics normalise, the
 running ones are updated in place (momentum, unbiased variance), and the gradient reaches ``x`` only (the
 affine parameters are frozen, as in the release). On the Triton backend, for (N, C, H, W) channels_last
-activations, it runs the kernels of ``kernels/batch_norm.py`` (five passes over the activations against
-the thirteen of ATen's BatchNorm, which has no cuDNN kernel for bfloat16, and a separate ReLU); everywhere
-else, and under torch.compile, ATen's.
+activations, it runs the kernels of ``kernels/batch_norm.py`` (8 activation-sized reads and writes, forward
+and backward, against the 13 of ATen's BatchNorm, which has no cuDNN kernel for bfloat16, and a separate
+ReLU); everywhere else, and under torch.compile, ATen's.
 :class:`advent_fast.models.FusedBatchNorm2d` (``train.fused_batchnorm``) puts it into a model.
 """
 from __future__ import annotations

@@ -94,6 +94,8 @@ stage bench_train_step_graph 230 "$PY" benchmarks/bench_train_step.py --quick --
     --json "$LOGS/bench_train_step_graph.json"
 # The fused train-mode BatchNorm (+ ReLU) against ATen's and torch.compile's, ResNet-101's layers, bf16.
 stage bench_batchnorm 90 "$PY" benchmarks/bench_batchnorm.py --quick --json "$LOGS/bench_batchnorm.json"
+stage tune_batchnorm 90 "$PY" benchmarks/tune_kernels.py --quick --families batchnorm --dtypes bf16 \
+    --json "$LOGS/tune_batchnorm.json"
 # Issue 5: torch.compile of G and D inside the whole-step graph, against the default graph step in the same
 # process: what Inductor's fusions (BatchNorm with its ReLU, the residual adds) take off the GPU's time.
 stage bench_train_step_compile_graph 200 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
@@ -138,7 +140,7 @@ stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/b
         grep -A40 '^FAILED' "$LOGS/$name.err" 2>/dev/null | head -80  # reported as they failed
     done
     echo "-- training run"; tail -2 "$LOGS/train_embedded.md" 2>/dev/null
-    for name in tune_loop bench_batchnorm tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
+    for name in tune_loop bench_batchnorm tune_batchnorm tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
         bench_train_step_graph bench_train_step_compile_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
         echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -300
     done

@@ -18,10 +18,13 @@ not timed) and times the public ops forward+backward at the training shapes:
   pixel family: MinEnt, MinEnt+ER (0.3) and self-information on channels_last (4, 19, 512, 1024) logits
                 (the general tile kernels' layout: pixel-contiguous logits take the class loop);
   cell family:  the discriminator's input (self-information map) and MinEnt of (1, 19, 65, 129) logits
-                upsampled to 512x1024, the source cross-entropy of (1, 19, 91, 161) logits at 720x1280.
+                upsampled to 512x1024, the source cross-entropy of (1, 19, 91, 161) logits at 720x1280;
+  batchnorm family: the fused train-mode BatchNorm (kernels/batch_norm.py: BN_BLOCK_ROWS, BN_BLOCK_CHANNELS,
+                BN_NUM_WARPS, BN_REDUCE_PROGRAMS) on ResNet-101's layers at 1280x720 (bench_batchnorm.py's
+                stem, layer3 bn2 + ReLU, layer3 bn3), channels_last.
 Columns: median ms (on a GPU the device's time: the call replayed as a CUDA graph, as the host's time
-is the same for every candidate), % of the copy bandwidth measured in the same run (pixel and loop
-families), x the default.
+is the same for every candidate), % of the copy bandwidth measured in the same run (pixel, loop and
+batchnorm families), x the default.
 The defaults change by editing those constants once a table from the target GPUs says so: launch
 parameters set the order of the partial sums, hence the bits of a loss, so they are fixed, not autotuned.
 Without a GPU it runs under TRITON_INTERPRET=1 on small shapes (a smoke run: interpreter times say
@@ -38,6 +41,8 @@ import sys
 import torch
 
 import advent_fast as af
+from advent_fast.batch_norm import train_batch_norm
+from bench_batchnorm import PASSES as BATCHNORM_PASSES
 from bench_common import Timer, apply_config, current_config, fwd_bwd, graph_replay_ms, write_results
 from bench_entropy import cases as entropy_cases
 from bench_entropy import copy_bandwidth, make_prior, min_bytes
@@ -54,10 +59,18 @@ BLOCK_R_SWEEP = (1024, 4096)  # besides the default, with the pixel family's def
 # 0 first: the general kernels are the second candidate (the same-run baseline, also with --limit 2)
 LOOP_SWEEP = {"MAX_LOOP_CLASSES": (0, 24), "LOOP_VEC": (2, 4, 8), "LOOP_NUM_WARPS": (2, 4, 8)}
 QUICK_LOOP_SWEEP = {"MAX_LOOP_CLASSES": (0, 24), "LOOP_VEC": (4,), "LOOP_NUM_WARPS": (4, 8)}
+BATCHNORM_SWEEP = {"BN_BLOCK_ROWS": (32, 64, 128), "BN_BLOCK_CHANNELS": (32, 64, 128), "BN_NUM_WARPS": (4, 8),
+                   "BN_REDUCE_PROGRAMS": (512, 2048)}
+# Without 128 x 128 tiles: on 4 warps the ReLU backward's statistics spill (sm_90, 2026-11-27)
+QUICK_BATCHNORM_SWEEP = {"BN_BLOCK_ROWS": (32, 64, 128), "BN_BLOCK_CHANNELS": (64,), "BN_NUM_WARPS": (4, 8),
+                         "BN_REDUCE_PROGRAMS": (512, 2048)}
 GPU_SHAPES = {"pixel": (4, 19, 512, 1024), "cell_target": ((1, 19, 65, 129), (512, 1024)),
-              "cell_source": ((1, 19, 91, 161), (720, 1280)), "loop": (4, 19, 512, 1024)}
+              "cell_source": ((1, 19, 91, 161), (720, 1280)), "loop": (4, 19, 512, 1024),
+              "batchnorm": [("stem", (1, 64, 360, 640), True), ("layer3 bn2", (1, 256, 90, 160), True),
+                            ("layer3 bn3", (1, 1024, 90, 160), False)]}
 SMOKE_SHAPES = {"pixel": (1, 19, 16, 40), "cell_target": ((1, 19, 3, 5), (17, 33)),
-                "cell_source": ((1, 19, 3, 6), (17, 41)), "loop": (1, 19, 16, 40)}
+                "cell_source": ((1, 19, 3, 6), (17, 41)), "loop": (1, 19, 16, 40),
+                "batchnorm": [("layer3 bn2", (1, 70, 6, 11), True)]}
 ER_RATIO = 0.3
 
 
@@ -97,6 +110,19 @@ def cases(family, shapes, device, dtypes):
             out += [(f"{name} {dname}", logits, fn, upstream, min_bytes(name, numel, elt)[1])
                     for name, fn in fused.items()]
         return out
+    if family == "batchnorm":
+        for case, shape, relu in shapes["batchnorm"]:
+            channels = shape[1]
+            weight = (torch.rand(channels, generator=g) + 0.5).to(device)
+            bias = torch.randn(channels, generator=g).to(device)
+            stats = torch.zeros(channels, device=device), torch.ones(channels, device=device)
+            for dname, dtype in dtypes.items():
+                x = (torch.randn(shape, generator=g) * 2 + 1).to(device, dtype, memory_format=torch.channels_last)
+                upstream = torch.randn(shape, generator=g).to(device, dtype, memory_format=torch.channels_last)
+                out.append((f"{case} {dname}", x,
+                            lambda x, w=weight, b=bias, s=stats, r=relu: train_batch_norm(x, w, b, *s, 0.1, 1e-5, r),
+                            upstream, BATCHNORM_PASSES * x.numel() * x.element_size()))
+        return out
     (low, size), (src_low, src_size) = shapes["cell_target"], shapes["cell_source"]
     for dname, dtype in dtypes.items():
         logits = (torch.randn(low, generator=g) * 3).to(device, dtype)
@@ -127,7 +153,8 @@ def close(a, b, dtype):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer candidates and repetitions")
-    p.add_argument("--families", nargs="+", default=["loop", "pixel", "cell"], choices=["loop", "pixel", "cell"])
+    p.add_argument("--families", nargs="+", default=["loop", "pixel", "cell", "batchnorm"],
+                   choices=["loop", "pixel", "cell", "batchnorm"])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--limit", type=int, default=None, help="at most this many candidates per family (default first)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 30, 10 with --quick)")
@@ -158,7 +185,8 @@ def main(argv=None) -> int:
 
     sweeps = {"pixel": QUICK_PIXEL_SWEEP if args.quick else PIXEL_SWEEP,
               "cell": QUICK_CELL_SWEEP if args.quick else CELL_SWEEP,
-              "loop": QUICK_LOOP_SWEEP if args.quick else LOOP_SWEEP}
+              "loop": QUICK_LOOP_SWEEP if args.quick else LOOP_SWEEP,
+              "batchnorm": QUICK_BATCHNORM_SWEEP if args.quick else BATCHNORM_SWEEP}
     rows = []
     for family in args.families:
         defaults = current_config(sweeps[family])

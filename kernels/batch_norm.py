@@ -8,7 +8,7 @@ and backward). Here the activations x are an (M, C) matrix, M = N * H * W rows o
 forward   pass 1 (_batch_norm_stats_kernel): per program a range of rows -> per channel count, mean and M2
                   (sum of squared deviations), merged chunk by chunk with Chan's formula (no
                   cancellation, unlike sum and sum of squares);
-          _batch_norm_finish_stats_kernel: the partials merged in program order (deterministic), then
+          _batch_norm_finish_stats_kernel: the partials merged (Chan's merge as sums; deterministic), then
                   mean, var = M2 / M, invstd = 1 / sqrt(var + eps), scale = weight * invstd; the
                   running statistics updated as ATen does (momentum, unbiased variance);
           pass 2 (_batch_norm_normalize_kernel): y = relu((x - mean) * scale + bias).
@@ -16,7 +16,8 @@ backward  with g = dy where y > 0 (ReLU; the mask recomputed from x, rounded to 
           sum_g = sum_rows g, sum_gx = sum_rows g (x - mean):
           pass 1 (_batch_norm_grad_stats_kernel) partials of both, _batch_norm_finish_grad_stats_kernel merges them;
           pass 2 (_batch_norm_grad_input_kernel): dx = scale (g - sum_g / M - (x - mean) invstd^2 sum_gx / M).
-Five passes over the activations instead of thirteen; everything in float32 inside. No weight or bias
+Eight activation-sized reads and writes (3 forward, 5 backward) against ATen's thirteen for BatchNorm and
+ReLU (8 for BatchNorm alone, as here); everything in float32 inside. No weight or bias
 gradient (frozen, as in the release). NaN or inf in a channel makes that channel's statistics, outputs
 and gradients NaN, as ATen's do; the ReLU keeps a NaN (it passes x where not x < 0).
 """
@@ -29,11 +30,14 @@ from .softmax_entropy import ceil_div, next_power_of_2
 BN_BLOCK_ROWS = 64
 BN_BLOCK_CHANNELS = 64
 BN_NUM_WARPS = 4
-# Row ranges (programs along the rows) of the reducing passes: a fixed cap, not the SM count, so the
-# merge order, hence the bits, are the same on every GPU.
-BN_MAX_ROW_PARTS = 128
-# Channels of the finishing kernels' blocks.
-BN_FINISH_BLOCK = 128
+# Programs of the reducing passes (row ranges x channel blocks), about: a fixed number, not the SM count,
+# so the partial sums, hence the bits, are the same on every GPU; at most 2 x BN_FINISH_PARTS row ranges a
+# channel block for ResNet-101's tensors (64 channels or more): two tiles of them finish.
+BN_REDUCE_PROGRAMS = 512
+# The finishing kernels' blocks: channels (few, so that many programs share the work), and row ranges
+# summed at a time (many: their loop is the kernels' serial part).
+BN_FINISH_BLOCK = 16
+BN_FINISH_PARTS = 256
 
 
 @triton.jit
@@ -79,24 +83,37 @@ def _batch_norm_stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, M, C, rows_per_p
 
 
 @triton.jit
-def _batch_norm_finish_stats_kernel(mean_part_ptr, m2_part_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
-                         mean_ptr, invstd_ptr, scale_ptr, M, C, num_parts, rows_per_part, momentum, eps,
-                         UPDATE_RUNNING: tl.constexpr, BLOCK: tl.constexpr):
+def _part_rows(parts, num_parts, M, rows_per_part):
+    """Rows of each of these row ranges (0 past the last), float32."""
+    return tl.where(parts < num_parts, tl.minimum(M - parts * rows_per_part, rows_per_part), 0).to(tl.float32)
+
+
+@triton.jit
+def _batch_norm_finish_stats_kernel(mean_part_ptr, m2_part_ptr, weight_ptr, running_mean_ptr, running_var_ptr,
+                                    mean_ptr, invstd_ptr, scale_ptr, M, C, num_parts, rows_per_part, momentum, eps,
+                                    UPDATE_RUNNING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < C
-    count = 0.0
-    mean = tl.zeros([BLOCK], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for part in range(0, num_parts):
-        n_b = tl.minimum(M - part * rows_per_part, rows_per_part).to(tl.float32)
-        mean_b = tl.load(mean_part_ptr + part * C + cols, mask=ok, other=0.0)
-        m2_b = tl.load(m2_part_ptr + part * C + cols, mask=ok, other=0.0)
-        total = count + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
-        count = total
-    var = m2 / count
+    # Chan's merge of every range as plain sums over tiles of BLOCK_P ranges (a tree, not a serial chain),
+    # with d_p = mean_p - shift (shift: the first range's mean, keeping the terms small):
+    #   mean = shift + D / M,  M2 = sum_p M2_p + sum_p n_p d_p^2 - D^2 / M,  D = sum_p n_p d_p
+    shift = tl.load(mean_part_ptr + cols, mask=ok, other=0.0)
+    sum_d = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_d2 = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_m2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for first in range(0, num_parts, BLOCK_P):
+        parts = first + tl.arange(0, BLOCK_P)
+        n = _part_rows(parts, num_parts, M, rows_per_part)[:, None]
+        tile_ok = (parts < num_parts)[:, None] & ok[None, :]
+        offsets = parts[:, None] * C + cols[None, :]
+        d = tl.where(tile_ok, tl.load(mean_part_ptr + offsets, mask=tile_ok, other=0.0) - shift[None, :], 0.0)
+        sum_d += tl.sum(n * d, axis=0)
+        sum_d2 += tl.sum(n * d * d, axis=0)
+        sum_m2 += tl.sum(tl.load(m2_part_ptr + offsets, mask=tile_ok, other=0.0), axis=0)
+    mean = shift + sum_d / M
+    between = sum_d2 - sum_d * sum_d / M  # >= 0 but for rounding (not tl.maximum: a NaN stays NaN)
+    m2 = sum_m2 + tl.where(between < 0.0, 0.0, between)
+    var = m2 / M
     invstd = 1.0 / tl.sqrt(var + eps)
     weight = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(mean_ptr + cols, mean, mask=ok)
@@ -104,7 +121,7 @@ def _batch_norm_finish_stats_kernel(mean_part_ptr, m2_part_ptr, weight_ptr, bias
     tl.store(scale_ptr + cols, weight * invstd, mask=ok)
     if UPDATE_RUNNING:
         # ATen: running = momentum * batch + (1 - momentum) * running, with the unbiased variance
-        unbiased = m2 / (count - 1.0)
+        unbiased = m2 / (M - 1.0)
         running_mean = tl.load(running_mean_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         running_var = tl.load(running_var_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(running_mean_ptr + cols, momentum * mean + (1.0 - momentum) * running_mean, mask=ok)
@@ -162,14 +179,17 @@ def _batch_norm_grad_stats_kernel(dy_ptr, x_ptr, mean_ptr, scale_ptr, bias_ptr, 
 
 @triton.jit
 def _batch_norm_finish_grad_stats_kernel(sum_g_part_ptr, sum_gx_part_ptr, invstd_ptr, mean_g_ptr, coef_x_ptr, M, C,
-                              num_parts, BLOCK: tl.constexpr):
+                                         num_parts, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < C
     sum_g = tl.zeros([BLOCK], dtype=tl.float32)
     sum_gx = tl.zeros([BLOCK], dtype=tl.float32)
-    for part in range(0, num_parts):
-        sum_g += tl.load(sum_g_part_ptr + part * C + cols, mask=ok, other=0.0)
-        sum_gx += tl.load(sum_gx_part_ptr + part * C + cols, mask=ok, other=0.0)
+    for first in range(0, num_parts, BLOCK_P):
+        parts = first + tl.arange(0, BLOCK_P)
+        tile_ok = (parts < num_parts)[:, None] & ok[None, :]
+        offsets = parts[:, None] * C + cols[None, :]
+        sum_g += tl.sum(tl.load(sum_g_part_ptr + offsets, mask=tile_ok, other=0.0), axis=0)
+        sum_gx += tl.sum(tl.load(sum_gx_part_ptr + offsets, mask=tile_ok, other=0.0), axis=0)
     invstd = tl.load(invstd_ptr + cols, mask=ok, other=0.0)
     tl.store(mean_g_ptr + cols, sum_g / M, mask=ok)
     tl.store(coef_x_ptr + cols, invstd * invstd * (sum_gx / M), mask=ok)
@@ -198,7 +218,7 @@ def _layout(x):
     n, c, h, w = x.shape
     m = n * h * w
     block_c = min(BN_BLOCK_CHANNELS, next_power_of_2(c))
-    parts = min(BN_MAX_ROW_PARTS, ceil_div(m, BN_BLOCK_ROWS))
+    parts = min(ceil_div(m, BN_BLOCK_ROWS), max(1, ceil_div(BN_REDUCE_PROGRAMS, ceil_div(c, block_c))))
     rows_per_part = ceil_div(ceil_div(m, parts), BN_BLOCK_ROWS) * BN_BLOCK_ROWS
     return m, c, block_c, ceil_div(m, rows_per_part), rows_per_part
 
@@ -216,9 +236,9 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps
     mean, invstd, scale = (torch.empty(c, **f32) for _ in range(3))
     update = running_mean is not None
     _batch_norm_finish_stats_kernel[(ceil_div(c, BN_FINISH_BLOCK),)](
-        mean_part, m2_part, weight, bias, running_mean if update else mean, running_var if update else mean,
+        mean_part, m2_part, weight, running_mean if update else mean, running_var if update else mean,
         mean, invstd, scale, m, c, parts, rows_per_part, float(momentum), float(eps), UPDATE_RUNNING=update,
-        BLOCK=BN_FINISH_BLOCK, num_warps=BN_NUM_WARPS)
+        BLOCK_P=BN_FINISH_PARTS, BLOCK=BN_FINISH_BLOCK, num_warps=BN_NUM_WARPS)
     y = torch.empty_like(x)
     _batch_norm_normalize_kernel[(ceil_div(m, BN_BLOCK_ROWS), ceil_div(c, block_c))](
         x, y, mean, scale, bias, m, c, RELU=relu, BLOCK_M=BN_BLOCK_ROWS, BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
@@ -235,7 +255,8 @@ def batch_norm_backward(grad_y, x, bias, mean, invstd, scale, relu):
         BLOCK_M=BN_BLOCK_ROWS, BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
     mean_g, coef_x = torch.empty(c, **f32), torch.empty(c, **f32)
     _batch_norm_finish_grad_stats_kernel[(ceil_div(c, BN_FINISH_BLOCK),)](
-        sum_g_part, sum_gx_part, invstd, mean_g, coef_x, m, c, parts, BLOCK=BN_FINISH_BLOCK, num_warps=BN_NUM_WARPS)
+        sum_g_part, sum_gx_part, invstd, mean_g, coef_x, m, c, parts, BLOCK_P=BN_FINISH_PARTS, BLOCK=BN_FINISH_BLOCK,
+        num_warps=BN_NUM_WARPS)
     grad_x = torch.empty_like(x)
     _batch_norm_grad_input_kernel[(ceil_div(m, BN_BLOCK_ROWS), ceil_div(c, block_c))](
         grad_y, x, grad_x, mean, scale, bias, mean_g, coef_x, m, c, RELU=relu, BLOCK_M=BN_BLOCK_ROWS,

@@ -257,7 +257,8 @@ def test_upsampled_target_kernels_stay_in_bounds(n, c, low, size, dtype, layout,
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
 def test_batch_norm_kernels_stay_in_bounds(monkeypatch, n, c, h, w, dtype, relu):
     bn = importlib.import_module(f"{kernels.__name__}.batch_norm")
-    monkeypatch.setattr(bn, "BN_MAX_ROW_PARTS", 3)  # row ranges of several row blocks, the last one short
+    monkeypatch.setattr(bn, "BN_REDUCE_PROGRAMS", 3)  # row ranges of several row blocks, the last one short
+    monkeypatch.setattr(bn, "BN_FINISH_PARTS", 2)  # and summed two at a time
     monkeypatch.setattr(bn, "BN_BLOCK_ROWS", 4)
     channels_last = (h * w * c, 1, w * c, c)
 
