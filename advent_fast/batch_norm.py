@@ -1,17 +1,19 @@
-"""Train-mode BatchNorm (+ ReLU) in fused kernels: the release ResNet-101's normalisation.
+"""Train-mode BatchNorm (+ residual, + ReLU) in fused kernels: the release ResNet-101's normalisation.
 
 :func:`train_batch_norm` equals ``F.batch_norm(x, running_mean, running_var, weight, bias, training=True,
-momentum=momentum, eps=eps)`` followed by ``F.relu`` if ``relu``: the batch statistics normalise, the
-running ones are updated in place (momentum, unbiased variance), and the gradient reaches ``x`` only (the
-affine parameters are frozen, as in the release). On the Triton backend, for (N, C, H, W) channels_last
-activations, it runs the kernels of ``kernels/batch_norm.py`` (8 activation-sized reads and writes, forward
-and backward, against the 13 of ATen's BatchNorm, which has no cuDNN kernel for bfloat16, and a separate
-ReLU); everywhere else, and under torch.compile, ATen's.
+momentum=momentum, eps=eps)``, plus a residual if given, followed by ``F.relu`` if ``relu``: the batch
+statistics normalise, the running ones are updated in place (momentum, unbiased variance), and the gradient
+reaches ``x`` and the residual only (the affine parameters are frozen, as in the release). On the Triton
+backend, for (N, C, H, W) channels_last activations, it runs the kernels of ``kernels/batch_norm.py`` (8
+activation-sized reads and writes, forward and backward, against the 13 of ATen's BatchNorm, which has no
+cuDNN kernel for bfloat16, and a separate ReLU; 12 against 16 with the residual add); everywhere else, and
+under torch.compile, ATen's.
 :class:`advent_fast.models.FusedBatchNorm2d` (``train.fused_batchnorm``) puts it into a model.
 """
 from __future__ import annotations
 
 import numbers
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,32 +37,35 @@ def _kernels():
 
 
 class _TrainBatchNorm(torch.autograd.Function):
-    """The kernels' forward (running statistics updated in place) and backward (x's gradient only).
+    """The kernels' forward (running statistics updated in place) and backward (the gradients of x and of
+    the residual; none for the frozen affine parameters).
 
     Not a torch.library custom op: one that mutates its inputs (the running statistics) cannot have an
     autograd formula, and under torch.compile ATen's BatchNorm is the better input anyway (Inductor
     fuses it with its neighbours), so compiled code takes that path."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu, residual):
         with device_guard(x.device):
             y, mean, invstd, scale = _kernels().batch_norm_forward(x, weight, bias, running_mean, running_var,
-                                                                   momentum, eps, relu)
+                                                                   momentum, eps, relu, residual)
         ctx.relu = relu
-        ctx.save_for_backward(x, bias, mean, invstd, scale)
+        ctx.mask_from_output = relu and residual is not None  # the ReLU mask: y itself, not x alone
+        ctx.save_for_backward(x, bias, mean, invstd, scale, y if ctx.mask_from_output else None)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x, bias, mean, invstd, scale = ctx.saved_tensors
+        x, bias, mean, invstd, scale, y = ctx.saved_tensors
         with device_guard(x.device):
-            grad_x = _kernels().batch_norm_backward(grad_y.contiguous(memory_format=torch.channels_last), x, bias,
-                                                    mean, invstd, scale, ctx.relu)
-        return grad_x, None, None, None, None, None, None, None
+            grad_x, grad_residual = _kernels().batch_norm_backward(
+                grad_y.contiguous(memory_format=torch.channels_last), x, bias, mean, invstd, scale, ctx.relu, y,
+                want_residual_grad=ctx.needs_input_grad[8])
+        return grad_x, None, None, None, None, None, None, None, grad_residual
 
 
-def _check(x, weight, bias, running_mean, running_var, momentum, eps) -> None:
+def _check(x, weight, bias, running_mean, running_var, momentum, eps, residual) -> None:
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         if not isinstance(t, Tensor):
@@ -80,26 +85,37 @@ def _check(x, weight, bias, running_mean, running_var, momentum, eps) -> None:
         raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"residual must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got shape "
+                             f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}")
     if x.numel() // max(channels, 1) < 2:
         raise ValueError(f"expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}")
 
 
-def _use_kernels(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
-    """Whether the fused kernels run: Triton backend, channels_last activations the 32-bit offsets cover,
-    frozen affine parameters (the kernels give no weight or bias gradient), not traced by torch.compile."""
+def _use_kernels(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor]) -> bool:
+    """Whether the fused kernels run: Triton backend, channels_last activations (and residual) the 32-bit
+    offsets cover, frozen affine parameters (the kernels give no weight or bias gradient), not traced by
+    torch.compile."""
+    channels_last = torch.channels_last
     return (get_backend(x.device) == "triton" and not torch.compiler.is_compiling()
-            and x.is_contiguous(memory_format=torch.channels_last) and x.numel() <= MAX_ELEMENTS
+            and x.is_contiguous(memory_format=channels_last) and x.numel() <= MAX_ELEMENTS
+            and (residual is None or residual.is_contiguous(memory_format=channels_last))
             and not (weight.requires_grad or bias.requires_grad))
 
 
 def train_batch_norm(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
-                     momentum: float = 0.1, eps: float = 1e-5, relu: bool = False) -> Tensor:
-    """Train-mode BatchNorm of ``x`` (N, C, H, W), then ReLU if ``relu``; updates the running statistics.
+                     momentum: float = 0.1, eps: float = 1e-5, relu: bool = False,
+                     residual: Optional[Tensor] = None) -> Tensor:
+    """Train-mode BatchNorm of ``x`` (N, C, H, W), plus ``residual`` if given, then ReLU if ``relu``; updates
+    the running statistics.
 
-    Equals ``F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)`` (then
-    ``F.relu``) up to float rounding. Fused on the Triton backend for channels_last ``x`` with weight and
-    bias that need no gradient, outside torch.compile (module docstring); ATen's otherwise. First
-    derivatives only on the fused path.
+    Equals ``F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)`` (``+ residual``,
+    then ``F.relu``) up to float rounding (the sum rounded once, not twice). Fused on the Triton backend for
+    channels_last ``x`` (and residual) with weight and bias that need no gradient, outside torch.compile
+    (module docstring); ATen's otherwise. First derivatives only on the fused path.
 
     Args:
         x: (N, C, H, W) float32/float16/bfloat16 activations, N * H * W >= 2.
@@ -108,11 +124,14 @@ def train_batch_norm(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tens
         momentum: weight of this batch's statistics in the running ones (ATen's convention).
         eps: added to the variance.
         relu: apply ReLU to the output (one pass with the normalisation).
+        residual: added before the ReLU (a ResNet block's shortcut): x's shape, dtype and device.
     Returns:
         The normalised activations in x's dtype and memory format.
     """
-    _check(x, weight, bias, running_mean, running_var, momentum, eps)
-    if not _use_kernels(x, weight, bias):
+    _check(x, weight, bias, running_mean, running_var, momentum, eps, residual)
+    if not _use_kernels(x, weight, bias, residual):
         y = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+        y = y if residual is None else y + residual
         return F.relu(y, inplace=True) if relu else y
-    return _TrainBatchNorm.apply(x, weight, bias, running_mean, running_var, float(momentum), float(eps), bool(relu))
+    return _TrainBatchNorm.apply(x, weight, bias, running_mean, running_var, float(momentum), float(eps), bool(relu),
+                                 residual)

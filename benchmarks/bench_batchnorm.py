@@ -3,18 +3,19 @@
     python benchmarks/bench_batchnorm.py [--quick] [--no-compile] [--dtypes bf16 fp32] [--json bench_batchnorm.json]
 
 Cases: the BatchNorm layers of the release DeepLab-V2 ResNet-101 on a 1280x720 source image (batch 1,
-channels_last): the stem (BN + ReLU, 64 channels at 1/2 resolution), layer1's bn2 (BN + ReLU) and bn3 (BN
-alone, 256 channels at 1/4), layer3's bn2 (BN + ReLU, 256 channels at 1/8) and bn3 (BN alone, 1024
-channels: 23 of each in ResNet-101) and layer4's bn3 (2048 channels). Frozen affine parameters, running
-statistics updated, as in training.
+channels_last): the stem (BN + ReLU, 64 channels at 1/2 resolution), layer1's bn2 (BN + ReLU) and bn3 (BN,
+residual add, ReLU: 256 channels at 1/4), layer3's bn2 (BN + ReLU, 256 channels at 1/8) and bn3 (+ residual
++ ReLU, 1024 channels: 23 of each in ResNet-101), layer4's bn3 (2048 channels) and a shortcut's BN (alone).
+Frozen affine parameters, running statistics updated, as in training; the residual gets its gradient.
 Implementations, one run: aten (F.batch_norm, then an in-place F.relu: the release's), compile
 (torch.compile of the same; --no-compile skips it) and fused (advent_fast.batch_norm.train_batch_norm).
 Columns: median fwd+bwd ms (a leaf tensor -> output -> backward with a random upstream gradient), on GPUs
 the device's time alone (graph ms: the call replayed as a CUDA graph; not for compiled code), GB/s and %
 of the copy bandwidth measured in the same run, both for the fused design's bytes (it reads the
 activations twice and writes the output in the forward, reads x and the upstream gradient twice and
-writes the gradient in the backward: 8 passes of the activations' size), peak memory above the inputs,
-speed-up vs aten. Without a GPU: the CPU at small sizes (the fused path then falls back to ATen unless
+writes the gradient in the backward: 8 passes of the activations' size; 12 with a residual: read in the
+forward, the output read twice for the ReLU mask and the residual's gradient written), peak memory above
+the inputs, speed-up vs aten. Without a GPU: the CPU at small sizes (the fused path then falls back to ATen unless
 ADVENT_FAST_BACKEND=triton under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
@@ -31,30 +32,33 @@ from advent_fast.batch_norm import train_batch_norm
 from bench_common import Timer, fmt, graph_replay_ms, peak_extra_mib, write_results
 from bench_entropy import copy_bandwidth
 
-# (case, (N, C, H, W), relu): ResNet-101's BatchNorm layers on a 1280x720 image
+# (case, (N, C, H, W), relu, residual add): ResNet-101's BatchNorm layers on a 1280x720 image
 GPU_CASES = [
-    ("stem", (1, 64, 360, 640), True),
-    ("layer1 bn2", (1, 64, 180, 320), True),
-    ("layer1 bn3", (1, 256, 180, 320), False),
-    ("layer3 bn2", (1, 256, 90, 160), True),
-    ("layer3 bn3", (1, 1024, 90, 160), False),
-    ("layer4 bn3", (1, 2048, 90, 160), False),
+    ("stem", (1, 64, 360, 640), True, False),
+    ("layer1 bn2", (1, 64, 180, 320), True, False),
+    ("layer1 bn3", (1, 256, 180, 320), True, True),
+    ("layer3 bn2", (1, 256, 90, 160), True, False),
+    ("layer3 bn3", (1, 1024, 90, 160), True, True),
+    ("layer4 bn3", (1, 2048, 90, 160), True, True),
+    ("layer4 shortcut", (1, 2048, 90, 160), False, False),
 ]
 CPU_CASES = [
-    ("layer3 bn2", (1, 256, 23, 40), True),
-    ("layer3 bn3", (1, 1024, 23, 40), False),
+    ("layer3 bn2", (1, 256, 23, 40), True, False),
+    ("layer3 bn3", (1, 1024, 23, 40), True, True),
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PASSES = 8  # activation-sized reads and writes of the fused forward + backward (module docstring)
+# activation-sized reads and writes of the fused forward + backward (module docstring): alone, with a residual
+PASSES, RESIDUAL_PASSES = 8, 12
 
 
-def aten(x, weight, bias, mean, var, relu):
+def aten(x, weight, bias, mean, var, relu, residual):
     y = F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
+    y = y if residual is None else y + residual
     return F.relu(y, inplace=True) if relu else y
 
 
-def fused(x, weight, bias, mean, var, relu):
-    return train_batch_norm(x, weight, bias, mean, var, 0.1, 1e-5, relu)
+def fused(x, weight, bias, mean, var, relu, residual):
+    return train_batch_norm(x, weight, bias, mean, var, 0.1, 1e-5, relu, residual)
 
 
 def main(argv=None) -> int:
@@ -78,13 +82,14 @@ def main(argv=None) -> int:
     }
     print(f"# {machine['device']} | advent_fast backend: {machine['backend']} | torch {torch.__version__} | "
           f"measured copy bandwidth {copy_gbs:.0f} GB/s")
-    header = ("case", "shape", "relu", "dtype", "impl", "fwd+bwd ms", "graph ms", "GB/s", "% copy", "peak MiB",
+    header = ("case", "shape", "ops", "dtype", "impl", "fwd+bwd ms", "graph ms", "GB/s", "% copy", "peak MiB",
               "x aten")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
-    for case, shape, relu in GPU_CASES if device.type == "cuda" else CPU_CASES:
+    for case, shape, relu, add in GPU_CASES if device.type == "cuda" else CPU_CASES:
+        ops = "BN" + (" + residual" if add else "") + (" + ReLU" if relu else "")
         channels = shape[1]
         for dname in dtypes:
             dtype = DTYPES[dname]
@@ -92,6 +97,8 @@ def main(argv=None) -> int:
             x = x.contiguous(memory_format=torch.channels_last)
             upstream = torch.randn(shape, generator=gen, device=device).to(dtype)
             upstream = upstream.contiguous(memory_format=torch.channels_last)
+            residual = torch.randn(shape, generator=gen, device=device).to(dtype) if add else None
+            residual = None if residual is None else residual.contiguous(memory_format=torch.channels_last)
             weight = torch.rand(channels, generator=gen, device=device) + 0.5
             bias = torch.randn(channels, generator=gen, device=device)
             stats = (torch.zeros(channels, device=device), torch.ones(channels, device=device))
@@ -103,22 +110,24 @@ def main(argv=None) -> int:
             for impl, fn in impls.items():
                 def run(fn=fn):
                     leaf = x.detach().requires_grad_()
-                    fn(leaf, weight, bias, *stats, relu).backward(upstream)
+                    shortcut = None if residual is None else residual.detach().requires_grad_()
+                    fn(leaf, weight, bias, *stats, relu, shortcut).backward(upstream)
                     return leaf.grad
 
                 ms = timer.median_ms(run, reps, warmup)
                 graph = None if impl == "compile" else graph_replay_ms(run, timer, reps)
                 results[impl] = dict(fwd_bwd_ms=ms, graph_ms=graph, peak_MiB=peak_extra_mib(run, device))
-            moved = PASSES * x.numel() * x.element_size()
+            moved = (RESIDUAL_PASSES if add else PASSES) * x.numel() * x.element_size()
             for impl, r in results.items():
                 best = r["graph_ms"] or r["fwd_bwd_ms"]
                 gbs = moved / best / 1e6
                 speedup = results["aten"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-                rows.append(dict(case=case, shape=list(shape), relu=relu, dtype=dname, impl=impl, GBps=gbs,
+                rows.append(dict(case=case, shape=list(shape), relu=relu, residual=add, dtype=dname, impl=impl,
+                                 GBps=gbs,
                                  copy_fraction=gbs / copy_gbs, x_aten=speedup, **r))
-                print(f"| {case} | {'x'.join(map(str, shape))} | {'yes' if relu else 'no'} | {dname} | {impl} | "
-                      f"{r['fwd_bwd_ms']:.3f} | {fmt(r['graph_ms'], '.3f')} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | "
-                      f"{fmt(r['peak_MiB'], '.0f')} | {speedup:.2f} |")
+                print(f"| {case} | {'x'.join(map(str, shape))} | {ops} | {dname} | {impl} | "
+                      f"{r['fwd_bwd_ms']:.3f} | {fmt(r['graph_ms'], '.3f')} | {gbs:.0f} | "
+                      f"{100 * gbs / copy_gbs:.0f}% | {fmt(r['peak_MiB'], '.0f')} | {speedup:.2f} |")
                 sys.stdout.flush()
             write_results(args.json, {"machine": machine, "results": rows}, announce=False)
     write_results(args.json, {"machine": machine, "results": rows})

@@ -174,9 +174,12 @@ def launch_every_variant(case: dict):
         case["label"] = f"({n}, {c}, {h}, {w}) {str(dtype)[6:]} channels_last"
         x = torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
         weight, bias, running_mean, running_var = (torch.rand(c) for _ in range(4))
-        for relu in (False, True):
-            _, mean, invstd, scale = bn.batch_norm_forward(x, weight, bias, running_mean, running_var, 0.1, 1e-5, relu)
-            bn.batch_norm_backward(torch.randn_like(x), x, bias, mean, invstd, scale, relu)
+        for relu, residual in ((False, None), (True, None), (True, torch.randn_like(x)), (False, torch.randn_like(x))):
+            y, mean, invstd, scale = bn.batch_norm_forward(x, weight, bias, running_mean, running_var, 0.1, 1e-5,
+                                                           relu, residual)
+            bn.batch_norm_backward(torch.randn_like(x), x, bias, mean, invstd, scale, relu,
+                                   y if relu and residual is not None else None,
+                                   want_residual_grad=residual is not None)
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Train-mode BatchNorm with frozen affine parameters, optionally followed by ReLU, on channels_last activations.
+"""Train-mode BatchNorm with frozen affine parameters, then optionally a residual add and ReLU, channels_last.
 
 The release's ResNet-101 normalises every activation with its batch statistics (BatchNorm in train mode,
 weight and bias frozen) and most of them go through a ReLU next. ATen has no cuDNN BatchNorm for bfloat16,
@@ -11,13 +11,14 @@ forward   pass 1 (_batch_norm_stats_kernel): per program a range of rows -> per 
           _batch_norm_finish_stats_kernel: the partials merged (Chan's merge as sums; deterministic), then
                   mean, var = M2 / M, invstd = 1 / sqrt(var + eps), scale = weight * invstd; the
                   running statistics updated as ATen does (momentum, unbiased variance);
-          pass 2 (_batch_norm_normalize_kernel): y = relu((x - mean) * scale + bias).
-backward  with g = dy where y > 0 (ReLU; the mask recomputed from x, rounded to y's dtype as y was),
+          pass 2 (_batch_norm_normalize_kernel): y = relu((x - mean) * scale + bias (+ residual)).
+backward  with g = 0 where y <= 0, else dy (ReLU; the mask recomputed from x, rounded to y's dtype as y was, or with a
+          residual read from y, which the next layer keeps anyway; the residual's gradient is g),
           sum_g = sum_rows g, sum_gx = sum_rows g (x - mean):
           pass 1 (_batch_norm_grad_stats_kernel) partials of both, _batch_norm_finish_grad_stats_kernel merges them;
           pass 2 (_batch_norm_grad_input_kernel): dx = scale (g - sum_g / M - (x - mean) invstd^2 sum_gx / M).
 Eight activation-sized reads and writes (3 forward, 5 backward) against ATen's thirteen for BatchNorm and
-ReLU (8 for BatchNorm alone, as here); everything in float32 inside. No weight or bias
+ReLU (8 for BatchNorm alone, as here), twelve against sixteen with the residual add; float32 inside. No weight or bias
 gradient (frozen, as in the release). NaN or inf in a channel makes that channel's statistics, outputs
 and gradients NaN, as ATen's do; the ReLU keeps a NaN (it passes x where not x < 0).
 """
@@ -129,8 +130,8 @@ def _batch_norm_finish_stats_kernel(mean_part_ptr, m2_part_ptr, weight_ptr, runn
 
 
 @triton.jit
-def _batch_norm_normalize_kernel(x_ptr, y_ptr, mean_ptr, scale_ptr, bias_ptr, M, C, RELU: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _batch_norm_normalize_kernel(x_ptr, residual_ptr, y_ptr, mean_ptr, scale_ptr, bias_ptr, M, C, RELU: tl.constexpr,
+                                 HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -139,23 +140,34 @@ def _batch_norm_normalize_kernel(x_ptr, y_ptr, mean_ptr, scale_ptr, bias_ptr, M,
     scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = _normalized(_tile(x_ptr, rows, cols, C, ok), mean, scale, bias)
+    if HAS_RESIDUAL:
+        y += _tile(residual_ptr, rows, cols, C, ok)
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # not tl.maximum: a NaN stays NaN
     tl.store(y_ptr + rows[:, None] * C + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+# Where the backward's ReLU mask comes from (MASK): no ReLU; the output recomputed from x (BatchNorm + ReLU);
+# the stored output (BatchNorm + residual + ReLU, whose output is the next block's input, kept anyway).
+NO_MASK, MASK_FROM_X, MASK_FROM_Y = 0, 1, 2
+
+
 @triton.jit
-def _relu_grad(dy, x, mean, scale, bias, y_dtype: tl.constexpr, RELU: tl.constexpr):
-    """dy where the forward's output (recomputed, rounded to its dtype) was > 0; dy without ReLU."""
-    if RELU:
-        y = _normalized(x, mean, scale, bias).to(y_dtype).to(tl.float32)
-        dy = tl.where(y > 0.0, dy, 0.0)
+def _relu_grad(dy, x, y_ptr, rows, cols, C, ok, mean, scale, bias, MASK: tl.constexpr):
+    """0 where the forward's output was <= 0, else dy (ATen's ReLU backward: a NaN output passes dy); dy
+    without ReLU."""
+    if MASK == 1:  # recomputed, rounded to the output's dtype as it was stored
+        y = _normalized(x, mean, scale, bias).to(y_ptr.dtype.element_ty).to(tl.float32)
+        dy = tl.where(y <= 0.0, 0.0, dy)
+    if MASK == 2:
+        dy = tl.where(_tile(y_ptr, rows, cols, C, ok) <= 0.0, 0.0, dy)
     return dy
 
 
 @triton.jit
-def _batch_norm_grad_stats_kernel(dy_ptr, x_ptr, mean_ptr, scale_ptr, bias_ptr, sum_g_part_ptr, sum_gx_part_ptr, M, C,
-                       rows_per_part, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _batch_norm_grad_stats_kernel(dy_ptr, x_ptr, y_ptr, mean_ptr, scale_ptr, bias_ptr, sum_g_part_ptr, sum_gx_part_ptr,
+                                  M, C, rows_per_part, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_C: tl.constexpr):
     part = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -170,7 +182,7 @@ def _batch_norm_grad_stats_kernel(dy_ptr, x_ptr, mean_ptr, scale_ptr, bias_ptr, 
         rows = start + tl.arange(0, BLOCK_M)
         ok = (rows < last)[:, None] & col_ok[None, :]
         x = _tile(x_ptr, rows, cols, C, ok)
-        g = _relu_grad(_tile(dy_ptr, rows, cols, C, ok), x, mean, scale, bias, x_ptr.dtype.element_ty, RELU)
+        g = _relu_grad(_tile(dy_ptr, rows, cols, C, ok), x, y_ptr, rows, cols, C, ok, mean, scale, bias, MASK)
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(tl.where(ok, g * (x - mean[None, :]), 0.0), axis=0)
     tl.store(sum_g_part_ptr + part * C + cols, sum_g, mask=col_ok)
@@ -196,8 +208,9 @@ def _batch_norm_finish_grad_stats_kernel(sum_g_part_ptr, sum_gx_part_ptr, invstd
 
 
 @triton.jit
-def _batch_norm_grad_input_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, scale_ptr, bias_ptr, mean_g_ptr, coef_x_ptr, M, C,
-                       RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _batch_norm_grad_input_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, grad_residual_ptr, mean_ptr, scale_ptr, bias_ptr,
+                                  mean_g_ptr, coef_x_ptr, M, C, MASK: tl.constexpr, WRITE_RESIDUAL_GRAD: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -208,9 +221,12 @@ def _batch_norm_grad_input_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, scale_ptr, bi
     mean_g = tl.load(mean_g_ptr + cols, mask=col_ok, other=0.0)
     coef_x = tl.load(coef_x_ptr + cols, mask=col_ok, other=0.0)
     x = _tile(x_ptr, rows, cols, C, ok)
-    g = _relu_grad(_tile(dy_ptr, rows, cols, C, ok), x, mean, scale, bias, x_ptr.dtype.element_ty, RELU)
+    g = _relu_grad(_tile(dy_ptr, rows, cols, C, ok), x, y_ptr, rows, cols, C, ok, mean, scale, bias, MASK)
     dx = scale[None, :] * (g - mean_g[None, :] - (x - mean[None, :]) * coef_x[None, :])
-    tl.store(dx_ptr + rows[:, None] * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    offsets = rows[:, None] * C + cols[None, :]
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    if WRITE_RESIDUAL_GRAD:  # the residual's gradient: the masked upstream gradient
+        tl.store(grad_residual_ptr + offsets, g.to(grad_residual_ptr.dtype.element_ty), mask=ok)
 
 
 def _layout(x):
@@ -223,10 +239,10 @@ def _layout(x):
     return m, c, block_c, ceil_div(m, rows_per_part), rows_per_part
 
 
-def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps, relu):
-    """-> (y, mean, invstd, scale): y = relu?(batch_norm(x)) in x's dtype and layout, the batch mean, 1 /
-    sqrt(var + eps) and weight * invstd (float32, (C,)); running_mean and running_var updated in place
-    (both or neither given). x: (N, C, H, W) channels_last contiguous, N * H * W >= 2."""
+def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps, relu, residual=None):
+    """-> (y, mean, invstd, scale): y = relu?(batch_norm(x) + residual?) in x's dtype and layout, the batch mean,
+    1 / sqrt(var + eps) and weight * invstd (float32, (C,)); running_mean and running_var updated in place
+    (both or neither given). x and residual: (N, C, H, W) channels_last contiguous, N * H * W >= 2."""
     m, c, block_c, parts, rows_per_part = _layout(x)
     device = x.device
     f32 = dict(dtype=torch.float32, device=device)
@@ -241,24 +257,32 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps
         BLOCK_P=BN_FINISH_PARTS, BLOCK=BN_FINISH_BLOCK, num_warps=BN_NUM_WARPS)
     y = torch.empty_like(x)
     _batch_norm_normalize_kernel[(ceil_div(m, BN_BLOCK_ROWS), ceil_div(c, block_c))](
-        x, y, mean, scale, bias, m, c, RELU=relu, BLOCK_M=BN_BLOCK_ROWS, BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
+        x, residual, y, mean, scale, bias, m, c, RELU=relu, HAS_RESIDUAL=residual is not None, BLOCK_M=BN_BLOCK_ROWS,
+        BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
     return y, mean, invstd, scale
 
 
-def batch_norm_backward(grad_y, x, bias, mean, invstd, scale, relu):
-    """-> grad_x (x's dtype and layout) of batch_norm_forward's y; grad_y, x channels_last contiguous."""
+def batch_norm_backward(grad_y, x, bias, mean, invstd, scale, relu, y=None, want_residual_grad=False):
+    """-> (grad_x, grad_residual or None) of batch_norm_forward's y (grad_x in x's dtype and layout). With
+    ReLU after a residual, y is the forward's output (the ReLU mask); want_residual_grad: the residual's
+    gradient too. grad_y, x, y channels_last contiguous."""
     m, c, block_c, parts, rows_per_part = _layout(x)
+    mask = (MASK_FROM_Y if y is not None else MASK_FROM_X) if relu else NO_MASK
     f32 = dict(dtype=torch.float32, device=x.device)
     sum_g_part, sum_gx_part = torch.empty((parts, c), **f32), torch.empty((parts, c), **f32)
     _batch_norm_grad_stats_kernel[(parts, ceil_div(c, block_c))](
-        grad_y, x, mean, scale, bias, sum_g_part, sum_gx_part, m, c, rows_per_part, RELU=relu,
-        BLOCK_M=BN_BLOCK_ROWS, BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
+        grad_y, x, y if y is not None else x, mean, scale, bias, sum_g_part, sum_gx_part, m, c, rows_per_part,
+        MASK=mask, BLOCK_M=BN_BLOCK_ROWS, BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
     mean_g, coef_x = torch.empty(c, **f32), torch.empty(c, **f32)
     _batch_norm_finish_grad_stats_kernel[(ceil_div(c, BN_FINISH_BLOCK),)](
         sum_g_part, sum_gx_part, invstd, mean_g, coef_x, m, c, parts, BLOCK_P=BN_FINISH_PARTS, BLOCK=BN_FINISH_BLOCK,
         num_warps=BN_NUM_WARPS)
     grad_x = torch.empty_like(x)
+    # without ReLU the residual's gradient is the upstream gradient itself
+    write_residual_grad = want_residual_grad and relu
+    grad_residual = torch.empty_like(x) if write_residual_grad else (grad_y if want_residual_grad else None)
     _batch_norm_grad_input_kernel[(ceil_div(m, BN_BLOCK_ROWS), ceil_div(c, block_c))](
-        grad_y, x, grad_x, mean, scale, bias, mean_g, coef_x, m, c, RELU=relu, BLOCK_M=BN_BLOCK_ROWS,
+        grad_y, x, y if y is not None else x, grad_x, grad_residual if write_residual_grad else grad_x, mean, scale,
+        bias, mean_g, coef_x, m, c, MASK=mask, WRITE_RESIDUAL_GRAD=write_residual_grad, BLOCK_M=BN_BLOCK_ROWS,
         BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
-    return grad_x
+    return grad_x, grad_residual

@@ -41,14 +41,21 @@ def affine(channels, seed=1):
     return [t.to(DEVICE) for t in (weight, bias, mean, var)]
 
 
-def reference(x, weight, bias, running_mean, running_var, relu, grad_y):
-    """ATen in float64 on x as given (rounded to its dtype): (y, grad_x, running_mean, running_var)."""
+# (ReLU, residual add) of each mode: BatchNorm alone, + ReLU (bn1, bn2), + residual + ReLU (bn3), + residual
+MODES = {"bn": (False, False), "bn_relu": (True, False), "bn_add_relu": (True, True), "bn_add": (False, True)}
+
+
+def reference(x, weight, bias, running_mean, running_var, relu, residual, grad_y):
+    """ATen in float64 on x (and residual) as given, rounded to their dtype: (y, grad_x, grad_residual,
+    running_mean, running_var)."""
     x64 = x.detach().double().requires_grad_()
+    r64 = None if residual is None else residual.detach().double().requires_grad_()
     mean64, var64 = running_mean.double(), running_var.double()
     y = F.batch_norm(x64, mean64, var64, weight.double(), bias.double(), True, MOMENTUM, EPS)
+    y = y if r64 is None else y + r64
     y = F.relu(y) if relu else y
     y.backward(grad_y.double())
-    return y.detach(), x64.grad, mean64, var64
+    return y.detach(), x64.grad, None if r64 is None else r64.grad, mean64, var64
 
 
 def close(got, want, rel):
@@ -61,39 +68,47 @@ def close(got, want, rel):
     torch.testing.assert_close(got[finite], want[finite], rtol=0, atol=rel * float(scale))
 
 
-def check_against_reference(x, relu, weight_and_stats=None):
-    c = x.shape[1]
-    weight, bias, running_mean, running_var = weight_and_stats or affine(c)
-    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x.dtype).to(DEVICE)
-    want_y, want_grad, want_mean, want_var = reference(x, weight, bias, running_mean, running_var, relu, grad_y)
+def check_against_reference(x, mode):
+    relu, add = MODES[mode]
+    weight, bias, running_mean, running_var = affine(x.shape[1])
+    g = torch.Generator().manual_seed(2)
+    grad_y = torch.randn(x.shape, generator=g).to(x.dtype).to(DEVICE)
+    residual = None
+    if add:
+        residual = (torch.randn(x.shape, generator=g) * 2).to(x.dtype).to(DEVICE)
+        residual = residual.contiguous(memory_format=torch.channels_last).requires_grad_()
+    want_y, want_grad, want_grad_residual, want_mean, want_var = reference(
+        x, weight, bias, running_mean, running_var, relu, residual, grad_y)
     x = x.detach().requires_grad_()
-    y = train_batch_norm(x, weight, bias, running_mean, running_var, MOMENTUM, EPS, relu)
+    y = train_batch_norm(x, weight, bias, running_mean, running_var, MOMENTUM, EPS, relu, residual)
     y.backward(grad_y)
     out_tol, grad_tol = TOL[x.dtype]
     assert y.dtype == x.dtype and y.is_contiguous(memory_format=torch.channels_last)
     close(y, want_y, out_tol)
     close(x.grad, want_grad, grad_tol)
+    if add:
+        close(residual.grad, want_grad_residual, out_tol)  # the upstream gradient, masked
     close(running_mean, want_mean, 1e-6)
     close(running_var, want_var, 1e-6)
     return y, x.grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("shape", [(2, 19, 7, 11), (1, 130, 3, 5), (3, 2, 1, 1)])
-def test_against_aten_in_float64(shape, dtype, relu):
+def test_against_aten_in_float64(shape, dtype, mode):
     """C not a power of two and over one channel block (64), rows not a multiple of the row block, 2 rows."""
-    check_against_reference(activations(shape, dtype), relu)
+    check_against_reference(activations(shape, dtype), mode)
 
 
-@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
-def test_row_ranges_of_several_chunks_merge_exactly(monkeypatch, relu):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_row_ranges_of_several_chunks_merge_exactly(monkeypatch, mode):
     """Few row ranges of several row blocks each (the chunk merge inside a program), merged two ranges at a
     time by the finishing kernels."""
     monkeypatch.setattr(kernels, "BN_REDUCE_PROGRAMS", 3)
     monkeypatch.setattr(kernels, "BN_FINISH_PARTS", 2)
     monkeypatch.setattr(kernels, "BN_BLOCK_ROWS", 16)
-    check_against_reference(activations((2, 5, 9, 17), torch.float32), relu)
+    check_against_reference(activations((2, 5, 9, 17), torch.float32), mode)
 
 
 def test_large_offsets_keep_the_variance():
@@ -112,7 +127,7 @@ def test_nonfinite_activations_poison_their_channel_only():
     x = activations((2, 6, 5, 7), torch.float32)
     x[0, 1, 2, 3] = float("nan")
     x[1, 4, 0, 0] = float("inf")
-    y, grad = check_against_reference(x, relu=True)
+    y, grad = check_against_reference(x, "bn_add_relu")
     bad = torch.tensor([1, 4])
     assert y[:, bad].isnan().all() and grad[:, bad].isnan().all()
     good = torch.tensor([0, 2, 3, 5])

@@ -152,7 +152,8 @@ def test_gpu_profile_ranks_kernels_by_device_time_per_step(monkeypatch):
 
 
 @pytest.mark.parametrize("name, kind", [
-    ("void at::native::batch_norm_collect_statistics_channels_last_kernel<c10::BFloat16, float, float, 4>", "BatchNorm"),
+    ("void at::native::batch_norm_collect_statistics_channels_last_kernel<c10::BFloat16, float, float, 4>",
+     "BatchNorm"),
     ("void cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, int, 512, true, 1, true>", "BatchNorm"),
     ("_target_loop_fwd_kernel", "advent_fast Triton kernels"),
     ("_batch_norm_grad_input_kernel", "advent_fast BatchNorm kernels"),
@@ -311,7 +312,8 @@ def test_bench_upsampled(tmp_path):
 def test_bench_batchnorm(tmp_path):
     out = tmp_path / "bench_batchnorm.json"
     stdout = run_script("bench_batchnorm.py", "--quick", "--no-compile", "--json", str(out))
-    assert "| layer3 bn2 | 1x256x23x40 | yes | bf16 | fused |" in stdout
+    assert "| layer3 bn2 | 1x256x23x40 | BN + ReLU | bf16 | fused |" in stdout
+    assert "| layer3 bn3 | 1x1024x23x40 | BN + residual + ReLU | bf16 | aten |" in stdout
     rows = json.loads(out.read_text())["results"]
     assert [(r["case"], r["impl"]) for r in rows] == [(case, impl) for case in ("layer3 bn2", "layer3 bn3")
                                                       for impl in ("aten", "fused")]

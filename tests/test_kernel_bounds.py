@@ -254,8 +254,9 @@ def test_upsampled_target_kernels_stay_in_bounds(n, c, low, size, dtype, layout,
 
 @pytest.mark.parametrize("n,c,h,w,dtype", [(2, 19, 5, 7, torch.float32), (1, 70, 3, 3, torch.bfloat16),
                                            (1, 3, 2, 1, torch.float16)])
-@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
-def test_batch_norm_kernels_stay_in_bounds(monkeypatch, n, c, h, w, dtype, relu):
+@pytest.mark.parametrize("relu,add", [(False, False), (True, False), (True, True), (False, True)],
+                         ids=["bn", "bn_relu", "bn_add_relu", "bn_add"])
+def test_batch_norm_kernels_stay_in_bounds(monkeypatch, n, c, h, w, dtype, relu, add):
     bn = importlib.import_module(f"{kernels.__name__}.batch_norm")
     monkeypatch.setattr(bn, "BN_REDUCE_PROGRAMS", 3)  # row ranges of several row blocks, the last one short
     monkeypatch.setattr(bn, "BN_FINISH_PARTS", 2)  # and summed two at a time
@@ -264,10 +265,12 @@ def test_batch_norm_kernels_stay_in_bounds(monkeypatch, n, c, h, w, dtype, relu)
 
     def case(p):
         x = p.place((n, c, h, w), channels_last, dtype, torch.randn(n, c, h, w).to(dtype))
+        residual = p.place((n, c, h, w), channels_last, dtype, torch.randn(n, c, h, w).to(dtype)) if add else None
         weight, bias, mean, var = (p.place((c,), (1,), torch.float32, torch.rand(c) + 0.5) for _ in range(4))
-        y, batch_mean, invstd, scale = bn.batch_norm_forward(x, weight, bias, mean, var, 0.1, 1e-5, relu)
+        y, batch_mean, invstd, scale = bn.batch_norm_forward(x, weight, bias, mean, var, 0.1, 1e-5, relu, residual)
         grad_y = p.place((n, c, h, w), channels_last, dtype, torch.randn(n, c, h, w).to(dtype))
-        grad_x = bn.batch_norm_backward(grad_y, x, bias, batch_mean, invstd, scale, relu)
-        return y, batch_mean, invstd, scale, mean.clone(), var.clone(), grad_x
+        grad_x, grad_residual = bn.batch_norm_backward(grad_y, x, bias, batch_mean, invstd, scale, relu,
+                                                       y if relu and add else None, want_residual_grad=add)
+        return y, batch_mean, invstd, scale, mean.clone(), var.clone(), grad_x, grad_residual
 
     run_twice(case)

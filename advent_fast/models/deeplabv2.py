@@ -50,11 +50,13 @@ class ASPPHead(nn.Module):
         return out
 
 
-def bn_relu(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """ReLU (in place, as the release's) of ``bn(x)``; a :class:`FusedBatchNorm2d` applies both in one pass."""
+def bn_relu(bn: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ReLU (in place, as the release's) of ``bn(x)`` (``+ residual``); a :class:`FusedBatchNorm2d` applies
+    them all in its kernels."""
     if isinstance(bn, FusedBatchNorm2d):
-        return bn(x, relu=True)
-    return F.relu(bn(x), inplace=True)
+        return bn(x, relu=True, residual=residual)
+    out = bn(x)
+    return F.relu(out if residual is None else out + residual, inplace=True)
 
 
 def frozen_batchnorm(channels: int) -> nn.BatchNorm2d:
@@ -192,15 +194,13 @@ class Bottleneck(nn.Module):
         self.bn2 = frozen_batchnorm(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
         self.bn3 = frozen_batchnorm(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = bn_relu(self.bn1, self.conv1(x))
-        out = bn_relu(self.bn2, self.conv2(out))
-        out = self.bn3(self.conv3(out))
+        out = self.conv3(bn_relu(self.bn2, self.conv2(out)))
         residual = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + residual)
+        return bn_relu(self.bn3, out, residual)
 
 
 def _resnet_layer(in_channels: int, planes: int, blocks: int, stride: int, dilation: int) -> nn.Sequential:
@@ -371,17 +371,19 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose train-mode forward is :func:`advent_fast.batch_norm.train_batch_norm`: the fused
-    kernels on channels_last CUDA activations (with the ReLU that follows, through :func:`bn_relu`),
-    ATen's otherwise; eval mode is nn.BatchNorm2d's. Same parameters, buffers and state dict."""
+    kernels on channels_last CUDA activations (with the residual add and ReLU that follow, through
+    :func:`bn_relu`), ATen's otherwise; eval mode is nn.BatchNorm2d's. Same parameters, buffers and state
+    dict."""
 
-    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not (self.training and self.track_running_stats and self.momentum is not None):
             y = super().forward(x)
+            y = y if residual is None else y + residual
             return F.relu(y, inplace=True) if relu else y
         if self.num_batches_tracked is not None:  # None while activation checkpointing recomputes
             self.num_batches_tracked.add_(1)
         return train_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum,
-                                self.eps, relu)
+                                self.eps, relu, residual)
 
 
 def use_fused_batchnorm(model: nn.Module) -> int:
