@@ -50,8 +50,8 @@ class _TrainBatchNorm(torch.autograd.Function):
             y, mean, invstd, scale = _kernels().batch_norm_forward(x, weight, bias, running_mean, running_var,
                                                                    momentum, eps, relu, residual)
         ctx.relu = relu
-        ctx.mask_from_output = relu and residual is not None  # the ReLU mask: y itself, not x alone
-        ctx.save_for_backward(x, bias, mean, invstd, scale, y if ctx.mask_from_output else None)
+        mask_from_output = relu and residual is not None  # the ReLU mask: y itself, not x alone
+        ctx.save_for_backward(x, bias, mean, invstd, scale, y if mask_from_output else None)
         return y
 
     @staticmethod

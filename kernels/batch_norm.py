@@ -5,9 +5,9 @@ weight and bias frozen) and most of them go through a ReLU next. ATen has no cuD
 and its own kernels plus a separate ReLU pass read and write the activations 13 times a layer (forward
 and backward). Here the activations x are an (M, C) matrix, M = N * H * W rows of C contiguous channels:
 
-forward   pass 1 (_batch_norm_stats_kernel): per program a range of rows -> per channel count, mean and M2
-                  (sum of squared deviations), merged chunk by chunk with Chan's formula (no
-                  cancellation, unlike sum and sum of squares);
+forward   pass 1 (_batch_norm_stats_kernel): per program a range of rows -> per channel mean and M2
+                  (sum of squared deviations), from sums of the deviations from the range's first row
+                  block's mean (no cancellation, unlike a plain sum of squares);
           _batch_norm_finish_stats_kernel: the partials merged (Chan's merge as sums; deterministic), then
                   mean, var = M2 / M, invstd = 1 / sqrt(var + eps), scale = weight * invstd; the
                   running statistics updated as ATen does (momentum, unbiased variance);
@@ -61,26 +61,25 @@ def _batch_norm_stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, M, C, rows_per_p
     col_ok = cols < C
     first = part * rows_per_part
     last = tl.minimum(first + rows_per_part, M)
-    count = 0.0
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # Sums of the deviations from a shift, the first row block's mean (so no cancellation as in a plain sum
+    # of squares), kept per tile element and reduced over the rows once, at the end: no cross-warp
+    # reduction per row block.
+    rows = first + tl.arange(0, BLOCK_M)
+    ok = (rows < last)[:, None] & col_ok[None, :]
+    shift = tl.sum(_tile(x_ptr, rows, cols, C, ok), axis=0) / tl.minimum(last - first, BLOCK_M).to(tl.float32)
+    sum_d = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    sum_d2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for start in range(first, last, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < last
-        ok = row_ok[:, None] & col_ok[None, :]
-        x = _tile(x_ptr, rows, cols, C, ok)
-        n_b = tl.minimum(last - start, BLOCK_M).to(tl.float32)
-        mean_b = tl.sum(x, axis=0) / n_b
-        dev = tl.where(ok, x - mean_b[None, :], 0.0)
-        m2_b = tl.sum(dev * dev, axis=0)
-        # Chan et al.: merge (count, mean, m2) with the chunk's (n_b, mean_b, m2_b)
-        total = count + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
-        count = total
-    tl.store(mean_part_ptr + part * C + cols, mean, mask=col_ok)
-    tl.store(m2_part_ptr + part * C + cols, m2, mask=col_ok)
+        ok = (rows < last)[:, None] & col_ok[None, :]
+        d = tl.where(ok, _tile(x_ptr, rows, cols, C, ok) - shift[None, :], 0.0)
+        sum_d += d
+        sum_d2 += d * d
+    count = (last - first).to(tl.float32)
+    d_total = tl.sum(sum_d, axis=0)
+    m2 = tl.sum(sum_d2, axis=0) - d_total * d_total / count  # >= 0 but for rounding (a NaN stays NaN)
+    tl.store(mean_part_ptr + part * C + cols, shift + d_total / count, mask=col_ok)
+    tl.store(m2_part_ptr + part * C + cols, tl.where(m2 < 0.0, 0.0, m2), mask=col_ok)
 
 
 @triton.jit
@@ -176,17 +175,17 @@ def _batch_norm_grad_stats_kernel(dy_ptr, x_ptr, y_ptr, mean_ptr, scale_ptr, bia
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     first = part * rows_per_part
     last = tl.minimum(first + rows_per_part, M)
-    sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sum_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # per tile element, reduced once at the end
+    sum_gx = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for start in range(first, last, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         ok = (rows < last)[:, None] & col_ok[None, :]
         x = _tile(x_ptr, rows, cols, C, ok)
         g = _relu_grad(_tile(dy_ptr, rows, cols, C, ok), x, y_ptr, rows, cols, C, ok, mean, scale, bias, MASK)
-        sum_g += tl.sum(g, axis=0)
-        sum_gx += tl.sum(tl.where(ok, g * (x - mean[None, :]), 0.0), axis=0)
-    tl.store(sum_g_part_ptr + part * C + cols, sum_g, mask=col_ok)
-    tl.store(sum_gx_part_ptr + part * C + cols, sum_gx, mask=col_ok)
+        sum_g += g
+        sum_gx += tl.where(ok, g * (x - mean[None, :]), 0.0)
+    tl.store(sum_g_part_ptr + part * C + cols, tl.sum(sum_g, axis=0), mask=col_ok)
+    tl.store(sum_gx_part_ptr + part * C + cols, tl.sum(sum_gx, axis=0), mask=col_ok)
 
 
 @triton.jit
