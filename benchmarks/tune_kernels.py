@@ -21,7 +21,7 @@ not timed) and times the public ops forward+backward at the training shapes:
                 upsampled to 512x1024, the source cross-entropy of (1, 19, 91, 161) logits at 720x1280;
   batchnorm family: the fused train-mode BatchNorm (kernels/batch_norm.py: BN_BLOCK_ROWS, BN_BLOCK_CHANNELS,
                 BN_NUM_WARPS, BN_REDUCE_PROGRAMS) on ResNet-101's layers at 1280x720 (bench_batchnorm.py's
-                stem, layer3 bn2 + ReLU, layer3 bn3), channels_last.
+                stem, layer3 bn2 + ReLU, layer3 bn3 + residual + ReLU), channels_last.
 Columns: median ms (on a GPU the device's time: the call replayed as a CUDA graph, as the host's time
 is the same for every candidate), % of the copy bandwidth measured in the same run (pixel, loop and
 batchnorm families), x the default.
@@ -43,6 +43,7 @@ import torch
 import advent_fast as af
 from advent_fast.batch_norm import train_batch_norm
 from bench_batchnorm import PASSES as BATCHNORM_PASSES
+from bench_batchnorm import RESIDUAL_PASSES as BATCHNORM_RESIDUAL_PASSES
 from bench_common import Timer, apply_config, current_config, fwd_bwd, graph_replay_ms, write_results
 from bench_entropy import cases as entropy_cases
 from bench_entropy import copy_bandwidth, make_prior, min_bytes
@@ -66,11 +67,11 @@ QUICK_BATCHNORM_SWEEP = {"BN_BLOCK_ROWS": (32, 64, 128), "BN_BLOCK_CHANNELS": (6
                          "BN_REDUCE_PROGRAMS": (512, 2048)}
 GPU_SHAPES = {"pixel": (4, 19, 512, 1024), "cell_target": ((1, 19, 65, 129), (512, 1024)),
               "cell_source": ((1, 19, 91, 161), (720, 1280)), "loop": (4, 19, 512, 1024),
-              "batchnorm": [("stem", (1, 64, 360, 640), True), ("layer3 bn2", (1, 256, 90, 160), True),
-                            ("layer3 bn3", (1, 1024, 90, 160), False)]}
+              "batchnorm": [("stem", (1, 64, 360, 640), True, False), ("layer3 bn2", (1, 256, 90, 160), True, False),
+                            ("layer3 bn3", (1, 1024, 90, 160), True, True)]}
 SMOKE_SHAPES = {"pixel": (1, 19, 16, 40), "cell_target": ((1, 19, 3, 5), (17, 33)),
                 "cell_source": ((1, 19, 3, 6), (17, 41)), "loop": (1, 19, 16, 40),
-                "batchnorm": [("layer3 bn2", (1, 70, 6, 11), True)]}
+                "batchnorm": [("layer3 bn2", (1, 70, 6, 11), True, False), ("layer3 bn3", (1, 70, 6, 11), True, True)]}
 ER_RATIO = 0.3
 
 
@@ -111,17 +112,23 @@ def cases(family, shapes, device, dtypes):
                     for name, fn in fused.items()]
         return out
     if family == "batchnorm":
-        for case, shape, relu in shapes["batchnorm"]:
+        for case, shape, relu, add in shapes["batchnorm"]:
             channels = shape[1]
             weight = (torch.rand(channels, generator=g) + 0.5).to(device)
             bias = torch.randn(channels, generator=g).to(device)
             stats = torch.zeros(channels, device=device), torch.ones(channels, device=device)
             for dname, dtype in dtypes.items():
-                x = (torch.randn(shape, generator=g) * 2 + 1).to(device, dtype, memory_format=torch.channels_last)
-                upstream = torch.randn(shape, generator=g).to(device, dtype, memory_format=torch.channels_last)
-                out.append((f"{case} {dname}", x,
-                            lambda x, w=weight, b=bias, s=stats, r=relu: train_batch_norm(x, w, b, *s, 0.1, 1e-5, r),
-                            upstream, BATCHNORM_PASSES * x.numel() * x.element_size()))
+                x, upstream, shortcut = (torch.randn(shape, generator=g).to(device, dtype,
+                                                                            memory_format=torch.channels_last)
+                                         for _ in range(3))
+                passes = BATCHNORM_RESIDUAL_PASSES if add else BATCHNORM_PASSES
+
+                def fn(x, w=weight, b=bias, s=stats, r=relu, res=shortcut if add else None):
+                    # a fresh leaf each call: the residual's gradient is computed, not accumulated
+                    return train_batch_norm(x, w, b, *s, 0.1, 1e-5, r, None if res is None else
+                                            res.detach().requires_grad_())
+
+                out.append((f"{case} {dname}", x, fn, upstream, passes * x.numel() * x.element_size()))
         return out
     (low, size), (src_low, src_size) = shapes["cell_target"], shapes["cell_source"]
     for dname, dtype in dtypes.items():
