@@ -120,7 +120,8 @@ def test_large_offsets_keep_the_variance():
     aten = F.batch_norm(x, mean.clone(), var.clone(), weight, bias, True, MOMENTUM, EPS)
     got = train_batch_norm(x, weight, bias, mean, var, MOMENTUM, EPS)
     error, aten_error = ((t.double() - want).abs().max().item() for t in (got, aten))
-    assert error < 1e-2 and error <= 2 * aten_error + 1e-4, (error, aten_error)
+    # 1e-3: about a float32 ulp at 1e4, what rounding the mean itself costs any float32 implementation
+    assert error < 1e-2 and error <= 2 * aten_error + 1e-3, (error, aten_error)
 
 
 def test_nonfinite_activations_poison_their_channel_only():
