@@ -12,14 +12,15 @@ forward   pass 1 (_batch_norm_stats_kernel): per program a range of rows -> per 
                   mean, var = M2 / M, invstd = 1 / sqrt(var + eps), scale = weight * invstd; the
                   running statistics updated as ATen does (momentum, unbiased variance);
           pass 2 (_batch_norm_normalize_kernel): y = relu((x - mean) * scale + bias (+ residual)).
-backward  with g = 0 where y <= 0, else dy (ReLU; the mask recomputed from x, rounded to y's dtype as y was, or with a
-          residual read from y, which the next layer keeps anyway; the residual's gradient is g),
-          sum_g = sum_rows g, sum_gx = sum_rows g (x - mean):
-          pass 1 (_batch_norm_grad_stats_kernel) partials of both, _batch_norm_finish_grad_stats_kernel merges them;
+backward  with g = 0 where y <= 0, else dy (ReLU; the mask recomputed from x, rounded to y's dtype as y
+          was, or with a residual read from y, which the next layer keeps anyway; the residual's gradient
+          is g), sum_g = sum_rows g, sum_gx = sum_rows g (x - mean):
+          pass 1 (_batch_norm_grad_stats_kernel) partials of both, merged by
+          _batch_norm_finish_grad_stats_kernel;
           pass 2 (_batch_norm_grad_input_kernel): dx = scale (g - sum_g / M - (x - mean) invstd^2 sum_gx / M).
 Eight activation-sized reads and writes (3 forward, 5 backward) against ATen's thirteen for BatchNorm and
-ReLU (8 for BatchNorm alone, as here), twelve against sixteen with the residual add; float32 inside. No weight or bias
-gradient (frozen, as in the release). NaN or inf in a channel makes that channel's statistics, outputs
+ReLU (8 for BatchNorm alone, as here), twelve against sixteen with the residual add; float32 inside. No
+weight or bias gradient (frozen, as in the release). NaN or inf in a channel makes that channel's statistics, outputs
 and gradients NaN, as ATen's do; the ReLU keeps a NaN (it passes x where not x < 0).
 """
 import torch
@@ -55,7 +56,7 @@ def _normalized(x, mean, scale, bias):
 
 @triton.jit
 def _batch_norm_stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, M, C, rows_per_part,
-                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     part = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
