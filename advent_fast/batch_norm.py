@@ -106,6 +106,12 @@ def _use_kernels(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Ten
             and not (weight.requires_grad or bias.requires_grad))
 
 
+def add_relu(y: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """``y + residual`` (if given), then ReLU in place (if ``relu``): what follows BatchNorm on ATen's path."""
+    y = y if residual is None else y + residual
+    return F.relu(y, inplace=True) if relu else y
+
+
 def train_batch_norm(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
                      momentum: float = 0.1, eps: float = 1e-5, relu: bool = False,
                      residual: Optional[Tensor] = None) -> Tensor:
@@ -130,8 +136,6 @@ def train_batch_norm(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tens
     """
     _check(x, weight, bias, running_mean, running_var, momentum, eps, residual)
     if not _use_kernels(x, weight, bias, residual):
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
-        y = y if residual is None else y + residual
-        return F.relu(y, inplace=True) if relu else y
+        return add_relu(F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps), residual, relu)
     return _TrainBatchNorm.apply(x, weight, bias, running_mean, running_var, float(momentum), float(eps), bool(relu),
                                  residual)

@@ -55,6 +55,14 @@ def _normalized(x, mean, scale, bias):
 
 
 @triton.jit
+def _channel_affine(mean_ptr, scale_ptr, bias_ptr, cols, col_ok):
+    """(mean, scale, bias) of these channels in float32: what _normalized applies."""
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+    return mean, scale, tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _batch_norm_stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, M, C, rows_per_part,
                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     part = tl.program_id(0)
@@ -136,9 +144,7 @@ def _batch_norm_normalize_kernel(x_ptr, residual_ptr, y_ptr, mean_ptr, scale_ptr
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     ok = (rows < M)[:, None] & col_ok[None, :]
-    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
-    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    mean, scale, bias = _channel_affine(mean_ptr, scale_ptr, bias_ptr, cols, col_ok)
     y = _normalized(_tile(x_ptr, rows, cols, C, ok), mean, scale, bias)
     if HAS_RESIDUAL:
         y += _tile(residual_ptr, rows, cols, C, ok)
@@ -171,9 +177,7 @@ def _batch_norm_grad_stats_kernel(dy_ptr, x_ptr, y_ptr, mean_ptr, scale_ptr, bia
     part = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
-    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    mean, scale, bias = _channel_affine(mean_ptr, scale_ptr, bias_ptr, cols, col_ok)
     first = part * rows_per_part
     last = tl.minimum(first + rows_per_part, M)
     sum_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # per tile element, reduced once at the end
@@ -215,9 +219,7 @@ def _batch_norm_grad_input_kernel(dy_ptr, x_ptr, y_ptr, dx_ptr, grad_residual_pt
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     ok = (rows < M)[:, None] & col_ok[None, :]
-    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
-    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
-    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    mean, scale, bias = _channel_affine(mean_ptr, scale_ptr, bias_ptr, cols, col_ok)
     mean_g = tl.load(mean_g_ptr + cols, mask=col_ok, other=0.0)
     coef_x = tl.load(coef_x_ptr + cols, mask=col_ok, other=0.0)
     x = _tile(x_ptr, rows, cols, C, ok)

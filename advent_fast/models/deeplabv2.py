@@ -18,11 +18,10 @@ from collections import Counter
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..batch_norm import train_batch_norm
+from ..batch_norm import add_relu, train_batch_norm
 
 ASPP_DILATIONS = (6, 12, 18, 24)
 GROUPINGS = ("release", "clean")
@@ -55,8 +54,7 @@ def bn_relu(bn: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor] = N
     them all in its kernels."""
     if isinstance(bn, FusedBatchNorm2d):
         return bn(x, relu=True, residual=residual)
-    out = bn(x)
-    return F.relu(out if residual is None else out + residual, inplace=True)
+    return add_relu(bn(x), residual, relu=True)
 
 
 def frozen_batchnorm(channels: int) -> nn.BatchNorm2d:
@@ -377,9 +375,7 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor, relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not (self.training and self.track_running_stats and self.momentum is not None):
-            y = super().forward(x)
-            y = y if residual is None else y + residual
-            return F.relu(y, inplace=True) if relu else y
+            return add_relu(super().forward(x), residual, relu)
         if self.num_batches_tracked is not None:  # None while activation checkpointing recomputes
             self.num_batches_tracked.add_(1)
         return train_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum,
