@@ -9,6 +9,11 @@ activation-sized reads and writes, forward and backward, against the 13 of ATen'
 cuDNN kernel for bfloat16, and a separate ReLU; 12 against 16 with the residual add); everywhere else, and
 under torch.compile, ATen's.
 :class:`advent_fast.models.FusedBatchNorm2d` (``train.fused_batchnorm``) puts it into a model.
+
+:func:`shift_relu` is what remains of a frozen BatchNorm folded into the convolution before it
+(:func:`advent_fast.models.fold_frozen_batchnorm`): ``x + shift``, plus a residual, then ReLU, in one pass
+(2 or 3 activation-sized reads and writes against ATen's 4 or 7); :class:`advent_fast.models.FusedFoldedBatchNorm2d`
+puts it into a folded model.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from .backend import device_guard, get_backend
 
-__all__ = ["train_batch_norm"]
+__all__ = ["shift_relu", "train_batch_norm"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The kernels index the (M, C) activations with 32-bit offsets.
@@ -85,25 +90,30 @@ def _check(x, weight, bias, running_mean, running_var, momentum, eps, residual) 
         raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
-        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(f"residual must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got shape "
-                             f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}")
+    _check_residual(x, residual)
     if x.numel() // max(channels, 1) < 2:
         raise ValueError(f"expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}")
 
 
-def _use_kernels(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor]) -> bool:
+def _check_residual(x, residual) -> None:
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got shape "
+                         f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}")
+
+
+def _use_kernels(x: Tensor, residual: Optional[Tensor], frozen: tuple) -> bool:
     """Whether the fused kernels run: Triton backend, channels_last activations (and residual) the 32-bit
-    offsets cover, frozen affine parameters (the kernels give no weight or bias gradient), not traced by
-    torch.compile."""
+    offsets cover, ``frozen`` per-channel tensors that need no gradient (the kernels give none), not traced
+    by torch.compile."""
     channels_last = torch.channels_last
     return (get_backend(x.device) == "triton" and not torch.compiler.is_compiling()
             and x.is_contiguous(memory_format=channels_last) and x.numel() <= MAX_ELEMENTS
             and (residual is None or residual.is_contiguous(memory_format=channels_last))
-            and not (weight.requires_grad or bias.requires_grad))
+            and not any(t.requires_grad for t in frozen))
 
 
 def add_relu(y: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
@@ -135,7 +145,64 @@ def train_batch_norm(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tens
         The normalised activations in x's dtype and memory format.
     """
     _check(x, weight, bias, running_mean, running_var, momentum, eps, residual)
-    if not _use_kernels(x, weight, bias, residual):
+    if not _use_kernels(x, residual, (weight, bias)):
         return add_relu(F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps), residual, relu)
     return _TrainBatchNorm.apply(x, weight, bias, running_mean, running_var, float(momentum), float(eps), bool(relu),
                                  residual)
+
+
+class _ShiftReLU(torch.autograd.Function):
+    """The shift kernel's forward; backward: ReLU's (ATen's threshold_backward on the output, as F.relu's),
+    the one masked gradient going to x and to the residual; none for the shift (frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, shift, relu, residual):
+        with device_guard(x.device):
+            y = _kernels().shift_forward(x, shift, relu, residual)
+        ctx.relu = relu
+        ctx.save_for_backward(y if relu else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad_y, y, 0) if ctx.relu else grad_y
+        return grad, None, None, grad if ctx.needs_input_grad[3] else None
+
+
+def _check_shift(x, shift, residual) -> None:
+    for name, t in (("x", x), ("shift", shift)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if shift.device != x.device:
+        raise ValueError(f"shift is on {shift.device} but x is on {x.device}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (N, C, H, W), got shape {tuple(x.shape)}")
+    if shift.shape != (x.shape[1],):
+        raise ValueError(f"shift must have shape ({x.shape[1]},) for x with {x.shape[1]} channels, "
+                         f"got {tuple(shift.shape)}")
+    _check_residual(x, residual)
+
+
+def shift_relu(x: Tensor, shift: Tensor, relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
+    """``x + shift`` (one value per channel), plus ``residual`` if given, then ReLU if ``relu``: what remains
+    of a frozen BatchNorm folded into the convolution that computed ``x``, with what follows it.
+
+    One kernel on the Triton backend for channels_last ``x`` (and residual) and a shift that needs no
+    gradient, outside torch.compile, its sum rounded once; ATen's ops otherwise (the shift cast to x's dtype
+    first, as a convolution's bias is, and each add rounded).
+
+    Args:
+        x: (N, C, H, W) float32/float16/bfloat16 activations.
+        shift: (C,) per-channel shift, any float dtype (float32 inside the kernel).
+        relu: apply ReLU to the output.
+        residual: added before the ReLU: x's shape, dtype and device.
+    Returns:
+        The shifted activations in x's dtype and memory format.
+    """
+    _check_shift(x, shift, residual)
+    if not _use_kernels(x, residual, (shift,)):
+        return add_relu(x + shift.to(x.dtype).reshape(1, -1, 1, 1), residual, relu)
+    return _ShiftReLU.apply(x, shift, bool(relu), residual)

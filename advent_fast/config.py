@@ -95,9 +95,10 @@ class TrainConfig:
     # null: on where it can be (and torch.compile is off), falling back to eager steps with a warning
     # if the capture fails or a batch changes shape; true: required, such a failure is an error.
     cuda_graph: Optional[bool] = None
-    # Train-mode BatchNorm and the ReLU after it in one fused pass each way (advent_fast.batch_norm;
-    # channels_last CUDA activations, outside torch.compile). Same values up to float rounding; off until
-    # measured on a GPU. Nothing to fuse with model.freeze_bn (eval mode).
+    # Train-mode BatchNorm with the residual add and ReLU after it in fused kernels (advent_fast.batch_norm;
+    # channels_last CUDA activations, outside torch.compile); with model.freeze_bn on the fast path, the
+    # folded BatchNorm's shift with them (the release path's eval-mode BatchNorm is left as it is). Same
+    # values up to float rounding; off until measured on a GPU.
     fused_batchnorm: bool = False
     # Keep only each backbone block's input for the backward and recompute the block there: a
     # fraction of the activation memory for about one more backbone forward per step. Exact.

@@ -54,7 +54,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="train.cuda_graph: replay the whole step as one CUDA graph (fast path, one GPU)")
     p.add_argument("--fused-batchnorm", action=argparse.BooleanOptionalAction, default=None,
-                   help="train.fused_batchnorm: train-mode BatchNorm (+ ReLU) in the fused kernels (GPU)")
+                   help="train.fused_batchnorm: BatchNorm (train mode, or a folded frozen one's shift) "
+                        "with the residual add and ReLU in fused kernels (GPU)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="train.activation_checkpointing: recompute the backbone's blocks in the backward "
                         "(less memory, about one more backbone forward per step)")

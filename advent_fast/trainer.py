@@ -90,7 +90,7 @@ class StepSettings:
     # train.cuda_graph null: a failed capture or a new batch shape falls back to eager steps (true: an error)
     cuda_graph_fallback: bool
     activation_checkpointing: bool  # backbone blocks recomputed in the backward (memory for compute)
-    fused_batchnorm: bool  # train-mode BatchNorm (+ ReLU) in the fused kernels (advent_fast.batch_norm)
+    fused_batchnorm: bool  # BatchNorm (+ residual, + ReLU) in the fused kernels (advent_fast.batch_norm)
 
     @classmethod
     def resolve(cls, config: Config, device: torch.device, distributed: bool = False) -> "StepSettings":
@@ -123,7 +123,8 @@ class StepSettings:
             cuda_graph=cuda_graph,
             cuda_graph_fallback=t.cuda_graph is None,
             activation_checkpointing=t.activation_checkpointing,
-            fused_batchnorm=t.fused_batchnorm and not config.model.freeze_bn,
+            # frozen BatchNorm: only folded (the fast path) does it leave a pass to fuse, its shift
+            fused_batchnorm=t.fused_batchnorm and (fast or not config.model.freeze_bn),
         )
 
     @property
@@ -145,7 +146,8 @@ class StepSettings:
         parts += [f"torch.compile({self.compile})"] if self.compile != "none" else []
         parts += ["whole step as one CUDA graph"] if self.cuda_graph else []
         parts += ["activation checkpointing"] if self.activation_checkpointing else []
-        parts += ["fused train-mode BatchNorm"] if self.fused_batchnorm else []
+        if self.fused_batchnorm:
+            parts += ["fused folded-BN shift + ReLU" if self.fold_frozen_bn else "fused train-mode BatchNorm"]
         return ", ".join(parts)
 
 
@@ -516,8 +518,9 @@ class Trainer:
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        # A captured step must cast the weights in every replay: no autocast weight cache.
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=not self.settings.cuda_graph)
+        # The weight casts cached here live for the step (_shared_weight_casts): a captured step makes
+        # them inside the graph, once a replay, and never reuses an eager step's.
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _forward(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Both heads' logits: upsampled to the input size (release: bilinear, align_corners), or
@@ -618,10 +621,8 @@ class Trainer:
         while any autocast context is open: this outer one, with autocast off, keeps it open between the
         forwards, whose backwards run outside autocast as before) and a folded frozen BN's scaled weight
         (:func:`advent_fast.models.shared_scaled_weights`). Both are dropped before the optimisers change
-        the weights. Not in a captured step, which makes them in every replay."""
+        the weights. Also in a captured step: each replay then makes them once."""
         stack = contextlib.ExitStack()
-        if self.settings.cuda_graph:
-            return stack
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=False))
         if self.settings.fold_frozen_bn:

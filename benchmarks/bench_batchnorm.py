@@ -1,6 +1,7 @@
-"""Train-mode BatchNorm (+ ReLU) of the release ResNet-101: ATen against the fused kernels.
+"""Train-mode BatchNorm (+ ReLU) of the release ResNet-101, and a folded frozen one's shift: ATen against the
+fused kernels.
 
-    python benchmarks/bench_batchnorm.py [--quick] [--no-compile] [--dtypes bf16 fp32] [--json bench_batchnorm.json]
+    python benchmarks/bench_batchnorm.py [--quick] [--no-compile] [--dtypes bf16 fp32] [--kinds train folded]
 
 Cases: the BatchNorm layers of the release DeepLab-V2 ResNet-101 on a 1280x720 source image (batch 1,
 channels_last): the stem (BN + ReLU, 64 channels at 1/2 resolution), layer1's bn2 (BN + ReLU) and bn3 (BN,
@@ -15,7 +16,11 @@ of the copy bandwidth measured in the same run, both for the fused design's byte
 activations twice and writes the output in the forward, reads x and the upstream gradient twice and
 writes the gradient in the backward: 8 passes of the activations' size; 12 with a residual: read in the
 forward, the output read twice for the ReLU mask and the residual's gradient written), peak memory above
-the inputs, speed-up vs aten. Without a GPU: the CPU at small sizes (the fused path then falls back to ATen unless
+the inputs, speed-up vs aten. Kind ``folded`` (model.freeze_bn with train.fused_batchnorm): what remains of
+a frozen BatchNorm folded into its convolution, the shift (aten: the convolution's bias add, then the residual
+add and ReLU; fused: advent_fast.batch_norm.shift_relu), forward and ReLU backward: 5 passes, 6 with a
+residual (the output written, x and the residual read; y and the upstream gradient read and the gradient
+written by the backward). Without a GPU: the CPU at small sizes (the fused path then falls back to ATen unless
 ADVENT_FAST_BACKEND=triton under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
@@ -23,12 +28,13 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 import advent_fast as af
-from advent_fast.batch_norm import train_batch_norm
+from advent_fast.batch_norm import shift_relu, train_batch_norm
 from bench_common import Timer, fmt, graph_replay_ms, peak_extra_mib, write_results
 from bench_entropy import copy_bandwidth
 
@@ -47,8 +53,6 @@ CPU_CASES = [
     ("layer3 bn3", (1, 1024, 23, 40), True, True),
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# activation-sized reads and writes of the fused forward + backward (module docstring): alone, with a residual
-PASSES, RESIDUAL_PASSES = 8, 12
 
 
 def aten(x, weight, bias, mean, var, relu, residual):
@@ -61,11 +65,34 @@ def fused(x, weight, bias, mean, var, relu, residual):
     return train_batch_norm(x, weight, bias, mean, var, 0.1, 1e-5, relu, residual)
 
 
+def aten_shift(x, weight, bias, mean, var, relu, residual):
+    """A folded BatchNorm's shift as the convolution's bias add (cast to x's dtype, as it is), then as aten."""
+    y = x + bias.to(x.dtype).reshape(1, -1, 1, 1)
+    y = y if residual is None else y + residual
+    return F.relu(y, inplace=True) if relu else y
+
+
+def fused_shift(x, weight, bias, mean, var, relu, residual):
+    return shift_relu(x, bias, relu, residual)
+
+
+class Kind(NamedTuple):
+    aten: Callable
+    fused: Callable
+    passes: int  # activation-sized reads and writes of the fused forward + backward (module docstring)
+    residual_passes: int  # the same with a residual add
+
+
+KINDS = {"train": Kind(aten, fused, 8, 12), "folded": Kind(aten_shift, fused_shift, 5, 6)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions, first dtype only")
     parser.add_argument("--json", default="bench_batchnorm.json", help="where to write the results")
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS),
+                        help="train: train-mode BatchNorm; folded: a folded frozen BatchNorm's shift")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -82,15 +109,19 @@ def main(argv=None) -> int:
     }
     print(f"# {machine['device']} | advent_fast backend: {machine['backend']} | torch {torch.__version__} | "
           f"measured copy bandwidth {copy_gbs:.0f} GB/s")
-    header = ("case", "shape", "ops", "dtype", "impl", "fwd+bwd ms", "graph ms", "GB/s", "% copy", "peak MiB",
+    if machine["backend"] != "triton":
+        print("# the fused rows fall back to ATen's ops here: their kernels run on the triton backend")
+    header = ("case", "shape", "kind", "ops", "dtype", "impl", "fwd+bwd ms", "graph ms", "GB/s", "% copy", "peak MiB",
               "x aten")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
-    for case, shape, relu, add in GPU_CASES if device.type == "cuda" else CPU_CASES:
-        ops = "BN" + (" + residual" if add else "") + (" + ReLU" if relu else "")
+    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
+    for kind, (case, shape, relu, add) in ((k, c) for k in args.kinds for c in cases):
+        ops = ("BN" if kind == "train" else "shift") + (" + residual" if add else "") + (" + ReLU" if relu else "")
         channels = shape[1]
+        spec = KINDS[kind]
         for dname in dtypes:
             dtype = DTYPES[dname]
             x = (torch.randn(shape, generator=gen, device=device) * 2 + 1).to(dtype)
@@ -102,10 +133,10 @@ def main(argv=None) -> int:
             weight = torch.rand(channels, generator=gen, device=device) + 0.5
             bias = torch.randn(channels, generator=gen, device=device)
             stats = (torch.zeros(channels, device=device), torch.ones(channels, device=device))
-            impls = {"aten": aten, "fused": fused}
+            impls = {"aten": spec.aten, "fused": spec.fused}
             if not args.no_compile:
                 torch._dynamo.reset()
-                impls["compile"] = torch.compile(aten, dynamic=False)
+                impls["compile"] = torch.compile(spec.aten, dynamic=False)
             results = {}
             for impl, fn in impls.items():
                 def run(fn=fn):
@@ -117,15 +148,14 @@ def main(argv=None) -> int:
                 ms = timer.median_ms(run, reps, warmup)
                 graph = None if impl == "compile" else graph_replay_ms(run, timer, reps)
                 results[impl] = dict(fwd_bwd_ms=ms, graph_ms=graph, peak_MiB=peak_extra_mib(run, device))
-            moved = (RESIDUAL_PASSES if add else PASSES) * x.numel() * x.element_size()
+            moved = (spec.residual_passes if add else spec.passes) * x.numel() * x.element_size()
             for impl, r in results.items():
                 best = r["graph_ms"] or r["fwd_bwd_ms"]
                 gbs = moved / best / 1e6
                 speedup = results["aten"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-                rows.append(dict(case=case, shape=list(shape), relu=relu, residual=add, dtype=dname, impl=impl,
-                                 GBps=gbs,
-                                 copy_fraction=gbs / copy_gbs, x_aten=speedup, **r))
-                print(f"| {case} | {'x'.join(map(str, shape))} | {ops} | {dname} | {impl} | "
+                rows.append(dict(case=case, shape=list(shape), kind=kind, relu=relu, residual=add, dtype=dname,
+                                 impl=impl, GBps=gbs, copy_fraction=gbs / copy_gbs, x_aten=speedup, **r))
+                print(f"| {case} | {'x'.join(map(str, shape))} | {kind} | {ops} | {dname} | {impl} | "
                       f"{r['fwd_bwd_ms']:.3f} | {fmt(r['graph_ms'], '.3f')} | {gbs:.0f} | "
                       f"{100 * gbs / copy_gbs:.0f}% | {fmt(r['peak_MiB'], '.0f')} | {speedup:.2f} |")
                 sys.stdout.flush()

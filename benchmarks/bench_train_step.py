@@ -43,6 +43,8 @@ Variants (``--variants``):
   fast_fused_bn  the fast path with train.fused_batchnorm=true (train-mode BatchNorm + ReLU in the fused kernels)
   fast_frozen_bn the fast path with model.freeze_bn=true (BatchNorm folded into the convolutions; a
                  deviation from the release, whose BatchNorm trains in batch-1 train mode)
+  fast_frozen_fused_bn  fast_frozen_bn with train.fused_batchnorm=true (each folded BatchNorm's shift, residual
+                 add and ReLU in one kernel)
   fast_checkpointed the fast path with train.activation_checkpointing (backbone blocks recomputed in
                  the backward: what the memory saving costs in time)
 """
@@ -79,6 +81,7 @@ VARIANTS = {
     "fast_compile_graph": ["train.fast_path=true", "train.compile=default", "train.cuda_graph=true"],
     "fast_fused_bn": ["train.fast_path=true", "train.fused_batchnorm=true"],
     "fast_frozen_bn": ["train.fast_path=true", "model.freeze_bn=true"],
+    "fast_frozen_fused_bn": ["train.fast_path=true", "model.freeze_bn=true", "train.fused_batchnorm=true"],
     "fast_checkpointed": ["train.fast_path=true", "train.activation_checkpointing=true"],
 }
 QUICK_VARIANTS = ["release_fp32", "release_bf16", "fast", "fast_eager", "fast_frozen_bn"]

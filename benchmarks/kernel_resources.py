@@ -167,7 +167,8 @@ def launch_every_variant(case: dict):
         up.upsampled_target_backward(x, H, W, None, emap, scalar, None, keep, per_image, None, None, 0.5)
 
 
-    # Train-mode BatchNorm (+ ReLU) on channels_last activations: ResNet-101's layer3 at 1280x720 (bf16), odd sizes.
+    # Train-mode BatchNorm (+ ReLU) and a folded BatchNorm's shift on channels_last activations: ResNet-101's
+    # layer3 at 1280x720 (bf16), odd sizes.
     bn = importlib.import_module(f"{kernels.__name__}.batch_norm")
     for n, c, h, w, dtype in [(1, 256, 90, 160, torch.bfloat16), (2, 19, 7, 11, torch.float32),
                               (1, 3, 5, 1, torch.float16)]:
@@ -180,6 +181,7 @@ def launch_every_variant(case: dict):
             bn.batch_norm_backward(torch.randn_like(x), x, bias, mean, invstd, scale, relu,
                                    y if relu and residual is not None else None,
                                    want_residual_grad=residual is not None)
+            bn.shift_forward(x, bias, relu, residual)  # a folded frozen BatchNorm's shift
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:

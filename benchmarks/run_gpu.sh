@@ -88,11 +88,14 @@ stage pytest_train_cuda 100 "$PY" -m pytest -q tests/test_train.py tests/test_me
 stage pytest_kernels_cuda 100 "$PY" -m pytest -q tests/test_kernels_triton.py tests/test_batch_norm.py
 stage tune_loop 120 "$PY" benchmarks/tune_kernels.py --quick --families loop --json "$LOGS/tune_loop.json"
 # Issue 5: the default fast path (one CUDA graph) against release_fp32 in one run, with the fused train-mode
-# BatchNorm, frozen BN and activation checkpointing (peak memory) inside the graph, and where the GPU's time goes.
-stage bench_train_step_graph 230 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
-    --variants release_fp32 fast fast_fused_bn fast_frozen_bn fast_checkpointed --gpu-profile 12 \
+# BatchNorm, frozen BN (folded; and its shift fused) and activation checkpointing (peak memory) inside the
+# graph, and where the GPU's time goes.
+stage bench_train_step_graph 260 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
+    --variants release_fp32 fast fast_fused_bn fast_frozen_bn fast_frozen_fused_bn fast_checkpointed \
+    --gpu-profile 12 \
     --json "$LOGS/bench_train_step_graph.json"
-# The fused train-mode BatchNorm (+ ReLU) against ATen's and torch.compile's, ResNet-101's layers, bf16.
+# The fused train-mode BatchNorm (+ ReLU) and folded BN shift against ATen's and torch.compile's, ResNet-101's
+# layers, bf16.
 stage bench_batchnorm 90 "$PY" benchmarks/bench_batchnorm.py --quick --json "$LOGS/bench_batchnorm.json"
 stage tune_batchnorm 90 "$PY" benchmarks/tune_kernels.py --quick --families batchnorm --dtypes bf16 \
     --json "$LOGS/tune_batchnorm.json"

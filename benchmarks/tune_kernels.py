@@ -42,8 +42,7 @@ import torch
 
 import advent_fast as af
 from advent_fast.batch_norm import train_batch_norm
-from bench_batchnorm import PASSES as BATCHNORM_PASSES
-from bench_batchnorm import RESIDUAL_PASSES as BATCHNORM_RESIDUAL_PASSES
+from bench_batchnorm import KINDS as BATCHNORM_KINDS
 from bench_common import Timer, apply_config, current_config, fwd_bwd, graph_replay_ms, write_results
 from bench_entropy import cases as entropy_cases
 from bench_entropy import copy_bandwidth, make_prior, min_bytes
@@ -121,7 +120,7 @@ def cases(family, shapes, device, dtypes):
                 x, upstream, shortcut = (torch.randn(shape, generator=g).to(device, dtype,
                                                                             memory_format=torch.channels_last)
                                          for _ in range(3))
-                passes = BATCHNORM_RESIDUAL_PASSES if add else BATCHNORM_PASSES
+                passes = BATCHNORM_KINDS["train"].residual_passes if add else BATCHNORM_KINDS["train"].passes
 
                 def fn(x, w=weight, b=bias, s=stats, r=relu, res=shortcut if add else None):
                     # a fresh leaf each call: the residual's gradient is computed, not accumulated

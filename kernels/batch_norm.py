@@ -18,6 +18,10 @@ backward  with g = 0 where y <= 0, else dy (ReLU; the mask recomputed from x, ro
           pass 1 (_batch_norm_grad_stats_kernel) partials of both, merged by
           _batch_norm_finish_grad_stats_kernel;
           pass 2 (_batch_norm_grad_input_kernel): dx = scale (g - sum_g / M - (x - mean) invstd^2 sum_gx / M).
+A frozen BatchNorm folded into the convolution before it (models.fold_frozen_batchnorm) leaves a per-channel
+shift: shift_forward adds it with the residual and ReLU in the normalising pass (NORMALIZE=False), 2 or 3
+activation-sized reads and writes against ATen's 4 (bias add, ReLU) or 7 (+ residual add); the backward is
+ReLU's either way.
 Eight activation-sized reads and writes (3 forward, 5 backward) against ATen's thirteen for BatchNorm and
 ReLU (8 for BatchNorm alone, as here), twelve against sixteen with the residual add; float32 inside. No
 weight or bias gradient (frozen, as in the release). NaN or inf in a channel makes that channel's statistics, outputs
@@ -138,14 +142,19 @@ def _batch_norm_finish_stats_kernel(mean_part_ptr, m2_part_ptr, weight_ptr, runn
 
 
 @triton.jit
-def _batch_norm_normalize_kernel(x_ptr, residual_ptr, y_ptr, mean_ptr, scale_ptr, bias_ptr, M, C, RELU: tl.constexpr,
-                                 HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _batch_norm_normalize_kernel(x_ptr, residual_ptr, y_ptr, mean_ptr, scale_ptr, bias_ptr, M, C,
+                                 NORMALIZE: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     ok = (rows < M)[:, None] & col_ok[None, :]
-    mean, scale, bias = _channel_affine(mean_ptr, scale_ptr, bias_ptr, cols, col_ok)
-    y = _normalized(_tile(x_ptr, rows, cols, C, ok), mean, scale, bias)
+    x = _tile(x_ptr, rows, cols, C, ok)
+    if NORMALIZE:
+        mean, scale, bias = _channel_affine(mean_ptr, scale_ptr, bias_ptr, cols, col_ok)
+        y = _normalized(x, mean, scale, bias)
+    else:  # a folded frozen BatchNorm's shift (its scale is in the convolution's weight)
+        y = x + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
         y += _tile(residual_ptr, rows, cols, C, ok)
     if RELU:
@@ -259,9 +268,20 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps
         BLOCK_P=BN_FINISH_PARTS, BLOCK=BN_FINISH_BLOCK, num_warps=BN_NUM_WARPS)
     y = torch.empty_like(x)
     _batch_norm_normalize_kernel[(ceil_div(m, BN_BLOCK_ROWS), ceil_div(c, block_c))](
-        x, residual, y, mean, scale, bias, m, c, RELU=relu, HAS_RESIDUAL=residual is not None, BLOCK_M=BN_BLOCK_ROWS,
-        BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
+        x, residual, y, mean, scale, bias, m, c, NORMALIZE=True, RELU=relu, HAS_RESIDUAL=residual is not None,
+        BLOCK_M=BN_BLOCK_ROWS, BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
     return y, mean, invstd, scale
+
+
+def shift_forward(x, shift, relu, residual=None):
+    """-> relu?(x + shift (+ residual)) in x's dtype and layout, one pass: a folded frozen BatchNorm's shift
+    (float32 (C,)) with what follows it. x and residual: (N, C, H, W) channels_last contiguous."""
+    m, c, block_c, _, _ = _layout(x)
+    y = torch.empty_like(x)
+    _batch_norm_normalize_kernel[(ceil_div(m, BN_BLOCK_ROWS), ceil_div(c, block_c))](
+        x, residual, y, shift, shift, shift, m, c, NORMALIZE=False, RELU=relu, HAS_RESIDUAL=residual is not None,
+        BLOCK_M=BN_BLOCK_ROWS, BLOCK_C=block_c, num_warps=BN_NUM_WARPS)
+    return y
 
 
 def batch_norm_backward(grad_y, x, bias, mean, invstd, scale, relu, y=None, want_residual_grad=False):

@@ -1,5 +1,6 @@
-"""Train-mode BatchNorm (+ ReLU) in the fused kernels (advent_fast/batch_norm.py, kernels/batch_norm.py)
-against ATen's in float64: outputs, input gradients, running statistics; the model and trainer switch.
+"""Train-mode BatchNorm (+ ReLU) and a folded frozen BatchNorm's shift (+ ReLU) in the fused kernels
+(advent_fast/batch_norm.py, kernels/batch_norm.py) against ATen's in float64: outputs, input gradients,
+running statistics; the models with them.
 
 The kernels run under the Triton interpreter (tests/conftest.py), so shapes are small; with
 TRITON_INTERPRET=0 and a GPU the same tests run them on CUDA tensors.
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import advent_fast as af
-from advent_fast.batch_norm import train_batch_norm
+from advent_fast.batch_norm import shift_relu, train_batch_norm
 from advent_fast.kernels import batch_norm as kernels
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -208,3 +209,119 @@ def test_fused_bottleneck_equals_the_release_one(monkeypatch):
     fused.eval()  # eval mode: nn.BatchNorm2d's own forward, running statistics untouched
     x = activations((1, 16, 9, 13), torch.float32, offset=0.0)
     torch.testing.assert_close(fused(x), plain.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+# ---- a folded frozen BatchNorm's shift ------------------------------------------------------------------
+
+SHIFT_MODES = {"shift": (False, False), "shift_relu": (True, False), "shift_add_relu": (True, True),
+               "shift_add": (False, True)}
+
+
+def check_shift_against_reference(x, mode):
+    """shift_relu's output and gradients (x, residual) against ATen's ops in float64 on the same inputs."""
+    relu, add = SHIFT_MODES[mode]
+    g = torch.Generator().manual_seed(3)
+    shift = (torch.randn(x.shape[1], generator=g) * 4).to(DEVICE)
+    grad_y = torch.randn(x.shape, generator=g).to(x.dtype).to(DEVICE)
+    residual = None
+    if add:
+        residual = (torch.randn(x.shape, generator=g) * 2).to(x.dtype).to(DEVICE)
+        residual = residual.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    r64 = None if residual is None else residual.detach().double().requires_grad_()
+    want = x64 + shift.double().reshape(1, -1, 1, 1) + (0 if r64 is None else r64)
+    want = F.relu(want) if relu else want
+    want.backward(grad_y.double())
+    x = x.detach().requires_grad_()
+    y = shift_relu(x, shift, relu, residual)
+    y.backward(grad_y)
+    out_tol = TOL[x.dtype][0]
+    assert y.dtype == x.dtype and y.is_contiguous(memory_format=torch.channels_last)
+    close(y, want.detach(), out_tol)
+    close(x.grad, x64.grad, 0.0)  # the upstream gradient, masked where the output is <= 0
+    if add:
+        close(residual.grad, r64.grad, 0.0)
+    return y, x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", list(SHIFT_MODES))
+@pytest.mark.parametrize("shape", [(2, 19, 7, 11), (1, 130, 3, 5), (3, 2, 1, 1)])
+def test_shift_against_aten_in_float64(shape, dtype, mode):
+    check_shift_against_reference(activations(shape, dtype, offset=0.0), mode)
+
+
+def test_shift_keeps_nonfinite_activations():
+    """NaN stays NaN through the ReLU and passes the upstream gradient (ATen's ReLU); -inf gives 0."""
+    x = activations((1, 3, 4, 4), torch.float32, offset=0.0)
+    x[0, 1, 2, 3] = float("nan")
+    x[0, 2, 0, 0] = float("-inf")
+    y, grad = check_shift_against_reference(x, "shift_relu")
+    assert y[0, 1, 2, 3].isnan() and y[0, 2, 0, 0] == 0.0
+    assert grad[0, 1, 2, 3] != 0.0 and grad[0, 2, 0, 0] == 0.0
+
+
+def test_shift_other_layouts_and_trained_shift_take_aten(monkeypatch):
+    """NCHW activations, or a shift that needs a gradient: ATen's ops (the shift cast to x's dtype first)."""
+    def no_kernels(*args, **kwargs):
+        raise AssertionError("the fused kernel ran")
+
+    monkeypatch.setattr(kernels, "shift_forward", no_kernels)
+    x = activations((2, 3, 4, 5), torch.bfloat16, offset=0.0).contiguous()
+    shift = torch.randn(3, device=DEVICE)
+    want = F.relu(x + shift.to(x.dtype).reshape(1, -1, 1, 1))
+    assert torch.equal(shift_relu(x, shift, relu=True), want)
+    shift.requires_grad_()
+    x = x.contiguous(memory_format=torch.channels_last)
+    shift_relu(x, shift).float().sum().backward()
+    assert shift.grad is not None
+
+
+@pytest.mark.parametrize("args, error, match", [
+    (dict(x=torch.randn(2, 3, 4)), ValueError, r"x must have shape \(N, C, H, W\)"),
+    (dict(x=torch.ones(2, 3, 4, 4, dtype=torch.int64)), TypeError, "x must be float32"),
+    (dict(shift=torch.ones(4)), ValueError, r"shift must have shape \(3,\)"),
+    (dict(shift=[0.0, 0.0, 0.0]), TypeError, "shift must be a torch.Tensor"),
+    (dict(residual=torch.randn(2, 3, 4, 5)), ValueError, "residual must match x"),
+])
+def test_shift_bad_input_names_the_argument(args, error, match):
+    call = dict(x=torch.randn(2, 3, 4, 4), shift=torch.zeros(3), relu=True)
+    call.update(args)
+    with pytest.raises(error, match=match):
+        shift_relu(**call)
+
+
+def test_fused_folded_bottleneck_equals_the_folded_one(monkeypatch):
+    """A ResNet-101 layer with frozen BatchNorm folded into its convolutions, the shifts then fused with the
+    ReLUs and residual adds (use_fused_batchnorm): same outputs and gradients as with the shifts as
+    convolution biases."""
+    from advent_fast.models import FusedFoldedBatchNorm2d, use_fused_batchnorm
+    from advent_fast.models.deeplabv2 import _resnet_layer, fold_frozen_batchnorm
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(2):
+        layer = _resnet_layer(16, 8, 2, stride=1, dilation=2).to(DEVICE).to(memory_format=torch.channels_last)
+        layer.freeze_bn = True  # what fold_frozen_batchnorm asks of a model
+        layers.append(layer.eval())
+    layers[1].load_state_dict(layers[0].state_dict())
+    for bn in (m for m in layers[0].modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        with torch.no_grad():  # statistics other than the initial ones
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    layers[1].load_state_dict(layers[0].state_dict())
+    assert fold_frozen_batchnorm(layers[0]) == fold_frozen_batchnorm(layers[1]) == 7
+    assert use_fused_batchnorm(layers[1]) == 7 and isinstance(layers[1][0].bn3, FusedFoldedBatchNorm2d)
+    outputs = []
+    for layer in layers:
+        x = activations((1, 16, 9, 13), torch.float32, offset=0.0).requires_grad_()
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        outputs.append((y, x.grad, [p.grad for p in layer.parameters() if p.requires_grad]))
+    (y0, g0, w0), (y1, g1, w1) = outputs
+    close(y1.detach(), y0.detach(), 1e-5)
+    close(g1, g0, 1e-4)
+    for a, b in zip(w1, w0):
+        close(a, b, 1e-4)
+    assert layers[1].state_dict().keys() == layers[0].state_dict().keys()
+

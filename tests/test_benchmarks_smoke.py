@@ -312,11 +312,14 @@ def test_bench_upsampled(tmp_path):
 def test_bench_batchnorm(tmp_path):
     out = tmp_path / "bench_batchnorm.json"
     stdout = run_script("bench_batchnorm.py", "--quick", "--no-compile", "--json", str(out))
-    assert "| layer3 bn2 | 1x256x23x40 | BN + ReLU | bf16 | fused |" in stdout
-    assert "| layer3 bn3 | 1x1024x23x40 | BN + residual + ReLU | bf16 | aten |" in stdout
+    assert "| layer3 bn2 | 1x256x23x40 | train | BN + ReLU | bf16 | fused |" in stdout
+    assert "| layer3 bn3 | 1x1024x23x40 | train | BN + residual + ReLU | bf16 | aten |" in stdout
+    assert "| layer3 bn3 | 1x1024x23x40 | folded | shift + residual + ReLU | bf16 | fused |" in stdout
+    assert "the fused rows fall back to ATen's ops here" in stdout  # the cpp backend: no kernels to time
     rows = json.loads(out.read_text())["results"]
-    assert [(r["case"], r["impl"]) for r in rows] == [(case, impl) for case in ("layer3 bn2", "layer3 bn3")
-                                                      for impl in ("aten", "fused")]
+    assert [(r["kind"], r["case"], r["impl"]) for r in rows] == [
+        (kind, case, impl) for kind in ("train", "folded") for case in ("layer3 bn2", "layer3 bn3")
+        for impl in ("aten", "fused")]
     for r in rows:
         assert r["fwd_bwd_ms"] > 0 and r["GBps"] > 0 and r["x_aten"] > 0 and r["peak_MiB"] is r["graph_ms"] is None
 

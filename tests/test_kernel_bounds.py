@@ -274,3 +274,20 @@ def test_batch_norm_kernels_stay_in_bounds(monkeypatch, n, c, h, w, dtype, relu,
         return y, batch_mean, invstd, scale, mean.clone(), var.clone(), grad_x, grad_residual
 
     run_twice(case)
+
+
+@pytest.mark.parametrize("n,c,h,w,dtype", [(2, 19, 3, 5, torch.float32), (1, 70, 3, 3, torch.bfloat16)])
+@pytest.mark.parametrize("relu,add", [(False, False), (True, False), (True, True)], ids=["shift", "relu", "add_relu"])
+def test_folded_batch_norm_shift_kernel_stays_in_bounds(monkeypatch, n, c, h, w, dtype, relu, add):
+    bn = importlib.import_module(f"{kernels.__name__}.batch_norm")
+    monkeypatch.setattr(bn, "BN_BLOCK_ROWS", 4)  # rows not a multiple of the block; C over one channel block
+    channels_last = (h * w * c, 1, w * c, c)
+
+    def case(p):
+        x = p.place((n, c, h, w), channels_last, dtype, torch.randn(n, c, h, w).to(dtype))
+        residual = p.place((n, c, h, w), channels_last, dtype, torch.randn(n, c, h, w).to(dtype)) if add else None
+        shift = p.place((c,), (1,), torch.float32, torch.randn(c))
+        return (bn.shift_forward(x, shift, relu, residual),)
+
+    run_twice(case)
+

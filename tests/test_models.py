@@ -717,6 +717,53 @@ def test_shared_scaled_weights_are_made_once_for_several_forwards_and_backwards(
     assert_close_rel(after.detach(), reference(xs[0])[1].detach())
 
 
+class AffineAndWeightOps(TorchDispatchMode):
+    """Counts the rsqrt ops (one per BN scale and shift made) and the ops that make a scaled weight."""
+
+    def __init__(self, named):
+        super().__init__()
+        self.weights = {t.data_ptr() for _, t in named}
+        self.affines = self.scaled_weights = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.affines += name == "rsqrt"
+        self.scaled_weights += name == "mul" and args[0].data_ptr() in self.weights
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_captured_step_makes_the_bn_affine_and_scaled_weights_once_in_its_block(monkeypatch):
+    """While a CUDA graph captures (simulated here: the CPU cannot capture), a folded conv never reuses
+    the scale and shift of an eager forward (their memory is not the graph's, and the replays must follow
+    the BN tensors), computes them once in a shared_scaled_weights block (a step) and drops them on
+    leaving it, as the scaled weights; the values are the eager ones, bit for bit."""
+    from advent_fast.models import deeplabv2
+
+    folded, _ = folded_small_and_reference()
+    xs = [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)]
+    weights = [(name, m.weight) for name, m in folded.named_modules() if isinstance(m, nn.Conv2d)]
+    with shared_scaled_weights():
+        eager = two_passes(folded, xs, autocast=True)  # also fills the eager affine cache
+    monkeypatch.setattr(deeplabv2, "_capturing", lambda tensor: True)
+    with AffineAndWeightOps(weights) as unshared:  # no block: every forward makes its own
+        two_passes(folded, xs, autocast=True)
+    assert (unshared.affines, unshared.scaled_weights) == (7 * 2, 7 * 2)
+    with shared_scaled_weights(), AffineAndWeightOps(weights) as shared:
+        captured = two_passes(folded, xs, autocast=True)
+        assert all(conv._affine_cache[2] for conv in folded.modules() if hasattr(conv, "_folded_bn"))
+    assert (shared.affines, shared.scaled_weights) == (7, 7)
+    assert all(conv._affine_cache is None for conv in folded.modules() if hasattr(conv, "_folded_bn"))
+    for a, b in zip(eager[0], captured[0]):
+        assert torch.equal(a, b)
+    for k in eager[1]:
+        assert torch.equal(eager[1][k], captured[1][k]), k
+    monkeypatch.setattr(deeplabv2, "_capturing", lambda tensor: False)
+    with AffineAndWeightOps(weights) as after:  # eager again: made once, then kept across forwards
+        forward_ops(folded, xs[0])
+        forward_ops(folded, xs[0])
+    assert after.affines == 7
+
+
 def test_fold_frozen_batchnorm_counts_and_r101_equality():
     with torch.device("meta"):
         assert fold_frozen_batchnorm(DeepLabV2VGG16(19, multi_level=False, freeze_bn=True)) == 0  # no BN

@@ -1,6 +1,7 @@
 """The trainer end to end on tiny generated data: every mode, the release step, resume, bad input."""
 import contextlib
 import copy
+import dataclasses
 import io
 import inspect
 import json
@@ -552,9 +553,15 @@ def test_autocast_casts_each_weight_once_a_step(tiny_data, monkeypatch, fast_pat
     assert trainer.settings.fold_frozen_bn == (fast_path and freeze_bn)
     conv_weights = [(n, p) for n, p in trainer.model.named_parameters() if p.dim() == 4]
     d_weights = [(f"d.{n}", p) for n, p in trainer.discriminators["main"].named_parameters()]
+    once = {name: 2 if name.startswith("d.") else 1 for name, _ in conv_weights + d_weights}
     with WeightOps(conv_weights + d_weights) as casts:
         trainer.train_step(*batches[0])
-    assert casts.counts == {name: 2 if name.startswith("d.") else 1 for name, _ in conv_weights + d_weights}
+    assert casts.counts == once
+    # The step a CUDA graph captures (the CPU cannot capture: the step function itself) casts as few.
+    trainer.settings = dataclasses.replace(trainer.settings, cuda_graph=True)
+    with WeightOps(conv_weights + d_weights) as casts:
+        trainer._step(*batches[1], keep_logits=False)
+    assert casts.counts == once
     monkeypatch.setattr(Trainer, "_shared_weight_casts", lambda self: contextlib.nullcontext())
     _, separate = run_steps(config, batches)
     assert shared == separate
@@ -745,7 +752,34 @@ def test_fused_batchnorm_gives_the_same_step(tiny_data, triton_backend, monkeypa
         torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
     frozen = trainer_mod.StepSettings.resolve(load_config("embedded", ["train.fused_batchnorm=true",
                                                                        "model.freeze_bn=true"]), torch.device("cpu"))
-    assert not frozen.fused_batchnorm  # eval-mode BatchNorm: nothing to fuse
+    assert not frozen.fused_batchnorm  # eval-mode BatchNorm, not folded off the fast path: nothing to fuse
+
+
+def test_fused_batchnorm_with_folded_frozen_batchnorm_gives_the_same_step(tiny_data, triton_backend, monkeypatch):
+    """train.fused_batchnorm with model.freeze_bn on the fast path: each folded BatchNorm's shift (with the
+    ReLU or residual add after it) in the fused kernel instead of the convolution's bias: the same losses
+    and weights."""
+    from advent_fast.kernels import batch_norm as bn_kernels
+    from advent_fast.models import FusedFoldedBatchNorm2d
+
+    launches = []
+    forward = bn_kernels.shift_forward
+    monkeypatch.setattr(bn_kernels, "shift_forward", lambda *a: launches.append(1) or forward(*a))
+    common = ("model.freeze_bn=true", "train.fast_path=true", "train.lr=1e-2", "train.precision=fp32",
+              "train.channels_last=true")
+    batches = fixed_batches(2, seed=4)
+    plain, plain_metrics = run_steps(tiny_config(tiny_data, "advent", *common), batches)
+    assert not launches and plain.settings.fold_frozen_bn
+    fused, metrics = run_steps(tiny_config(tiny_data, "advent", "train.fused_batchnorm=true", *common), batches)
+    assert "fused folded-BN shift + ReLU" in fused.settings.describe()
+    layers = [m for m in fused.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert layers and all(type(m) is FusedFoldedBatchNorm2d for m in layers)
+    assert len(launches) == 2 * 2 * len(layers)  # 2 steps x (source, target)
+    for ref, got in zip(plain_metrics, metrics):
+        assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    ref_state = plain.model.state_dict()
+    for name, value in fused.model.state_dict().items():
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_tensorboard_scalars_and_images(tiny_data, tmp_path):
@@ -879,8 +913,9 @@ def cuda_batches(trainer, steps, seed=0):
     ("advent_minent", ("train.class_prior=PRIOR",)),
     ("minent_er", ()),
     ("advent", ("train.activation_checkpointing=true",)),  # recomputation inside the captured backward
-    ("advent", ("model.freeze_bn=true",)),  # the folded BN's affine and scaled weights made in every replay
+    ("advent", ("model.freeze_bn=true",)),  # the folded BN's affine and scaled weights made once a replay
     ("advent", ("train.fused_batchnorm=true",)),  # the fused train-mode BatchNorm kernels captured
+    ("advent", ("model.freeze_bn=true", "train.fused_batchnorm=true")),  # the folded BN's shift kernel
 ])
 def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, monkeypatch, mode, extra):
     """3 eager warm-up steps, the capture, replays: same losses and weights as the eager fast path,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..batch_norm import add_relu, train_batch_norm
+from ..batch_norm import add_relu, shift_relu, train_batch_norm
 
 ASPP_DILATIONS = (6, 12, 18, 24)
 GROUPINGS = ("release", "clean")
@@ -52,7 +52,7 @@ class ASPPHead(nn.Module):
 def bn_relu(bn: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ReLU (in place, as the release's) of ``bn(x)`` (``+ residual``); a :class:`FusedBatchNorm2d` applies
     them all in its kernels."""
-    if isinstance(bn, FusedBatchNorm2d):
+    if isinstance(bn, (FusedBatchNorm2d, FusedFoldedBatchNorm2d)):
         return bn(x, relu=True, residual=residual)
     return add_relu(bn(x), residual, relu=True)
 
@@ -363,8 +363,21 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
     identity. It keeps its parameters, buffers and place in the module tree, so state-dict names,
     loading, ``.to()`` and ``train()``/``eval()`` behave as before folding."""
 
+    _folded_conv: "FoldedConv2d"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class FusedFoldedBatchNorm2d(FoldedBatchNorm2d):
+    """A folded frozen BatchNorm whose convolution applies only the scale: this adds the shift, with the
+    residual add and ReLU that follow (through :func:`bn_relu`), in one kernel
+    (:func:`advent_fast.batch_norm.shift_relu`) instead of the convolution's bias add, the residual add and
+    the ReLU, each a pass over the activations."""
+
+    def forward(self, x: torch.Tensor, relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _, shift = self._folded_conv.frozen_affine()
+        return shift_relu(x, shift, relu, residual)
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -383,12 +396,16 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
 
 
 def use_fused_batchnorm(model: nn.Module) -> int:
-    """Every nn.BatchNorm2d of ``model`` becomes a :class:`FusedBatchNorm2d`, in place; returns how many.
-    Folded (frozen) BatchNorm is left as it is: it has no pass of its own to fuse."""
+    """Every nn.BatchNorm2d of ``model`` becomes a :class:`FusedBatchNorm2d`, and every BatchNorm folded into
+    a convolution without a bias (:func:`fold_frozen_batchnorm`) a :class:`FusedFoldedBatchNorm2d`, in place;
+    returns how many. The state dict stays as it is."""
     layers = [m for m in model.modules() if type(m) is nn.BatchNorm2d]
     for bn in layers:
         bn.__class__ = FusedBatchNorm2d
-    return len(layers)
+    folded = [m for m in model.modules() if type(m) is FoldedBatchNorm2d and m._folded_conv.bias is None]
+    for bn in folded:
+        bn.__class__ = FusedFoldedBatchNorm2d
+    return len(layers) + len(folded)
 
 
 class _ScaledWeight(torch.autograd.Function):
@@ -408,35 +425,40 @@ class _ScaledWeight(torch.autograd.Function):
         return torch.mul(grad, ctx.scale.reshape(-1, 1, 1, 1)).to(ctx.weight_dtype), None, None
 
 
-def _in_graph(tensor: torch.Tensor) -> bool:
-    """Whether this forward is traced by torch.compile or captured into a CUDA graph (``tensor`` tells the
-    device): what a folded conv would reuse from an earlier forward is then computed in the graph."""
-    return torch.compiler.is_compiling() or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+def _capturing(tensor: torch.Tensor) -> bool:
+    """Whether this forward is being captured into a CUDA graph (``tensor`` tells the device): what it computes
+    is then recomputed at every replay, so nothing made in an earlier, eager, forward may be reused (its
+    memory is not the graph's), and what it makes may be reused only inside this capture."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-# The folded convs holding a scaled weight for reuse while a shared_scaled_weights block is open (None: no block).
-_scaled_weight_holders: Optional[list] = None
+# The folded convs holding something for reuse while a shared_scaled_weights block is open (None: no block).
+_block_holders: Optional[set] = None
 
 
 @contextlib.contextmanager
 def shared_scaled_weights():
     """Within the block each folded conv (:func:`fold_frozen_batchnorm`) scales (and, under autocast, casts)
     its weight once and reuses it in every forward with the same dtype and grad mode: a training step's
-    source and target forwards, each with its own backward, issue half the weight kernels. The weights
-    and BN tensors must not change inside the block without their version counters seeing it (in-place
-    ops on them do; writes through ``.data`` do not): open it around a step's forwards and backwards, not
-    its optimiser step. Leaving it drops the scaled weights."""
-    global _scaled_weight_holders
-    if _scaled_weight_holders is not None:  # nested: the outer block owns the reuse
+    source and target forwards, each with its own backward, issue half the weight kernels. While a CUDA
+    graph captures, its BN's scale and shift are also made once in the block (eagerly they are kept
+    across blocks: :meth:`FoldedConv2d.frozen_affine`). The weights and BN tensors must not change inside
+    the block without their version counters seeing it (in-place ops on them do; writes through ``.data``
+    do not): open it around a step's forwards and backwards, not its optimiser step. Leaving it drops
+    what it kept."""
+    global _block_holders
+    if _block_holders is not None:  # nested: the outer block owns the reuse
         yield
         return
-    _scaled_weight_holders = []
+    _block_holders = set()
     try:
         yield
     finally:
-        holders, _scaled_weight_holders = _scaled_weight_holders, None
+        holders, _block_holders = _block_holders, None
         for conv in holders:
             conv._scaled_weight_cache = None
+            if conv._affine_cache is not None and conv._affine_cache[2]:  # made during a capture
+                conv._affine_cache = None
 
 
 class FoldedConv2d(nn.Conv2d):
@@ -450,10 +472,18 @@ class FoldedConv2d(nn.Conv2d):
     """
 
     _folded_bn: FoldedBatchNorm2d
-    # ((eps, versions), BN tensors, s, shift by dtype) that frozen_affine last computed and may reuse.
+    # ((eps, versions), BN tensors, made during a capture, s, shift by dtype) that frozen_affine last computed.
     _affine_cache: Optional[tuple] = None
     # (key, weight, s, scaled weight) that scaled_weight made inside a shared_scaled_weights block.
     _scaled_weight_cache: Optional[tuple] = None
+
+    def _hold_in_block(self) -> bool:
+        """Registers this conv with the open shared_scaled_weights block, which drops what it kept on
+        leaving; False if no block is open."""
+        if _block_holders is None:
+            return False
+        _block_holders.add(self)
+        return True
 
     def frozen_affine(self, shift_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, beta - mean * s), computed in at least fp32 as BatchNorm computes; the shift converted to
@@ -462,26 +492,29 @@ class FoldedConv2d(nn.Conv2d):
         An eager forward reuses them while the BN's four tensors are the same objects at the same
         versions (load_state_dict, in-place writes and ``.to()`` all change one, hence refresh them):
         recomputing them every forward cost five small kernels per convolution, more host time than
-        the BatchNorm pass they save. Under torch.compile, during CUDA-graph capture and when a BN
-        tensor requires grad, they are computed in the graph, as part of the forward. Writes that leave
-        the version counters alone are not seen: through ``.data``, and DDP's broadcast of rank 0's
-        buffers before each forward (harmless while BN is frozen: every rank holds rank 0's statistics
-        from the moment DDP wraps the model, and that first sync does count).
+        the BatchNorm pass they save. A forward captured into a CUDA graph computes them in the graph
+        (the replays then follow the BN tensors), once per :func:`shared_scaled_weights` block; under
+        torch.compile and when a BN tensor requires grad, every forward computes them. Writes that
+        leave the version counters alone are not seen: through ``.data``, and DDP's broadcast of rank
+        0's buffers before each forward (harmless while BN is frozen: every rank holds rank 0's
+        statistics from the moment DDP wraps the model, and that first sync does count).
         """
         bn = self._folded_bn
         tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
         versions = tuple(t._version for t in tensors)
-        cacheable = not (_in_graph(bn.running_var) or any(t.requires_grad for t in tensors))
+        capturing = _capturing(bn.running_var)
         cache = self._affine_cache
-        if not (cacheable and cache is not None and cache[0] == (bn.eps, versions)
-                and all(a is b for a, b in zip(cache[1], tensors))):
+        if (torch.compiler.is_compiling() or any(t.requires_grad for t in tensors) or cache is None
+                or cache[0] != (bn.eps, versions) or any(a is not b for a, b in zip(cache[1], tensors))
+                or cache[2] != capturing):  # eager and captured forwards never share
             acc = torch.promote_types(bn.running_var.dtype, torch.float32)
             scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
             shift = bn.bias.to(acc) - bn.running_mean.to(acc) * scale
-            cache = ((bn.eps, versions), tensors, scale, {None: shift})
-            if cacheable:
+            cache = ((bn.eps, versions), tensors, capturing, scale, {None: shift})
+            if not (torch.compiler.is_compiling() or any(t.requires_grad for t in tensors)) and (
+                    not capturing or self._hold_in_block()):
                 self._affine_cache = cache
-        _, _, scale, shifts = cache
+        _, _, _, scale, shifts = cache
         if shift_dtype not in shifts:
             shifts[shift_dtype] = shifts[None].to(shift_dtype)
         return scale, shifts[shift_dtype]
@@ -489,21 +522,19 @@ class FoldedConv2d(nn.Conv2d):
     def scaled_weight(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``weight * scale`` in ``dtype`` (the autocast dtype under autocast: the convolution then casts
         nothing). Inside :func:`shared_scaled_weights` it is made once and reused while the weight and
-        ``scale`` are the same tensors (the weight at the same version) and the grad mode is the same;
-        not under torch.compile or during CUDA-graph capture, where it is part of the graph."""
+        ``scale`` are the same tensors (the weight at the same version) and the grad mode is the same,
+        also during CUDA-graph capture (once per replay then); not under torch.compile, where it is part
+        of the traced graph."""
         weight = self.weight
-        if _in_graph(weight):
+        if torch.compiler.is_compiling():
             return (weight * scale.reshape(-1, 1, 1, 1)).to(dtype)
-        holders = _scaled_weight_holders
-        if holders is None:
+        if not self._hold_in_block():
             return _ScaledWeight.apply(weight, scale, dtype)
         key = (weight._version, dtype, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         cache = self._scaled_weight_cache
         if cache is not None and cache[0] == key and cache[1] is weight and cache[2] is scale:
             return cache[3]
         scaled = _ScaledWeight.apply(weight, scale, dtype)
-        if cache is None:
-            holders.append(self)
         self._scaled_weight_cache = (key, weight, scale, scaled)
         return scaled
 
@@ -513,6 +544,9 @@ class FoldedConv2d(nn.Conv2d):
                                "and call train() on the whole model")
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
+        if isinstance(self._folded_bn, FusedFoldedBatchNorm2d):  # the BN adds the shift (and has no bias)
+            scale, _ = self.frozen_affine()
+            return self._conv_forward(x, self.scaled_weight(scale, dtype), None)
         if self.bias is None:
             # Under autocast the convolution would cast the bias to the autocast dtype every forward:
             # the cached shift is already in it (the same rounding of the same values).
@@ -552,6 +586,7 @@ def fold_frozen_batchnorm(model: SegmentationModel) -> int:
     for conv, bn in pairs:
         conv.__class__ = FoldedConv2d
         object.__setattr__(conv, "_folded_bn", bn)  # bypasses nn.Module's child registration
+        object.__setattr__(bn, "_folded_conv", conv)
         bn.__class__ = FoldedBatchNorm2d
     return len(pairs)
 
