@@ -253,12 +253,12 @@ def kernel_totals(spans, steps: int, top: int) -> list:
 # Triton kernels carry their function's name (this project's "_..._kernel", torch.compile's "triton_...").
 KERNEL_KINDS = (
     ("advent_fast BatchNorm kernels", r"^_batch_norm_\w+_kernel$"),  # train.fused_batchnorm
+    ("optimisers", r"^_release_sgd_kernel$|multi_tensor_apply|fused_?(sgd|adam)"),
     ("advent_fast Triton kernels", r"^_\w+_kernel$"),
     ("torch.compile Triton kernels", r"^triton_"),  # fusions: BatchNorm with its ReLU, say
     ("BatchNorm", r"batch_?norm|\bbn_(fw|bw)|welford"),
     ("layout transposes (cuDNN)", r"nchwToNhwc|nhwcToNchw"),
     ("convolution, GEMM", r"xmma|cutlass|gemm|conv|cudnn|cask"),
-    ("optimisers", r"multi_tensor_apply|fused_?(sgd|adam)"),
     ("ReLU and its backward", r"clamp|threshold"),
     ("interpolation", r"upsample|interp"),
     ("softmax, losses (aten)", r"softmax|nll_loss|cross_entropy|binary_cross"),
@@ -288,8 +288,9 @@ def kernel_kinds(spans, steps: int) -> list:
 
 # aten ops that launch no kernel on any device: views of a tensor's metadata, and allocations
 NO_KERNEL_OPS = frozenset({"_reshape_alias", "_unsafe_view", "alias", "as_strided", "detach", "empty", "empty_like",
-                           "empty_strided", "expand", "new_empty", "permute", "reshape", "select", "slice", "split",
-                           "squeeze", "t", "transpose", "unbind", "unsqueeze", "view"})
+                           "empty_strided", "expand", "new_empty", "permute", "promote_types", "reshape", "select",
+                           "slice", "split", "split_with_sizes", "squeeze", "t", "transpose", "unbind", "unsqueeze",
+                           "view"})
 
 
 class ComputeOpCounter(TorchDispatchMode):

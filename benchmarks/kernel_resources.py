@@ -183,6 +183,16 @@ def launch_every_variant(case: dict):
                                    want_residual_grad=residual is not None)
             bn.shift_forward(x, bias, relu, residual)  # a folded frozen BatchNorm's shift
 
+    # ReleaseSGD's update (all k passes of a tensor in registers): with and without momentum, a device lr.
+    sgd = importlib.import_module(f"{kernels.__name__}.release_sgd")
+    for dtype in (torch.float32, torch.bfloat16):
+        case["label"] = f"ReleaseSGD {str(dtype)[6:]}, 2 tensors"
+        params = [torch.randn(n, dtype=dtype) for n in (5, 3000)]
+        grads = [torch.randn_like(t) for t in params]
+        sgd.release_sgd_update(params, grads, [torch.zeros_like(t) for t in params], [4, 4], torch.tensor(0.1), 0.9,
+                               5e-4, torch.tensor(0.0))
+        sgd.release_sgd_update(params, grads, None, [1, 1], 0.1, 0.0, 0.0)
+
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
     """REG, STACK, SHARED, ... of the one function in a cubin, as cuobjdump -res-usage reports."""

@@ -83,9 +83,11 @@ export ADVENT_FAST_REPORT_FAILURES=1
 # activation checkpointing too), the default's eager fallbacks (a failed capture, a batch of another
 # shape), a training run with it, the other CUDA-only trainer and metric tests.
 stage pytest_train_cuda 100 "$PY" -m pytest -q tests/test_train.py tests/test_metrics.py -k cuda
-# The kernels on CUDA tensors against float64, the class-loop ones and the fused BatchNorm among them; then those
-# against the general kernels (MAX_LOOP_CLASSES=0) in one process, device time (graph replays).
-stage pytest_kernels_cuda 100 "$PY" -m pytest -q tests/test_kernels_triton.py tests/test_batch_norm.py
+# The kernels on CUDA tensors against float64, the class-loop ones, the fused BatchNorm and ReleaseSGD's among
+# them; then the class-loop kernels against the general ones (MAX_LOOP_CLASSES=0) in one process, device time
+# (graph replays).
+stage pytest_kernels_cuda 100 "$PY" -m pytest -q tests/test_kernels_triton.py tests/test_batch_norm.py \
+    tests/test_models.py -k "not test_models or release_sgd_kernel"
 stage tune_loop 120 "$PY" benchmarks/tune_kernels.py --quick --families loop --json "$LOGS/tune_loop.json"
 # Issue 5: the default fast path (one CUDA graph) against release_fp32 in one run, with the fused train-mode
 # BatchNorm, frozen BN (folded; and its shift fused) and activation checkpointing (peak memory) inside the

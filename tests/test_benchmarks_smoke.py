@@ -157,6 +157,7 @@ def test_gpu_profile_ranks_kernels_by_device_time_per_step(monkeypatch):
     ("void cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, int, 512, true, 1, true>", "BatchNorm"),
     ("_target_loop_fwd_kernel", "advent_fast Triton kernels"),
     ("_batch_norm_grad_input_kernel", "advent_fast BatchNorm kernels"),
+    ("_release_sgd_kernel", "optimisers"),
     ("triton_red_fused_native_batch_norm_backward_relu_0", "torch.compile Triton kernels"),
     ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution, GEMM"),
     ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>",

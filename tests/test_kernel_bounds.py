@@ -291,3 +291,20 @@ def test_folded_batch_norm_shift_kernel_stays_in_bounds(monkeypatch, n, c, h, w,
 
     run_twice(case)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_release_sgd_kernel_stays_in_bounds(monkeypatch, dtype):
+    sgd = importlib.import_module(f"{kernels.__name__}.release_sgd")
+    monkeypatch.setattr(sgd, "SGD_BLOCK", 8)  # tensors of 1 to 3 blocks, the last one partial
+
+    def case(p):
+        sizes = [1, 5, 8, 19, 3, 11, 2, 7, 13, 4]  # more tensors than a launch's slots
+        params = [p.place((n,), (1,), dtype, torch.randn(n).to(dtype)) for n in sizes]
+        grads = [p.place((n,), (1,), dtype, torch.randn(n).to(dtype)) for n in sizes]
+        buffers = [p.place((n,), (1,), dtype, torch.randn(n).to(dtype)) for n in sizes]
+        lr, found_inf = (p.place((), (), torch.float32, torch.tensor(v)) for v in (0.1, 0.0))
+        sgd.release_sgd_update(params, grads, buffers, [1, 2, 3, 4] * 2 + [2, 2], lr, 0.9, 0.05, found_inf)
+        return (*params, *buffers)
+
+    run_twice(case)
+

@@ -7,6 +7,7 @@ are not needed.
 import copy
 import hashlib
 import math
+import os
 import warnings
 from collections import Counter
 
@@ -338,6 +339,106 @@ def test_fused_release_sgd_skips_on_found_inf_and_takes_a_tensor_lr():
     torch.testing.assert_close(b.detach(), expected[1])
 
 
+# ReleaseSGD's kernel: on CPU tensors under the interpreter (tests/conftest.py); with TRITON_INTERPRET=0 and a
+# GPU (benchmarks/run_gpu.sh) on CUDA tensors.
+SGD_DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
+
+
+@pytest.fixture
+def release_sgd_launches(monkeypatch):
+    """The Triton backend, ReleaseSGD's kernel launches counted."""
+    import advent_fast as af
+    from advent_fast.kernels import release_sgd
+
+    launches = []
+    update = release_sgd.release_sgd_update
+    monkeypatch.setattr(release_sgd, "release_sgd_update", lambda *a: launches.append(1) or update(*a))
+    af.set_backend("triton")
+    yield launches
+    af.set_backend(None)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+@pytest.mark.parametrize("lr_tensor", [False, True])
+def test_release_sgd_kernel_matches_torch_041(release_sgd_launches, momentum, lr_tensor):
+    """The Triton kernel (all k passes of a tensor in registers): the 0.4.1 updates, computed in float64, to
+    float32 rounding; multiplicities 1-4, sizes around the kernel's block, a group of more tensors than a
+    launch takes, three steps (the momentum carried)."""
+    from advent_fast.kernels.release_sgd import SGD_BLOCK, SGD_SLOTS
+
+    torch.manual_seed(0)
+    sizes = [1, 5, SGD_BLOCK + 3, 2 * SGD_BLOCK] + [7] * (SGD_SLOTS + 2)
+    params = [nn.Parameter(torch.randn(n, device=SGD_DEVICE)) for n in sizes]
+    order = [0, 1, 1, 2, 2, 2, 3, 3, 3, 3] + [4 + i for i in range(SGD_SLOTS + 2)] * 2  # k = 1, 2, 3, 4, then 2
+    start = [p.detach().double().clone() for p in params]
+    grads = [[torch.randn(n, device=SGD_DEVICE) for n in sizes] for _ in range(3)]
+    lr = torch.tensor(0.1, device=SGD_DEVICE) if lr_tensor else 0.1
+    opt = ReleaseSGD([{"params": [params[i] for i in order], "lr": lr}], lr=lr, momentum=momentum,
+                     weight_decay=0.05, fused=True)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, step))  # the gradients stay as they were
+    assert len(release_sgd_launches) == 3
+    expected = sgd_041_reference(start, order, [[g.double() for g in step] for step in grads], 0.1, momentum,
+                                 0.05)
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_release_sgd_kernel_skips_on_found_inf_and_takes_channels_last_and_bf16(release_sgd_launches):
+    """found_inf = 1: nothing changes (weights, momentum); a channels_last 1x1 conv weight whose gradient
+    has other strides on its size-1 dimensions, and bfloat16 params, take the kernel too."""
+    torch.manual_seed(0)
+    conv = nn.Parameter(torch.empty_strided((6, 5, 1, 1), (5, 1, 5, 5), device=SGD_DEVICE).copy_(
+        torch.randn(6, 5, 1, 1)))
+    half = nn.Parameter(torch.randn(9, dtype=torch.bfloat16, device=SGD_DEVICE))
+    lr = torch.tensor(0.1, device=SGD_DEVICE)
+    opt = ReleaseSGD([{"params": [conv, half, conv], "lr": lr}], lr=lr, momentum=0.9, weight_decay=0.05, fused=True)
+    conv.grad = torch.randn(6, 5, 1, 1, device=SGD_DEVICE)
+    half.grad = torch.randn(9, dtype=torch.bfloat16, device=SGD_DEVICE)
+    assert conv.grad.stride() != conv.stride()  # contiguous: the same element order as channels_last here
+    before = [conv.detach().clone(), half.detach().clone()]
+    opt.found_inf = torch.tensor(1.0, device=SGD_DEVICE)
+    opt.step()
+    assert torch.equal(conv, before[0]) and torch.equal(half, before[1])
+    assert not opt.state[conv]["momentum_buffer"].any() and not opt.state[half]["momentum_buffer"].any()
+    opt.found_inf = torch.tensor(0.0, device=SGD_DEVICE)
+    opt.step()
+    assert len(release_sgd_launches) == 2
+    expected = sgd_041_reference([t.double() for t in before], [0, 1, 0], [[conv.grad.double(), half.grad.double()]],
+                                 0.1, 0.9, 0.05)
+    torch.testing.assert_close(conv.detach().double(), expected[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(half.detach().double(), expected[1], rtol=1e-2, atol=1e-2)  # stored in bf16
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_fused_release_sgd_takes_a_gradient_of_another_layout(backend):
+    """A gradient assigned by hand in another layout than its tensor (autograd's follow their tensor's): the
+    fused kernels, which walk memory in order, get a copy in the tensor's, on both fused paths (the Triton
+    kernel, torch's fused SGD passes)."""
+    import advent_fast as af
+
+    af.set_backend(backend)
+    try:
+        torch.manual_seed(0)
+        conv = nn.Parameter(torch.randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last))
+        bias = nn.Parameter(torch.randn(3))
+        start = [conv.detach().clone(), bias.detach().clone()]
+        opt = ReleaseSGD([{"params": [conv, conv, bias], "lr": 0.1}], lr=0.1, momentum=0.9, weight_decay=0.05,
+                         fused=True)
+        conv.grad, bias.grad = torch.randn(4, 3, 2, 2), torch.randn(3)  # conv's contiguous
+        grads = [conv.grad.clone(), bias.grad.clone()]
+        opt.step()
+    finally:
+        af.set_backend(None)
+    assert torch.equal(conv.grad, grads[0]) and torch.equal(bias.grad, grads[1])
+    expected = sgd_041_reference([t.double() for t in start], [0, 0, 1], [[g.double() for g in grads]], 0.1, 0.9, 0.05)
+    torch.testing.assert_close(conv.detach().double(), expected[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bias.detach().double(), expected[1], rtol=1e-6, atol=1e-6)
+
+
 # ---- init weights and checkpoints ----------------------------------------------------------
 
 def test_load_caffe_init_strips_scale_and_skips_its_layer5(r101, tmp_path):
@@ -617,12 +718,18 @@ def forward_ops(model, x, autocast=False):
 
 
 def test_fold_frozen_batchnorm_reuses_the_bn_affine_until_a_bn_tensor_changes():
-    """A folded conv's BN scale and shift are computed once, not every forward (five small kernels a
-    conv), and again when a BN tensor changes: in place, by load_state_dict or by .to()."""
+    """The folded convs' BN scales and shifts are computed once, not every forward (five small kernels a
+    conv), for all of them together (one rsqrt), and again when a BN tensor changes: in place, by
+    load_state_dict or by .to()."""
     folded, reference = folded_small_and_reference()
     x = torch.randn(1, 3, 16, 16)
     _, first = forward_ops(folded, x)
-    assert first["rsqrt"] == 7
+    assert first["rsqrt"] == 1 and first["cat"] == 4  # gamma, beta, mean and var of the 7 BNs
+    from advent_fast.models.deeplabv2 import _affine, _bn_tensors
+
+    for conv in (m for m in folded.modules() if hasattr(m, "_folded_bn")):  # bit for bit each BN's own
+        alone = _affine(_bn_tensors(conv._folded_bn), conv._folded_bn.eps)
+        assert torch.equal(conv._affine_cache[3], alone[0]) and torch.equal(conv._affine_cache[4][None], alone[1])
     out, again = forward_ops(folded, x)
     ref, ref_ops = forward_ops(reference, x)
     assert_close_rel(out, ref)
@@ -751,7 +858,7 @@ def test_a_captured_step_makes_the_bn_affine_and_scaled_weights_once_in_its_bloc
     with shared_scaled_weights(), AffineAndWeightOps(weights) as shared:
         captured = two_passes(folded, xs, autocast=True)
         assert all(conv._affine_cache[2] for conv in folded.modules() if hasattr(conv, "_folded_bn"))
-    assert (shared.affines, shared.scaled_weights) == (7, 7)
+    assert (shared.affines, shared.scaled_weights) == (1, 7)  # every conv's affine at once
     assert all(conv._affine_cache is None for conv in folded.modules() if hasattr(conv, "_folded_bn"))
     for a, b in zip(eager[0], captured[0]):
         assert torch.equal(a, b)
@@ -761,7 +868,7 @@ def test_a_captured_step_makes_the_bn_affine_and_scaled_weights_once_in_its_bloc
     with AffineAndWeightOps(weights) as after:  # eager again: made once, then kept across forwards
         forward_ops(folded, xs[0])
         forward_ops(folded, xs[0])
-    assert after.affines == 7
+    assert after.affines == 1
 
 
 def test_fold_frozen_batchnorm_counts_and_r101_equality():

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..backend import device_guard, get_backend
 from ..batch_norm import add_relu, shift_relu, train_batch_norm
 
 ASPP_DILATIONS = (6, 12, 18, 24)
@@ -472,6 +473,7 @@ class FoldedConv2d(nn.Conv2d):
     """
 
     _folded_bn: FoldedBatchNorm2d
+    _folded_affines: "_FoldedAffines"  # every conv folded with this one, for computing their affines together
     # ((eps, versions), BN tensors, made during a capture, s, shift by dtype) that frozen_affine last computed.
     _affine_cache: Optional[tuple] = None
     # (key, weight, s, scaled weight) that scaled_weight made inside a shared_scaled_weights block.
@@ -493,31 +495,36 @@ class FoldedConv2d(nn.Conv2d):
         versions (load_state_dict, in-place writes and ``.to()`` all change one, hence refresh them):
         recomputing them every forward cost five small kernels per convolution, more host time than
         the BatchNorm pass they save. A forward captured into a CUDA graph computes them in the graph
-        (the replays then follow the BN tensors), once per :func:`shared_scaled_weights` block; under
-        torch.compile and when a BN tensor requires grad, every forward computes them. Writes that
-        leave the version counters alone are not seen: through ``.data``, and DDP's broadcast of rank
-        0's buffers before each forward (harmless while BN is frozen: every rank holds rank 0's
-        statistics from the moment DDP wraps the model, and that first sync does count).
+        (the replays then follow the BN tensors), once per :func:`shared_scaled_weights` block. Kept ones
+        are computed for every conv folded with this one at once (:class:`_FoldedAffines`: a few kernels,
+        not five a conv). Under torch.compile and when a BN tensor requires grad, every forward computes
+        its own. Writes that leave the version counters alone are not seen: through ``.data``, and DDP's
+        broadcast of rank 0's buffers before each forward (harmless while BN is frozen: every rank holds
+        rank 0's statistics from the moment DDP wraps the model, and that first sync does count).
         """
         bn = self._folded_bn
-        tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        versions = tuple(t._version for t in tensors)
+        tensors = _bn_tensors(bn)
         capturing = _capturing(bn.running_var)
-        cache = self._affine_cache
-        if (torch.compiler.is_compiling() or any(t.requires_grad for t in tensors) or cache is None
-                or cache[0] != (bn.eps, versions) or any(a is not b for a, b in zip(cache[1], tensors))
-                or cache[2] != capturing):  # eager and captured forwards never share
-            acc = torch.promote_types(bn.running_var.dtype, torch.float32)
-            scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-            shift = bn.bias.to(acc) - bn.running_mean.to(acc) * scale
-            cache = ((bn.eps, versions), tensors, capturing, scale, {None: shift})
-            if not (torch.compiler.is_compiling() or any(t.requires_grad for t in tensors)) and (
-                    not capturing or self._hold_in_block()):
-                self._affine_cache = cache
-        _, _, _, scale, shifts = cache
+        if torch.compiler.is_compiling() or any(t.requires_grad for t in tensors) or (
+                capturing and _block_holders is None):  # computed for this forward alone
+            scale, shift = _affine(tensors, bn.eps)
+            return scale, shift if shift_dtype is None else shift.to(shift_dtype)
+        if not self._affine_valid(capturing):
+            self._folded_affines.refresh(capturing)
+        _, _, _, scale, shifts = self._affine_cache
         if shift_dtype not in shifts:
             shifts[shift_dtype] = shifts[None].to(shift_dtype)
         return scale, shifts[shift_dtype]
+
+    def _affine_valid(self, capturing: bool) -> bool:
+        """Whether the kept affine is this BN's: the same tensors at the same versions, the same eps, and
+        made as this forward is (eagerly, or during a capture: the two never share)."""
+        bn, cache = self._folded_bn, self._affine_cache
+        if cache is None or cache[2] != capturing:
+            return False
+        tensors = _bn_tensors(bn)
+        return cache[0] == (bn.eps, tuple(t._version for t in tensors)) and all(
+            a is b for a, b in zip(cache[1], tensors))
 
     def scaled_weight(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``weight * scale`` in ``dtype`` (the autocast dtype under autocast: the convolution then casts
@@ -557,6 +564,46 @@ class FoldedConv2d(nn.Conv2d):
         return self._conv_forward(x, self.scaled_weight(scale, dtype), shift)
 
 
+def _bn_tensors(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, ...]:
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+
+def _affine(tensors: tuple[torch.Tensor, ...], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, beta - mean * s) of a BN's (or of concatenated BNs') (gamma, beta, mean, var), in at least fp32."""
+    weight, bias, mean, var = tensors
+    acc = torch.promote_types(var.dtype, torch.float32)
+    scale = weight.to(acc) * torch.rsqrt(var.to(acc) + eps)
+    return scale, bias.to(acc) - mean.to(acc) * scale
+
+
+class _FoldedAffines:
+    """The convs of one :func:`fold_frozen_batchnorm` call, whose BN scales and shifts are computed together
+    (their BN tensors concatenated: about ten kernels for ResNet-101's 104, against five a conv) whenever one
+    conv finds its own missing or stale (the first forward, a changed BN tensor, each captured step)."""
+
+    def __init__(self, convs: list):
+        self.convs = convs
+
+    def refresh(self, capturing: bool) -> None:
+        """Every conv's affine as :meth:`FoldedConv2d.frozen_affine` keeps it (BNs whose tensors require grad
+        left out); made during a capture: held by the open shared_scaled_weights block."""
+        groups: dict = {}
+        for conv in self.convs:
+            bn = conv._folded_bn
+            tensors = _bn_tensors(bn)
+            if not any(t.requires_grad for t in tensors):
+                key = (bn.running_var.device, torch.promote_types(bn.running_var.dtype, torch.float32), bn.eps)
+                groups.setdefault(key, []).append((conv, tensors))
+        for (_, _, eps), members in groups.items():
+            scale, shift = _affine([torch.cat(parts) for parts in zip(*(t for _, t in members))], eps)
+            sizes = [c._folded_bn.num_features for c, _ in members]
+            for (conv, tensors), s, t in zip(members, scale.split(sizes), shift.split(sizes)):
+                versions = tuple(x._version for x in tensors)
+                conv._affine_cache = ((eps, versions), tensors, capturing, s, {None: t})
+                if capturing:
+                    conv._hold_in_block()
+
+
 def _conv_bn_pairs(model: nn.Module) -> Iterator[tuple[nn.Module, nn.Module]]:
     """(module, next module) candidates where the forward computes ``bn(conv(x))``: neighbours in
     a Sequential, and the ``conv_bn_pairs`` a module's class declares for its own forward."""
@@ -583,9 +630,12 @@ def fold_frozen_batchnorm(model: SegmentationModel) -> int:
                          "BatchNorm frozen in eval mode is a fixed affine map that folds exactly")
     pairs = [(conv, bn) for conv, bn in _conv_bn_pairs(model)
              if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d]
+    affines = _FoldedAffines([conv for conv, _ in pairs])
     for conv, bn in pairs:
         conv.__class__ = FoldedConv2d
-        object.__setattr__(conv, "_folded_bn", bn)  # bypasses nn.Module's child registration
+        # plain attributes: nn.Module's child registration would list them twice in the module tree
+        object.__setattr__(conv, "_folded_bn", bn)
+        object.__setattr__(conv, "_folded_affines", affines)
         object.__setattr__(bn, "_folded_conv", conv)
         bn.__class__ = FoldedBatchNorm2d
     return len(pairs)
@@ -620,10 +670,12 @@ class ReleaseSGD(torch.optim.Optimizer):
     a ``multiplicity`` list beside ``params``); with multiplicity 1 everywhere this is exactly
     ``torch.optim.SGD(momentum=m, weight_decay=wd)``. Unlike 0.4.1, ``p.grad`` is left untouched.
 
-    ``fused=True`` runs each pass as torch's fused SGD kernel, which also takes a tensor ``lr``
-    and, like torch's fused optimisers, skips the whole step on the device when the optimiser's
-    ``found_inf`` attribute (a float tensor set before :meth:`step`) is non-zero: the step then
-    needs no host synchronisation and can be captured in a CUDA graph.
+    ``fused=True`` takes a tensor ``lr`` too and, like torch's fused optimisers, skips the whole
+    step on the device when the optimiser's ``found_inf`` attribute (a float tensor set before
+    :meth:`step`) is non-zero: the step then needs no host synchronisation and can be captured in a
+    CUDA graph. On the Triton backend (CUDA tensors) all k passes of a tensor run in one kernel, which
+    reads and writes each tensor once (``kernels/release_sgd.py``); elsewhere each pass is torch's
+    fused SGD kernel.
     """
 
     def __init__(self, params, lr, momentum: float = 0.0, weight_decay: float = 0.0, fused: bool = False):
@@ -657,12 +709,11 @@ class ReleaseSGD(torch.optim.Optimizer):
         return [self.state[p]["momentum_buffer"] for p in params]
 
     @staticmethod
-    def _passes(entries, weight_decay: float):
+    def _passes(entries, grads, weight_decay: float):
         """Pass r updates the tensors listed more than r times: yields (their indices, the tensors,
         their working gradients), the weight decay added to the gradients once more each pass
-        (0.4.1's in-place add; pass 0 makes new tensors, so ``p.grad`` stays as it was)."""
+        (0.4.1's in-place add; pass 0 makes new tensors, so ``grads`` stay as they were)."""
         params = [p for p, _ in entries]
-        grads = [p.grad for p in params]
         for r in range(max(k for _, k in entries)):
             live = [i for i, (_, k) in enumerate(entries) if k > r]
             p_live, g_live = [params[i] for i in live], [grads[i] for i in live]
@@ -674,7 +725,8 @@ class ReleaseSGD(torch.optim.Optimizer):
 
     def _update(self, entries, lr: float, momentum: float, weight_decay: float) -> None:
         buffers = self._momentum_buffers([p for p, _ in entries], momentum)
-        for live, p_live, g_live in self._passes(entries, weight_decay):  # foreach: a few launches a pass
+        grads = [p.grad for p, _ in entries]
+        for live, p_live, g_live in self._passes(entries, grads, weight_decay):  # foreach: a few launches a pass
             direction = g_live
             if buffers is not None:
                 direction = [buffers[i] for i in live]
@@ -683,14 +735,41 @@ class ReleaseSGD(torch.optim.Optimizer):
             torch._foreach_add_(p_live, direction, alpha=-lr)
 
     def _update_fused(self, entries, lr, momentum: float, weight_decay: float) -> None:
-        # The kernel runs without weight decay (the passes accumulate it in the working gradients);
-        # a zero momentum buffer makes its first update buf = g, as SGD's first step.
-        buffers = self._momentum_buffers([p for p, _ in entries], momentum)
+        # A zero momentum buffer makes the first update buf = g, as SGD's first step.
+        params = [p for p, _ in entries]
+        buffers = self._momentum_buffers(params, momentum)
         found_inf = getattr(self, "found_inf", None)
-        for live, p_live, g_live in self._passes(entries, weight_decay):
+        # Fused kernels walk a tensor, its gradient and its buffer in memory order: a gradient of another
+        # layout or dtype (assigned by hand; autograd's follow their tensor's) is copied into the tensor's.
+        grads = [p.grad if p.grad.dtype == p.dtype and _same_layout(p, p.grad) else torch.empty_like(p).copy_(p.grad)
+                 for p in params]
+        if _takes_release_sgd_kernel(params):
+            from ..kernels.release_sgd import release_sgd_update
+
+            with device_guard(params[0].device):
+                release_sgd_update(params, grads, buffers, [k for _, k in entries], lr, momentum, weight_decay,
+                                   found_inf)
+            return
+        # torch's kernel runs without weight decay (the passes accumulate it in the working gradients).
+        for live, p_live, g_live in self._passes(entries, grads, weight_decay):
             torch._fused_sgd_(p_live, g_live, [] if buffers is None else [buffers[i] for i in live],
                               weight_decay=0.0, momentum=momentum, lr=lr, dampening=0.0, nesterov=False,
                               maximize=False, is_first_step=False, found_inf=found_inf)
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same strides where a dimension is longer than 1: the elements in the same order."""
+    return a.shape == b.shape and all(x == y for n, x, y in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+def _takes_release_sgd_kernel(params) -> bool:
+    """Whether ReleaseSGD's Triton kernel updates these tensors (their gradients and buffers in their dtype and
+    layout): the Triton backend, dense float32/16 tensors of at most 2**31 - 1 elements on one device."""
+    if get_backend(params[0].device) != "triton":
+        return False
+    return all((p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)))
+               and p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.numel() < 2**31
+               and p.device == params[0].device for p in params)
 
 
 def _count_duplicates(group: dict) -> dict:
