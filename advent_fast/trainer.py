@@ -983,17 +983,22 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any
 
     Adam's step counts go where this run's flags want them: torch places them by the saved flags, so a
     release-path (foreach) checkpoint would leave them on the host, where fused and capturable Adam
-    read them from the parameters' device."""
+    read them from the parameters' device. Momentum buffers and moments take their parameter's memory
+    format: fused kernels walk a parameter and its state in memory order (CUDA's fused Adam refuses
+    other strides), and a checkpoint of the other path has the other format (contiguous or channels_last)."""
     own_settings = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, own in zip(optimizer.param_groups, own_settings):
         group.update(own)
         on_device = bool(group.get("fused") or group.get("capturable"))
         for param in group["params"]:
-            step = optimizer.state.get(param, {}).get("step")
+            param_state = optimizer.state.get(param, {})
+            for key, value in param_state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+            step = param_state.get("step")
             if isinstance(step, torch.Tensor):
-                optimizer.state[param]["step"] = (step.to(param.device, torch.float32) if on_device
-                                                  else step.cpu())
+                param_state["step"] = step.to(param.device, torch.float32) if on_device else step.cpu()
 
 
 def _float_lrs(state: Dict[str, Any]) -> Dict[str, Any]:

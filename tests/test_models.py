@@ -414,10 +414,10 @@ def test_release_sgd_kernel_skips_on_found_inf_and_takes_channels_last_and_bf16(
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpp"])
-def test_fused_release_sgd_takes_a_gradient_of_another_layout(backend):
-    """A gradient assigned by hand in another layout than its tensor (autograd's follow their tensor's): the
-    fused kernels, which walk memory in order, get a copy in the tensor's, on both fused paths (the Triton
-    kernel, torch's fused SGD passes)."""
+def test_fused_release_sgd_takes_a_gradient_and_a_buffer_of_another_layout(backend):
+    """A gradient assigned by hand in another layout than its tensor (autograd's follow their tensor's), and a
+    momentum buffer of another layout (a checkpoint of the other memory format): the fused kernels, which walk
+    memory in order, get them in the tensor's, on both fused paths (the Triton kernel, torch's fused SGD)."""
     import advent_fast as af
 
     af.set_backend(backend)
@@ -431,12 +431,17 @@ def test_fused_release_sgd_takes_a_gradient_of_another_layout(backend):
         conv.grad, bias.grad = torch.randn(4, 3, 2, 2), torch.randn(3)  # conv's contiguous
         grads = [conv.grad.clone(), bias.grad.clone()]
         opt.step()
+        # A momentum buffer loaded from a run in another memory format (resumed across the fast-path switch).
+        opt.state[conv]["momentum_buffer"] = opt.state[conv]["momentum_buffer"].contiguous()
+        opt.step()
     finally:
         af.set_backend(None)
     assert torch.equal(conv.grad, grads[0]) and torch.equal(bias.grad, grads[1])
-    expected = sgd_041_reference([t.double() for t in start], [0, 0, 1], [[g.double() for g in grads]], 0.1, 0.9, 0.05)
+    expected = sgd_041_reference([t.double() for t in start], [0, 0, 1], [[g.double() for g in grads]] * 2, 0.1, 0.9,
+                                 0.05)
     torch.testing.assert_close(conv.detach().double(), expected[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(bias.detach().double(), expected[1], rtol=1e-6, atol=1e-6)
+    assert opt.state[conv]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last)
 
 
 # ---- init weights and checkpoints ----------------------------------------------------------

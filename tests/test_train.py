@@ -580,11 +580,18 @@ def test_runs_resume_across_the_fast_path_switch(tiny_data, tmp_path):
     assert state["iteration"] == 3 and state["config"]["train"]["fast_path"] is False
     assert [r["iter"] for r in read_metrics(run)[0]] == [1, 2, 3]
     for fast in (True, False):
-        config = load_config(os.path.join(run, "config.yaml"), [f"train.fast_path={str(fast).lower()}"])
+        config = load_config(os.path.join(run, "config.yaml"), [f"train.fast_path={str(fast).lower()}",
+                                                                 f"train.channels_last={str(fast).lower()}"])
         trainer = Trainer(config, resume=state)
         groups_now = [g for opt in trainer.optimizers for g in opt.param_groups]
         assert all(bool(g["fused"]) == fast for g in groups_now)
         assert all(isinstance(g["lr"], torch.Tensor) == fast for g in groups_now)
+        # momentum buffers and Adam's moments in their parameter's memory format (CUDA's fused Adam
+        # refuses others; the checkpoint is the release path's, contiguous)
+        states = [(p, t) for opt in trainer.optimizers for p, st in opt.state.items() for t in st.values()
+                  if isinstance(t, torch.Tensor) and t.shape == p.shape]
+        assert states and all(t.stride() == p.stride() for p, t in states)
+        assert any(p.dim() == 4 and not p.is_contiguous() for p, _ in states) == fast  # channels_last
 
 
 def test_resume_takes_the_optimiser_settings_of_its_config(tiny_data, tmp_path):

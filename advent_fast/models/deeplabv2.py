@@ -701,11 +701,17 @@ class ReleaseSGD(torch.optim.Optimizer):
         return loss
 
     def _momentum_buffers(self, params, momentum: float):
+        """Each tensor's momentum buffer (zeros at first) in the tensor's dtype and layout: one loaded from a
+        checkpoint of another memory format (a run resumed across the fast-path switch) is converted once,
+        as the fused kernels walk a tensor and its buffer in memory order."""
         if momentum == 0:
             return None
         for p in params:
-            if "momentum_buffer" not in self.state[p]:
+            buf = self.state[p].get("momentum_buffer")
+            if buf is None:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            elif buf.dtype != p.dtype or not _same_layout(p, buf):
+                self.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
         return [self.state[p]["momentum_buffer"] for p in params]
 
     @staticmethod
@@ -759,7 +765,10 @@ class ReleaseSGD(torch.optim.Optimizer):
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape and the same strides where a dimension is longer than 1: the elements in the same order."""
-    return a.shape == b.shape and all(x == y for n, x, y in zip(a.shape, a.stride(), b.stride()) if n > 1)
+    if a.shape != b.shape:
+        return False
+    sa, sb = a.stride(), b.stride()
+    return sa == sb or all(x == y for n, x, y in zip(a.shape, sa, sb) if n > 1)
 
 
 def _takes_release_sgd_kernel(params) -> bool:
