@@ -892,6 +892,39 @@ def test_fold_frozen_batchnorm_counts_and_r101_equality():
         assert_close_rel(grads[k], ref_grads[k])
 
 
+def test_batchnorm_counts_each_forward_with_one_multi_tensor_add():
+    """Train-mode BatchNorm's num_batches_tracked: one _foreach_add_ a forward for every layer instead of an
+    add_ each, the same counts: not again in activation checkpointing's recomputation, not in eval mode, not
+    for a forward that fails; a layer without a momentum (its average needs the count) counts itself."""
+    torch.manual_seed(0)
+    model = DeepLabV2Small(5, width=8).train()
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    x = torch.randn(1, 3, 32, 32)
+
+    def counts():
+        return [int(m.num_batches_tracked) for m in layers]
+
+    with AtenOpCounts() as ops:
+        model(x)
+    assert ops.counts["_foreach_add_"] == 1 and ops.counts["add_"] == 0 and counts() == [1] * len(layers)
+    model.activation_checkpointing = True
+    aux, main = model(x)
+    (aux.sum() + main.sum()).backward()
+    assert counts() == [2] * len(layers)
+    model.eval()
+    model(x)
+    assert counts() == [2] * len(layers)
+    model.train()
+    layers[0].momentum = None
+    before = layers[0].running_mean.clone()
+    model(x)
+    assert counts() == [3] * len(layers)
+    assert not torch.equal(layers[0].running_mean, before)  # averaged with the count, 1/3
+    with pytest.raises(RuntimeError):
+        model(torch.randn(1, 4, 32, 32))  # 4 channels: the first convolution refuses them
+    assert counts() == [3] * len(layers) and all(m.num_batches_tracked is not None for m in layers)
+
+
 # ---- activation checkpointing ---------------------------------------------------------------
 
 def count_forward_calls(modules):

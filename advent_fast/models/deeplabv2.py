@@ -125,6 +125,29 @@ class SegmentationModel(nn.Module):
                     m.eval()
         return self
 
+    @contextlib.contextmanager
+    def _batches_counted_together(self) -> Iterator[None]:
+        """Train-mode BatchNorm adds 1 to its ``num_batches_tracked`` in every forward, a tiny kernel a layer
+        (104 in ResNet-101: as many launches eagerly, as many graph nodes when captured). Inside this block
+        the layers with a momentum skip it and one multi-tensor add counts the forward for all of them once
+        it has completed. (Without a momentum, BatchNorm averages with the count: those keep their own.)
+        Not under torch.compile, which fuses the adds itself."""
+        if torch.compiler.is_compiling():
+            yield
+            return
+        layers = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                  and m.track_running_stats and m.momentum is not None and m.num_batches_tracked is not None]
+        counters = [m.num_batches_tracked for m in layers]
+        for m in layers:
+            m.num_batches_tracked = None
+        try:
+            yield
+        finally:
+            for m, counter in zip(layers, counters):
+                m.num_batches_tracked = counter
+        if counters:
+            torch._foreach_add_(counters, 1)
+
     def _run_blocks(self, blocks: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
         """``x`` through ``blocks`` in order, each checkpointed with ``activation_checkpointing``
         when a backward may follow."""
@@ -240,10 +263,11 @@ class DeepLabV2ResNet101(SegmentationModel):
         self.train()
 
     def forward(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        x = self.maxpool(bn_relu(self.bn1, self.conv1(x)))
-        x = self._run_blocks([*self.layer1, *self.layer2, *self.layer3], x)  # bottlenecks
-        aux = self.layer5(x) if self.multi_level else None
-        return aux, self.layer6(self._run_blocks(self.layer4, x))
+        with self._batches_counted_together():
+            x = self.maxpool(bn_relu(self.bn1, self.conv1(x)))
+            x = self._run_blocks([*self.layer1, *self.layer2, *self.layer3], x)  # bottlenecks
+            aux = self.layer5(x) if self.multi_level else None
+            return aux, self.layer6(self._run_blocks(self.layer4, x))
 
     def backbone_roots(self) -> list[nn.Module]:
         return [self.conv1, self.bn1, self.layer1, self.layer2, self.layer3, self.layer4]
@@ -348,9 +372,10 @@ class DeepLabV2Small(SegmentationModel):
         return {**super().meta(), "width": self.width}
 
     def forward(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        x = self._run_blocks([self.stage1, *self.stage2, *self.stage3], x)  # conv-BN-ReLU blocks
-        aux = self.layer5(x) if self.multi_level else None
-        return aux, self.layer6(self._run_blocks(self.stage4, x))
+        with self._batches_counted_together():
+            x = self._run_blocks([self.stage1, *self.stage2, *self.stage3], x)  # conv-BN-ReLU blocks
+            aux = self.layer5(x) if self.multi_level else None
+            return aux, self.layer6(self._run_blocks(self.stage4, x))
 
     def backbone_roots(self) -> list[nn.Module]:
         return [self.stage1, self.stage2, self.stage3, self.stage4]
