@@ -70,9 +70,10 @@ class _TrainBatchNorm(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None, None, grad_residual
 
 
-def _check(x, weight, bias, running_mean, running_var, momentum, eps, residual) -> None:
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+def _check_inputs(x, per_channel: dict, residual) -> None:
+    """x: (N, C, H, W) float; each of ``per_channel`` (name -> tensor): a float (C,) tensor on x's device;
+    residual: None or x's shape, dtype and device. Errors name the argument."""
+    for name, t in (("x", x), *per_channel.items()):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
@@ -82,20 +83,10 @@ def _check(x, weight, bias, running_mean, running_var, momentum, eps, residual) 
     if x.dim() != 4:
         raise ValueError(f"x must have shape (N, C, H, W), got shape {tuple(x.shape)}")
     channels = x.shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+    for name, t in per_channel.items():
         if t.shape != (channels,):
             raise ValueError(f"{name} must have shape ({channels},) for x with {channels} channels, "
                              f"got {tuple(t.shape)}")
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
-    _check_residual(x, residual)
-    if x.numel() // max(channels, 1) < 2:
-        raise ValueError(f"expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}")
-
-
-def _check_residual(x, residual) -> None:
     if residual is None:
         return
     if not isinstance(residual, Tensor):
@@ -103,6 +94,17 @@ def _check_residual(x, residual) -> None:
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
         raise ValueError(f"residual must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got shape "
                          f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}")
+
+
+def _check(x, weight, bias, running_mean, running_var, momentum, eps, residual) -> None:
+    _check_inputs(x, {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
+                  residual)
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if x.numel() // max(x.shape[1], 1) < 2:
+        raise ValueError(f"expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}")
 
 
 def _use_kernels(x: Tensor, residual: Optional[Tensor], frozen: tuple) -> bool:
@@ -170,22 +172,6 @@ class _ShiftReLU(torch.autograd.Function):
         return grad, None, None, grad if ctx.needs_input_grad[3] else None
 
 
-def _check_shift(x, shift, residual) -> None:
-    for name, t in (("x", x), ("shift", shift)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if shift.device != x.device:
-        raise ValueError(f"shift is on {shift.device} but x is on {x.device}")
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape (N, C, H, W), got shape {tuple(x.shape)}")
-    if shift.shape != (x.shape[1],):
-        raise ValueError(f"shift must have shape ({x.shape[1]},) for x with {x.shape[1]} channels, "
-                         f"got {tuple(shift.shape)}")
-    _check_residual(x, residual)
-
-
 def shift_relu(x: Tensor, shift: Tensor, relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
     """``x + shift`` (one value per channel), plus ``residual`` if given, then ReLU if ``relu``: what remains
     of a frozen BatchNorm folded into the convolution that computed ``x``, with what follows it.
@@ -202,7 +188,7 @@ def shift_relu(x: Tensor, shift: Tensor, relu: bool = False, residual: Optional[
     Returns:
         The shifted activations in x's dtype and memory format.
     """
-    _check_shift(x, shift, residual)
+    _check_inputs(x, {"shift": shift}, residual)
     if not _use_kernels(x, residual, (shift,)):
         return add_relu(x + shift.to(x.dtype).reshape(1, -1, 1, 1), residual, relu)
     return _ShiftReLU.apply(x, shift, bool(relu), residual)

@@ -534,21 +534,20 @@ class FoldedConv2d(nn.Conv2d):
                 capturing and _block_holders is None):  # computed for this forward alone
             scale, shift = _affine(tensors, bn.eps)
             return scale, shift if shift_dtype is None else shift.to(shift_dtype)
-        if not self._affine_valid(capturing):
+        if not self._affine_valid(tensors, capturing):
             self._folded_affines.refresh(capturing)
         _, _, _, scale, shifts = self._affine_cache
         if shift_dtype not in shifts:
             shifts[shift_dtype] = shifts[None].to(shift_dtype)
         return scale, shifts[shift_dtype]
 
-    def _affine_valid(self, capturing: bool) -> bool:
-        """Whether the kept affine is this BN's: the same tensors at the same versions, the same eps, and
-        made as this forward is (eagerly, or during a capture: the two never share)."""
-        bn, cache = self._folded_bn, self._affine_cache
+    def _affine_valid(self, tensors: tuple[torch.Tensor, ...], capturing: bool) -> bool:
+        """Whether the kept affine is of these BN tensors: the same tensors at the same versions, the same eps,
+        and made as this forward is (eagerly, or during a capture: the two never share)."""
+        cache = self._affine_cache
         if cache is None or cache[2] != capturing:
             return False
-        tensors = _bn_tensors(bn)
-        return cache[0] == (bn.eps, tuple(t._version for t in tensors)) and all(
+        return cache[0] == (self._folded_bn.eps, tuple(t._version for t in tensors)) and all(
             a is b for a, b in zip(cache[1], tensors))
 
     def scaled_weight(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
