@@ -95,6 +95,12 @@ class TrainConfig:
     # null: on where it can be (and torch.compile is off), falling back to eager steps with a warning
     # if the capture fails or a batch changes shape; true: required, such a failure is an error.
     cuda_graph: Optional[bool] = None
+    # How several processes average their gradients: ddp (DistributedDataParallel's all-reduces inside
+    # the last backward) or after_backward (one all-reduce a gradient bucket after the step's backwards,
+    # then the optimisers; a whole-step CUDA graph then captures everything up to the all-reduces).
+    # auto: after_backward where the CUDA graph is on, else ddp. One process: after_backward runs the
+    # optimisers after the graph instead of inside it, and ddp nothing.
+    gradient_sync: str = "auto"
     # Train-mode BatchNorm with the residual add and ReLU after it in fused kernels (advent_fast.batch_norm;
     # channels_last CUDA activations, outside torch.compile); with model.freeze_bn on the fast path, the
     # folded BatchNorm's shift with them (the release path's eval-mode BatchNorm is left as it is). Same
@@ -148,6 +154,7 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
     "train.target_losses": ("fused", "reference"),
+    "train.gradient_sync": ("auto", "ddp", "after_backward"),
     "eval.precision": ("fp32", "bf16", "auto"),
 }
 

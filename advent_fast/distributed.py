@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, List
 
 import torch
 import torch.distributed as dist
@@ -77,6 +77,69 @@ def all_reduce_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         dist.all_reduce(tensor)
         tensor /= ctx.world_size
     return tensor
+
+
+# As DDP's default bucket_cap_mb: a few collectives a step, and little memory for the flat copies.
+BUCKET_BYTES = 25 * 2**20
+
+
+def all_reduce_gradients(params: Iterable[torch.nn.Parameter], ctx: DistContext,
+                         bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Every gradient replaced by its mean over the processes (``train.gradient_sync: after_backward``):
+    the gradients flattened into buckets of about ``bucket_bytes``, one all-reduce a bucket, after the
+    step's backwards, instead of DDP's all-reduces inside the last backward. Parameters without a
+    gradient are skipped: they are the same in every process, whose steps run the same graph."""
+    if ctx.distributed:
+        for bucket in _buckets([p.grad for p in params if p.grad is not None], bucket_bytes):
+            flat = _flatten(bucket)
+            dist.all_reduce(flat)
+            flat /= ctx.world_size
+            _unflatten_into(flat, bucket)
+
+
+def broadcast_tensors(tensors: Iterable[torch.Tensor], ctx: DistContext, src: int = 0) -> None:
+    """Rank ``src``'s values of ``tensors`` (parameters, buffers) in every process, in place."""
+    if ctx.distributed:
+        for bucket in _buckets([t.detach() for t in tensors], BUCKET_BYTES):
+            flat = _flatten(bucket)
+            dist.broadcast(flat, src)
+            _unflatten_into(flat, bucket)
+
+
+def _buckets(tensors: List[torch.Tensor], bucket_bytes: int) -> List[List[torch.Tensor]]:
+    """Consecutive runs of one device and dtype, each up to ``bucket_bytes`` (or one larger tensor)."""
+    buckets: List[List[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        last = buckets[-1][-1] if buckets else None
+        if last is None or (last.device, last.dtype) != (t.device, t.dtype) or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += nbytes
+    return buckets
+
+
+def _in_memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t`` with its dimensions in memory order: contiguous whenever ``t`` is dense (a
+    channels_last gradient too), so flattening it reads it once, without a reordering copy."""
+    if t.dim() == 0:
+        return t
+    return t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+
+
+def _flatten(bucket: List[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([_in_memory_order(t).reshape(-1) for t in bucket])
+
+
+def _unflatten_into(flat: torch.Tensor, bucket: List[torch.Tensor]) -> None:
+    views = [_in_memory_order(t) for t in bucket]
+    parts, offset = [], 0
+    for view in views:
+        parts.append(flat[offset:offset + view.numel()].view(view.shape))
+        offset += view.numel()
+    torch._foreach_copy_(views, parts)
 
 
 def broadcast_object(obj, ctx: DistContext):

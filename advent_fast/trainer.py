@@ -89,12 +89,15 @@ class StepSettings:
     cuda_graph: bool  # the whole step replayed as one CUDA graph (advent_fast.cuda_graph)
     # train.cuda_graph null: a failed capture or a new batch shape falls back to eager steps (true: an error)
     cuda_graph_fallback: bool
+    # How gradients are averaged over processes: ddp (DistributedDataParallel), after_backward (all-reduced
+    # after the step's backwards, the optimisers then run outside a captured graph) or none (one process)
+    gradient_sync: str
     activation_checkpointing: bool  # backbone blocks recomputed in the backward (memory for compute)
     fused_batchnorm: bool  # BatchNorm (+ residual, + ReLU) in the fused kernels (advent_fast.batch_norm)
 
     @classmethod
     def resolve(cls, config: Config, device: torch.device, distributed: bool = False) -> "StepSettings":
-        """``distributed``: the run has several processes (no whole-step CUDA graph)."""
+        """``distributed``: the run has several processes."""
         t = config.train
         fast = device.type == "cuda" if t.fast_path is None else t.fast_path
         precision = t.precision
@@ -103,14 +106,18 @@ class StepSettings:
         if t.cuda_graph and (device.type != "cuda" or not fast):
             raise ValueError(f"train.cuda_graph needs a CUDA device and the fast path (this run: device "
                              f"{device.type}, fast path {'on' if fast else 'off'})")
-        if t.cuda_graph and distributed:
-            raise ValueError("train.cuda_graph captures a single-process step; it is not supported with "
-                             "several processes")
+        if t.cuda_graph and distributed and t.gradient_sync == "ddp":
+            raise ValueError("train.cuda_graph with several processes needs train.gradient_sync after_backward "
+                             "(or auto): the graph cannot hold DDP's all-reduces")
         # null: the graph wherever it can be. The config has refused true with fp16 (its gradient
         # scaler decides on the host) and with compile: reduce-overhead (CUDA graphs of its own); a
         # compiled G and D inside the graph is left to an explicit true.
         cuda_graph = t.cuda_graph if t.cuda_graph is not None else (
-            device.type == "cuda" and fast and not distributed and precision != "fp16" and t.compile == "none")
+            device.type == "cuda" and fast and precision != "fp16" and t.compile == "none"
+            and not (distributed and t.gradient_sync == "ddp"))
+        gradient_sync = t.gradient_sync
+        if gradient_sync == "auto":
+            gradient_sync = ("after_backward" if cuda_graph else "ddp") if distributed else "none"
         return cls(
             fast_path=fast,
             precision=precision,
@@ -122,6 +129,7 @@ class StepSettings:
             sync_free=fast and precision != "fp16",
             cuda_graph=cuda_graph,
             cuda_graph_fallback=t.cuda_graph is None,
+            gradient_sync=gradient_sync,
             activation_checkpointing=t.activation_checkpointing,
             # frozen BatchNorm: only folded (the fast path) does it leave a pass to fuse, its shift
             fused_batchnorm=t.fused_batchnorm and (fast or not config.model.freeze_bn),
@@ -144,7 +152,10 @@ class StepSettings:
             parts += ["no host sync in the step"] if self.sync_free else []
         parts += ["channels_last"] if self.channels_last else []
         parts += [f"torch.compile({self.compile})"] if self.compile != "none" else []
-        parts += ["whole step as one CUDA graph"] if self.cuda_graph else []
+        if self.cuda_graph:
+            parts += ["whole step as one CUDA graph" if self.gradient_sync != "after_backward"
+                      else "forwards and backwards as one CUDA graph"]
+        parts += ["gradients all-reduced after the backwards"] if self.gradient_sync == "after_backward" else []
         parts += ["activation checkpointing"] if self.activation_checkpointing else []
         if self.fused_batchnorm:
             parts += ["fused folded-BN shift + ReLU" if self.fold_frozen_bn else "fused train-mode BatchNorm"]
@@ -482,17 +493,26 @@ class Trainer:
         if self.settings.sync_free:
             self._prepare_sync_free_optimizers()
 
-        # DDP after loading, so every rank starts from the checkpoint (DDP broadcasts rank 0's).
-        # Compiled modules share their parameters with self.model / self.discriminators.
-        self.generator = self._compiled(dist_utils.wrap(self.model, self.ctx))
-        self.d_train = {h: self._compiled(dist_utils.wrap(d, self.ctx)) for h, d in self.discriminators.items()}
+        # After loading, every rank starts from rank 0's weights (the checkpoint's): DDP broadcasts
+        # them when it wraps a module, after_backward here. Compiled modules share their parameters
+        # with self.model / self.discriminators.
+        modules = [self.model, *self.discriminators.values()]
+        self.trained_parameters = [p for m in modules for p in m.parameters()]
+        ddp = self.settings.gradient_sync == "ddp"
+        if self.settings.gradient_sync == "after_backward":
+            dist_utils.broadcast_tensors([t for m in modules for t in (*m.parameters(), *m.buffers())], self.ctx)
+        self.generator = self._compiled(dist_utils.wrap(self.model, self.ctx) if ddp else self.model)
+        self.d_train = {h: self._compiled(dist_utils.wrap(d, self.ctx) if ddp else d)
+                        for h, d in self.discriminators.items()}
         self.d_frozen = {h: self._compiled(d) for h, d in self.discriminators.items()}
         self.metric_names = self._metric_names()
         self.captured = None
         if self.settings.cuda_graph:
             from .cuda_graph import CapturedStep
 
-            self.captured = CapturedStep(lambda s, t: self._step(s, t, keep_logits=True), self.device,
+            # after_backward: the all-reduces and the optimisers run after each replay (_update)
+            captured = self._compute if self.settings.gradient_sync == "after_backward" else self._step
+            self.captured = CapturedStep(lambda s, t: captured(s, t, keep_logits=True), self.device,
                                          fallback=self.settings.cuda_graph_fallback)
 
         self.run_dir = run_dir
@@ -590,6 +610,8 @@ class Trainer:
         self._set_lr()
         if self.captured is not None:
             metrics, kept = self.captured(source, target)
+            if self.settings.gradient_sync == "after_backward":
+                metrics = self._update(metrics)
         else:
             metrics, kept = self._step(source, target, keep_logits)
         if not keep_logits:
@@ -598,11 +620,22 @@ class Trainer:
 
     def _step(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], keep_logits: bool):
         """The iteration itself: (metrics, the main-head logits as the model gave them, if kept)."""
+        metrics, kept = self._compute(source, target, keep_logits)
+        return self._update(metrics), kept
+
+    def _compute(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], keep_logits: bool):
+        """Every forward and backward of the step: (this process's losses in ``metric_names`` order,
+        the main-head logits as the model gave them, if kept)."""
         with self._shared_weight_casts():
             losses, kept = self._forward_backward(source, target, keep_logits)
+        return torch.stack([losses[name].detach().float() for name in self.metric_names]), kept
 
+    def _update(self, metrics: torch.Tensor) -> torch.Tensor:
+        """Gradients (after_backward) and losses averaged over the processes, then the optimisers;
+        returns the averaged losses."""
+        if self.settings.gradient_sync == "after_backward":
+            dist_utils.all_reduce_gradients(self.trained_parameters, self.ctx)
         # One small all-reduce: every process reaches the same verdict from the reduced losses.
-        metrics = torch.stack([losses[name].detach().float() for name in self.metric_names])
         metrics = dist_utils.all_reduce_mean(metrics, self.ctx)
         if self.settings.sync_free:  # the fused kernels skip the whole update when found_inf is 1
             found_inf = torch.isfinite(metrics).all().logical_not().float()
@@ -613,7 +646,7 @@ class Trainer:
             for opt in self.optimizers:
                 self.scaler.step(opt)
             self.scaler.update()
-        return metrics, kept
+        return metrics
 
     def _shared_weight_casts(self) -> contextlib.ExitStack:
         """Each weight made once a step for the step's forwards and backwards, not once a forward (G runs
@@ -856,6 +889,9 @@ class Trainer:
         from .evaluate import evaluate_model
 
         e = self.config.eval
+        # Every process evaluates rank 0's model, the one checkpoints save: with train-mode BatchNorm
+        # each process's running statistics follow its own images (DDP re-broadcasts them a forward).
+        dist_utils.broadcast_tensors(list(self.model.buffers()), self.ctx)
         # Evaluation must not disturb the training RNG (resumed runs stay identical).
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             result = evaluate_model(self.model, self.data.val, self.config.data.num_classes, self.device,

@@ -36,6 +36,9 @@ Variants (``--variants``):
   fast           train.fast_path=true, the default on GPUs (bf16 + channels_last, fused upsample+losses, fused
                  optimisers; on one GPU the whole step replayed as one CUDA graph, train.cuda_graph null)
   fast_eager     the fast path without the CUDA graph (train.cuda_graph=false): every kernel issued by the host
+  fast_graph_split  the fast path with train.gradient_sync=after_backward: the graph holds the forwards and
+                 backwards, the optimisers run eagerly after each replay, as in a multi-process run (which
+                 all-reduces the gradients in between; one process here, so without those)
   fast_fp32      the fast path in fp32 (with --track: separates the effect of bf16 from that of the rest)
   fast_compile   the fast path with torch.compile of G and D (train.compile=default; no CUDA graph)
   fast_cudagraph the fast path with torch.compile(mode="reduce-overhead") (CUDA graphs of G and D)
@@ -75,6 +78,7 @@ VARIANTS = {
                      "train.target_losses=reference"],
     "fast": ["train.fast_path=true"],
     "fast_eager": ["train.fast_path=true", "train.cuda_graph=false"],
+    "fast_graph_split": ["train.fast_path=true", "train.gradient_sync=after_backward"],
     "fast_fp32": ["train.fast_path=true", "train.precision=fp32"],
     "fast_compile": ["train.fast_path=true", "train.compile=default"],
     "fast_cudagraph": ["train.fast_path=true", "train.compile=reduce-overhead"],

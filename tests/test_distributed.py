@@ -1,10 +1,13 @@
 """Two gloo processes under torchrun train like one process with the same global batch."""
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from advent_fast import distributed as dist_utils
 from advent_fast import train
@@ -22,19 +25,83 @@ def test_single_process_helpers_are_no_ops():
     assert dist_utils.all_reduce_mean(t, ctx) is t and t.tolist() == [1.0, 2.0]
     module = torch.nn.Linear(2, 2)
     assert dist_utils.wrap(module, ctx) is module and dist_utils.broadcast_object("x", ctx) == "x"
+    module.weight.grad = torch.ones(2, 2)
+    dist_utils.all_reduce_gradients(module.parameters(), ctx)
+    dist_utils.broadcast_tensors(module.parameters(), ctx)
+    assert module.weight.grad.tolist() == [[1.0, 1.0], [1.0, 1.0]]
     assert dist_utils.shard_slice(4, dist_utils.DistContext(rank=1, world_size=2)) == slice(2, 4)
     with pytest.raises(ValueError, match="does not split"):
         dist_utils.shard_slice(3, dist_utils.DistContext(rank=0, world_size=2))
 
 
-def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_data, tmp_path):
+def layouts_module(rank: int) -> torch.nn.Module:
+    """Parameters of every layout and a few dtypes, each gradient a function of the rank, and buffers."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    module = torch.nn.Module()
+    module.conv = torch.nn.Parameter(torch.randn(8, 5, 3, 3, generator=gen).to(memory_format=torch.channels_last))
+    module.pointwise = torch.nn.Parameter(torch.randn(6, 7, 1, 1, generator=gen).to(memory_format=torch.channels_last))
+    module.bias = torch.nn.Parameter(torch.randn(33, generator=gen))
+    module.float64 = torch.nn.Parameter(torch.randn(4, 3, generator=gen, dtype=torch.float64))
+    module.matrix = torch.nn.Parameter(torch.randn(5, 9, generator=gen).t())  # transposed strides
+    module.frozen = torch.nn.Parameter(torch.randn(3, generator=gen), requires_grad=False)  # no gradient
+    module.register_buffer("count", torch.tensor(10 + rank))
+    module.register_buffer("mean", torch.randn(7, generator=gen))
+    for p in module.parameters():
+        if p.requires_grad:
+            p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module
+
+
+def _sync_rank(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ctx = dist_utils.DistContext(rank=rank, world_size=world)
+        module = layouts_module(rank)
+        # A few bytes a bucket: the buckets split inside a dtype's run and at each dtype change.
+        dist_utils.all_reduce_gradients(module.parameters(), ctx, bucket_bytes=200)
+        dist_utils.broadcast_tensors([*module.parameters(), *module.buffers()], ctx)
+        torch.save({"grads": {n: p.grad for n, p in module.named_parameters() if p.grad is not None},
+                    "state": module.state_dict()}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_all_reduced_after_the_backward_are_the_mean_in_their_layout(tmp_path):
+    """train.gradient_sync: after_backward's all-reduce and the start's broadcast, over 2 gloo processes:
+    every gradient the mean of the ranks' in its own strides (channels_last, transposed), buckets split
+    by size and dtype; parameters and buffers (an integer one too) rank 0's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_sync_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    ranks = [layouts_module(r) for r in range(2)]
+    for name, param in ranks[0].named_parameters():
+        if param.grad is None:
+            assert all(name not in r["grads"] for r in results)
+            continue
+        expected = (ranks[0].get_parameter(name).grad + ranks[1].get_parameter(name).grad) / 2
+        for result in results:
+            got = result["grads"][name]
+            assert got.stride() == param.stride() and got.dtype == param.dtype, name
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=name)
+    for result in results:
+        for name, value in ranks[0].state_dict().items():
+            assert torch.equal(result["state"][name], value), name
+
+
+@pytest.mark.parametrize("gradient_sync", ["auto", "after_backward"])
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_data, tmp_path, gradient_sync):
     """...also when the two processes take the fast path (folded frozen BN, channels_last, fused
     optimisers, losses from the low-resolution logits) with activation checkpointing (the blocks
-    recomputed in DDP's backward) and the single one the release step."""
+    recomputed in DDP's backward) and the single one the release step; with DDP (auto on CPUs) or the
+    gradients all-reduced after the step's backwards."""
     prior = write_prior(tmp_path / "prior.json")
     # Frozen BatchNorm: with train-mode BN each process would normalise its own images only.
     overrides = tiny_overrides(tiny_data, "advent_minent", f"train.class_prior={prior}", "model.freeze_bn=true",
-                               "train.source_batch_size=2", "train.target_batch_size=2", "train.stop_iter=3")
+                               "train.source_batch_size=2", "train.target_batch_size=2", "train.stop_iter=3",
+                               f"train.gradient_sync={gradient_sync}")
     args = [a for o in overrides for a in ("--set", o)]
     single, double = str(tmp_path / "single"), str(tmp_path / "double")
     assert train.main(args + ["--run-dir", single, "--device", "cpu"]) == 0
@@ -47,6 +114,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_da
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on cpu x2 | fast path" in proc.stdout and "activation checkpointing" in proc.stdout
+    assert ("gradients all-reduced after the backwards" in proc.stdout) is (gradient_sync == "after_backward")
     assert proc.stdout.count("target val mIoU") == 1  # one writer
 
     a, b = load(os.path.join(single, "checkpoint.pt")), load(os.path.join(double, "checkpoint.pt"))
@@ -64,6 +132,44 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_da
             if k != "it_per_s":
                 assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), k
     assert evals_b[-1]["miou"] == pytest.approx(evals_a[-1]["miou"], abs=1e-6)  # sharded evaluation
+
+
+TRAIN_AND_SAVE_EACH_RANKS_MODEL = """
+import sys
+import torch
+from advent_fast import distributed as dist_utils
+from advent_fast.config import load_config
+from advent_fast.train import exit_process
+from advent_fast.trainer import Trainer
+
+ctx = dist_utils.init("cpu")
+trainer = Trainer(load_config("embedded", sys.argv[3:]), ctx, sys.argv[1])
+trainer.fit()
+torch.save(trainer.model.state_dict(), f"{sys.argv[2]}/rank{ctx.rank}.pt")
+dist_utils.shutdown()
+exit_process(0)
+"""
+
+
+def test_every_process_evaluates_rank_0s_model(tiny_data, tmp_path):
+    """With train-mode BatchNorm and the gradients all-reduced after the backwards (no DDP to
+    re-broadcast buffers), each process's running statistics follow its own images; the sharded
+    evaluation at the end still evaluates rank 0's model, the checkpoint's: same weights and buffers."""
+    script = tmp_path / "train_and_save.py"
+    script.write_text(TRAIN_AND_SAVE_EACH_RANKS_MODEL)
+    overrides = tiny_overrides(tiny_data, "advent", "train.stop_iter=2", "train.gradient_sync=after_backward",
+                               "train.source_batch_size=2", "train.target_batch_size=2")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path / "run"), str(tmp_path), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    saved = load(os.path.join(tmp_path / "run", "checkpoint.pt"))["model"]
+    assert any("running_mean" in name for name in saved)
+    for name, value in saved.items():
+        assert torch.equal(ranks[0][name], value) and torch.equal(ranks[1][name], value), name
 
 
 TRAIN_WITH_ONE_NONFINITE_STEP = """

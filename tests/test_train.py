@@ -445,26 +445,37 @@ def test_step_settings_resolve_per_device():
     assert required.cuda_graph and not required.cuda_graph_fallback
     with pytest.raises(ValueError, match="train.cuda_graph needs a CUDA device"):
         trainer_mod.StepSettings.resolve(graph, torch.device("cpu"))
-    with pytest.raises(ValueError, match="single-process"):
-        trainer_mod.StepSettings.resolve(graph, torch.device("cuda"), distributed=True)
+    assert trainer_mod.StepSettings.resolve(graph, torch.device("cuda"), distributed=True).cuda_graph
+    graph_ddp = load_config("embedded", ["train.cuda_graph=true", "train.gradient_sync=ddp"])
+    with pytest.raises(ValueError, match="gradient_sync after_backward"):
+        trainer_mod.StepSettings.resolve(graph_ddp, torch.device("cuda"), distributed=True)
 
 
-@pytest.mark.parametrize("overrides, device, distributed, expected", [
-    ((), "cuda", False, True),  # the default on one GPU: the whole step as one CUDA graph
-    ((), "cpu", False, False),
-    ((), "cuda", True, False),  # DDP's all-reduces: eager steps
-    (("train.fast_path=false",), "cuda", False, False),
-    (("train.precision=fp16",), "cuda", False, False),  # its gradient scaler decides on the host
-    (("train.precision=fp32", "model.freeze_bn=true", "train.activation_checkpointing=true"), "cuda", False, True),
-    (("train.compile=default",), "cuda", False, False),
-    (("train.compile=reduce-overhead",), "cuda", False, False),
-    (("train.cuda_graph=false",), "cuda", False, False),
+@pytest.mark.parametrize("overrides, device, distributed, expected, sync", [
+    ((), "cuda", False, True, "none"),  # the default on one GPU: the whole step as one CUDA graph
+    ((), "cpu", False, False, "none"),
+    ((), "cpu", True, False, "ddp"),
+    ((), "cuda", True, True, "after_backward"),  # the graph up to the all-reduces
+    (("train.gradient_sync=ddp",), "cuda", True, False, "ddp"),  # DDP's all-reduces: eager steps
+    (("train.gradient_sync=after_backward",), "cpu", True, False, "after_backward"),
+    (("train.gradient_sync=after_backward",), "cuda", False, True, "after_backward"),  # optimisers after it
+    (("train.fast_path=false",), "cuda", False, False, "none"),
+    (("train.precision=fp16",), "cuda", True, False, "ddp"),  # its gradient scaler decides on the host
+    (("train.precision=fp32", "model.freeze_bn=true", "train.activation_checkpointing=true"), "cuda", False, True,
+     "none"),
+    (("train.compile=default",), "cuda", False, False, "none"),
+    (("train.compile=reduce-overhead",), "cuda", False, False, "none"),
+    (("train.cuda_graph=false",), "cuda", True, False, "ddp"),
 ])
-def test_cuda_graph_default_wherever_it_can_be(overrides, device, distributed, expected):
+def test_cuda_graph_default_wherever_it_can_be(overrides, device, distributed, expected, sync):
     config = load_config("embedded", list(overrides))
     settings = trainer_mod.StepSettings.resolve(config, torch.device(device), distributed=distributed)
     assert settings.cuda_graph is expected
     assert settings.cuda_graph_fallback is (config.train.cuda_graph is None)
+    assert settings.gradient_sync == sync
+    described = settings.describe()
+    assert ("gradients all-reduced after the backwards" in described) is (sync == "after_backward")
+    assert ("forwards and backwards as one CUDA graph" in described) is (expected and sync == "after_backward")
 
 
 def run_steps(config, batches):
@@ -923,6 +934,7 @@ def cuda_batches(trainer, steps, seed=0):
     ("advent", ("model.freeze_bn=true",)),  # the folded BN's affine and scaled weights made once a replay
     ("advent", ("train.fused_batchnorm=true",)),  # the fused train-mode BatchNorm kernels captured
     ("advent", ("model.freeze_bn=true", "train.fused_batchnorm=true")),  # the folded BN's shift kernel
+    ("advent", ("train.gradient_sync=after_backward",)),  # the optimisers run after each replay
 ])
 def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, monkeypatch, mode, extra):
     """3 eager warm-up steps, the capture, replays: same losses and weights as the eager fast path,
