@@ -87,11 +87,13 @@ class TrainConfig:
     # fused into the kernels, fused optimisers, frozen BatchNorm folded into the convolutions (with
     # model.freeze_bn), and the "auto" values below. null: on for CUDA devices, off elsewhere.
     fast_path: Optional[bool] = None
-    precision: str = "auto"  # fp32 | bf16 | fp16 (with a gradient scaler) | auto: bf16 on the fast path, else fp32
+    # fp32 | bf16 | fp16 (with a gradient scaler) | auto: on the GPU fast path bf16, or fp16 on GPUs without
+    # bf16 tensor cores (before compute capability 8.0: V100, T4); else fp32
+    precision: str = "auto"
     channels_last: Optional[bool] = None  # null: on the fast path only
     compile: str = "none"  # torch.compile of G and D: none | default | max-autotune-no-cudagraphs | reduce-overhead
     # The whole step (both G passes, both D, the optimisers) replayed as one CUDA graph after a few
-    # eager steps: needs the fast path on one CUDA device, fp32 or bf16, and no reduce-overhead.
+    # eager steps: needs the fast path on CUDA devices and no reduce-overhead.
     # null: on where it can be (and torch.compile is off), falling back to eager steps with a warning
     # if the capture fails or a batch changes shape; true: required, such a failure is an error.
     cuda_graph: Optional[bool] = None
@@ -337,11 +339,9 @@ def validate(config: Config) -> None:
     if m.param_groups == "release" and m.arch != "deeplabv2_r101":
         raise ConfigError(f"config key 'model.param_groups' must be clean for {m.arch} "
                           f"(the release grouping is a quirk of the release's ResNet-101 code)")
-    if t.cuda_graph is True and (t.fast_path is False or t.precision == "fp16" or t.compile == "reduce-overhead"):
-        raise ConfigError("config key 'train.cuda_graph' needs train.fast_path (true or null), train.precision "
-                          "other than fp16 (the gradient scaler decides on the host) and train.compile other "
-                          f"than reduce-overhead (got fast_path {t.fast_path}, precision {t.precision}, "
-                          f"compile {t.compile})")
+    if t.cuda_graph is True and (t.fast_path is False or t.compile == "reduce-overhead"):
+        raise ConfigError("config key 'train.cuda_graph' needs train.fast_path (true or null) and train.compile "
+                          f"other than reduce-overhead (got fast_path {t.fast_path}, compile {t.compile})")
     if m.multi_level and m.arch == "deeplabv2_vgg16":
         raise ConfigError("config key 'model.multi_level' must be false for deeplabv2_vgg16 "
                           "(single level, as in the paper)")

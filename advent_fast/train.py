@@ -46,7 +46,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "optimisers, bf16 autocast and channels_last unless set otherwise; --no-fast-path "
                         "runs the release-style step")
     p.add_argument("--precision", choices=CHOICES["train.precision"],
-                   help="train.precision (auto: bf16 on the GPU fast path, else fp32)")
+                   help="train.precision (auto: bf16 on the GPU fast path, fp16 on GPUs without bf16 tensor "
+                        "cores, else fp32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="train.channels_last (default: with the fast path)")
     p.add_argument("--compile", choices=CHOICES["train.compile"],

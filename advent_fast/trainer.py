@@ -83,8 +83,8 @@ class StepSettings:
     compile: str  # torch.compile mode of G and D, or "none"
     loss_backend: str  # advent_fast's backend on the device: triton fuses the upsampling, others interpolate first
     # Nothing in the step waits for the device: the fused optimisers skip a step with non-finite
-    # losses on the device and read their learning rates from device tensors (all but fp16, whose
-    # gradient scaler decides on the host).
+    # losses on the device and read their learning rates from device tensors (with fp16, also a step whose
+    # scaled gradients overflow: the gradient scaler's check and scale update run on the device too).
     sync_free: bool
     cuda_graph: bool  # the whole step replayed as one CUDA graph (advent_fast.cuda_graph)
     # train.cuda_graph null: a failed capture or a new batch shape falls back to eager steps (true: an error)
@@ -102,18 +102,17 @@ class StepSettings:
         fast = device.type == "cuda" if t.fast_path is None else t.fast_path
         precision = t.precision
         if precision == "auto":
-            precision = "bf16" if fast and device.type == "cuda" else "fp32"
+            precision = ("bf16" if native_bf16(device) else "fp16") if fast and device.type == "cuda" else "fp32"
         if t.cuda_graph and (device.type != "cuda" or not fast):
             raise ValueError(f"train.cuda_graph needs a CUDA device and the fast path (this run: device "
                              f"{device.type}, fast path {'on' if fast else 'off'})")
         if t.cuda_graph and distributed and t.gradient_sync == "ddp":
             raise ValueError("train.cuda_graph with several processes needs train.gradient_sync after_backward "
                              "(or auto): the graph cannot hold DDP's all-reduces")
-        # null: the graph wherever it can be. The config has refused true with fp16 (its gradient
-        # scaler decides on the host) and with compile: reduce-overhead (CUDA graphs of its own); a
-        # compiled G and D inside the graph is left to an explicit true.
+        # null: the graph wherever it can be. The config has refused true with compile: reduce-overhead
+        # (CUDA graphs of its own); a compiled G and D inside the graph is left to an explicit true.
         cuda_graph = t.cuda_graph if t.cuda_graph is not None else (
-            device.type == "cuda" and fast and precision != "fp16" and t.compile == "none"
+            device.type == "cuda" and fast and t.compile == "none"
             and not (distributed and t.gradient_sync == "ddp"))
         gradient_sync = t.gradient_sync
         if gradient_sync == "auto":
@@ -126,7 +125,7 @@ class StepSettings:
             fold_frozen_bn=fast and config.model.freeze_bn,
             compile=t.compile,
             loss_backend=advent_fast.get_backend(device),
-            sync_free=fast and precision != "fp16",
+            sync_free=fast,
             cuda_graph=cuda_graph,
             cuda_graph_fallback=t.cuda_graph is None,
             gradient_sync=gradient_sync,
@@ -160,6 +159,15 @@ class StepSettings:
         if self.fused_batchnorm:
             parts += ["fused folded-BN shift + ReLU" if self.fold_frozen_bn else "fused train-mode BatchNorm"]
         return ", ".join(parts)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU has bf16 tensor cores (compute capability 8.0 on: A100, H100, RTX 30xx on);
+    V100s and T4s emulate bf16 slowly, so ``train.precision: auto`` takes fp16 there. True when it
+    cannot be asked (no CUDA)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def target_losses_function(name: str):
@@ -639,14 +647,28 @@ class Trainer:
         metrics = dist_utils.all_reduce_mean(metrics, self.ctx)
         if self.settings.sync_free:  # the fused kernels skip the whole update when found_inf is 1
             found_inf = torch.isfinite(metrics).all().logical_not().float()
+            if self.scaler.is_enabled():  # fp16: so do non-finite scaled gradients, which lower the scale
+                found_inf = torch.maximum(found_inf, self._unscale_gradients())
             for opt in self.optimizers:  # G first, then the discriminators
                 opt.found_inf = found_inf
                 opt.step()
+            self.scaler.update()
         elif all(math.isfinite(v) for v in metrics.tolist()):  # one host sync
             for opt in self.optimizers:
                 self.scaler.step(opt)
             self.scaler.update()
         return metrics
+
+    def _unscale_gradients(self) -> torch.Tensor:
+        """fp16 without a host synchronisation: every optimiser's gradients divided by the loss scale
+        (``GradScaler.unscale_``); returns 1.0 if any of them is not finite, else 0.0, on the device. The
+        scale update that follows (``GradScaler.update``) reads the same checks."""
+        found = []
+        for opt in self.optimizers:
+            self.scaler.unscale_(opt)
+            # GradScaler keeps each optimiser's checks there (its step reads them on the host)
+            found += self.scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values()
+        return torch.stack(found).amax()
 
     def _shared_weight_casts(self) -> contextlib.ExitStack:
         """Each weight made once a step for the step's forwards and backwards, not once a forward (G runs

@@ -40,6 +40,8 @@ Variants (``--variants``):
                  backwards, the optimisers run eagerly after each replay, as in a multi-process run (which
                  all-reduces the gradients in between; one process here, so without those)
   fast_fp32      the fast path in fp32 (with --track: separates the effect of bf16 from that of the rest)
+  fast_fp16      the fast path in fp16 with its gradient scaler on the device (train.precision auto's choice
+                 on GPUs without bf16 tensor cores; here against bf16 on the same card)
   fast_compile   the fast path with torch.compile of G and D (train.compile=default; no CUDA graph)
   fast_cudagraph the fast path with torch.compile(mode="reduce-overhead") (CUDA graphs of G and D)
   fast_compile_graph the fast path with torch.compile of G and D inside the whole-step CUDA graph (CUDA only)
@@ -80,6 +82,7 @@ VARIANTS = {
     "fast_eager": ["train.fast_path=true", "train.cuda_graph=false"],
     "fast_graph_split": ["train.fast_path=true", "train.gradient_sync=after_backward"],
     "fast_fp32": ["train.fast_path=true", "train.precision=fp32"],
+    "fast_fp16": ["train.fast_path=true", "train.precision=fp16"],
     "fast_compile": ["train.fast_path=true", "train.compile=default"],
     "fast_cudagraph": ["train.fast_path=true", "train.compile=reduce-overhead"],
     "fast_compile_graph": ["train.fast_path=true", "train.compile=default", "train.cuda_graph=true"],

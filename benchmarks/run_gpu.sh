@@ -103,9 +103,10 @@ stage tune_batchnorm 90 "$PY" benchmarks/tune_kernels.py --quick --families batc
     --json "$LOGS/tune_batchnorm.json"
 # Issue 5: torch.compile of G and D inside the whole-step graph, against the default graph step in the same
 # process: what Inductor's fusions (BatchNorm with its ReLU, the residual adds) take off the GPU's time; and
-# the graph without the optimisers (run after each replay, as multi-process runs do around their all-reduces).
-stage bench_train_step_compile_graph 240 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
-    --variants fast fast_graph_split fast_compile_graph --gpu-profile 12 \
+# the graph without the optimisers (run after each replay, as multi-process runs do around their all-reduces),
+# and fp16 with its gradient scaler inside the graph (what auto takes on GPUs without bf16 tensor cores).
+stage bench_train_step_compile_graph 270 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
+    --variants fast fast_graph_split fast_fp16 fast_compile_graph --gpu-profile 12 \
     --json "$LOGS/bench_train_step_compile_graph.json"
 # The public losses on CUDA tensors: values against float64, no host synchronisation, CUDA-graph capture.
 stage pytest_losses_cuda 110 "$PY" -m pytest -q tests/test_losses_cuda.py

@@ -384,6 +384,7 @@ class NoHostSync(torch.overrides.TorchFunctionMode):
 @pytest.mark.parametrize("mode, extra", [
     ("advent_minent", ("train.class_prior=PRIOR",)),
     ("minent_er", ()),
+    ("advent", ("train.precision=fp16",)),  # the gradient scaler's check and update on the device
 ])
 def test_the_fast_path_step_never_waits_for_the_device(tiny_data, tmp_path, mode, extra):
     extra = [e.replace("PRIOR", write_prior(tmp_path / "prior.json")) for e in extra]
@@ -402,17 +403,60 @@ def test_the_fast_path_step_never_waits_for_the_device(tiny_data, tmp_path, mode
 
 @pytest.mark.parametrize("fast_path", [False, True])
 def test_precision_options_and_channels_last(tiny_data, tmp_path, fast_path):
-    """bf16 and fp16 on both paths; fp16's gradient scaler decides on the host even on the fast path."""
+    """bf16 and fp16 on both paths; the fast path's step never waits for the device, fp16's either."""
     for precision in ("bf16", "fp16"):
         config = tiny_config(tiny_data, "advent_minent", f"train.precision={precision}", "train.channels_last=true",
                              "train.stop_iter=2", f"train.fast_path={str(fast_path).lower()}")
         trainer = Trainer(config, run_dir=str(tmp_path / precision))
-        assert trainer.settings.sync_free == (fast_path and precision == "bf16")
+        assert trainer.settings.sync_free == fast_path
         trainer.fit()
         steps = read_metrics(tmp_path / precision)[0]
         assert all(math.isfinite(v) for r in steps for v in r.values())
         assert trainer.model.stage1[0].weight.is_contiguous(memory_format=torch.channels_last)
         assert bool(load(str(tmp_path / precision / "checkpoint.pt"))["scaler"]) == (precision == "fp16")
+
+
+def test_precision_auto_takes_fp16_on_gpus_without_bf16_tensor_cores(monkeypatch):
+    config = load_config("embedded")
+    monkeypatch.setattr(trainer_mod, "native_bf16", lambda device: False)  # a V100 or T4
+    assert trainer_mod.StepSettings.resolve(config, torch.device("cuda")).precision == "fp16"
+    assert trainer_mod.StepSettings.resolve(config, torch.device("cpu")).precision == "fp32"
+    release = load_config("embedded", ["train.fast_path=false"])
+    assert trainer_mod.StepSettings.resolve(release, torch.device("cuda")).precision == "fp32"
+    monkeypatch.setattr(trainer_mod, "native_bf16", lambda device: True)
+    assert trainer_mod.StepSettings.resolve(config, torch.device("cuda")).precision == "bf16"
+    assert trainer_mod.native_bf16(torch.device("cpu"))
+
+
+def test_fp16_on_the_device_skips_and_scales_as_the_host_decides(tiny_data):
+    """The fast path's fp16 step (the gradient scaler's check and update on the device, no host sync)
+    against the same step deciding on the host (GradScaler.step): same weights and scale through a
+    normal step, one whose scaled gradients overflow (skipped, scale halved) and another normal one.
+    A step with a non-finite loss is skipped by both; its non-finite gradients lower the scale here
+    only."""
+    config = tiny_config(tiny_data, "advent", "train.fast_path=true", "train.precision=fp16", "train.lr=1e-2")
+    device_side, host_side = Trainer(config), Trainer(config)
+    host_side.settings = dataclasses.replace(host_side.settings, sync_free=False)
+    assert device_side.settings.sync_free and device_side.scaler.is_enabled()
+    batches = fixed_batches(4)
+    overflow = 2.0 ** 127  # the scaled losses overflow float32: non-finite gradients, finite losses
+    for step, (source, target) in enumerate(batches):
+        for trainer in (device_side, host_side):
+            if step in (1, 2):
+                trainer.scaler.update(new_scale=overflow if step == 1 else 1024.0)
+            if step == 3:
+                target = {"image": target["image"].clone()}
+                target["image"][0, 0, 0, 0] = float("nan")
+            before = [p.detach().clone() for p in trainer.trained_parameters]
+            finite, _, _ = trainer.train_step(source, target)
+            skipped = all(torch.equal(a, p) for a, p in zip(before, trainer.trained_parameters))
+            assert finite == (step != 3) and skipped == (step in (1, 3)), (step, finite, skipped)
+        if step < 3:
+            assert device_side.scaler.get_scale() == host_side.scaler.get_scale()
+            assert device_side.scaler.get_scale() == (overflow / 2 if step == 1 else 1024.0 if step == 2 else 65536.0)
+            for a, b in zip(device_side.trained_parameters, host_side.trained_parameters):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert device_side.scaler.get_scale() == host_side.scaler.get_scale() / 2
 
 
 @pytest.fixture
@@ -439,7 +483,7 @@ def test_step_settings_resolve_per_device():
     assert (ref.upsampled_losses, ref.fold_frozen_bn) == (False, True)
     assert gpu.sync_free and not cpu.sync_free and not off.sync_free  # the fast path's step never waits
     fp16 = load_config("embedded", ["train.precision=fp16"])
-    assert not trainer_mod.StepSettings.resolve(fp16, torch.device("cuda")).sync_free  # its scaler decides on the host
+    assert trainer_mod.StepSettings.resolve(fp16, torch.device("cuda")).sync_free  # its scaler on the device too
     graph = load_config("embedded", ["train.cuda_graph=true"])
     required = trainer_mod.StepSettings.resolve(graph, torch.device("cuda"))
     assert required.cuda_graph and not required.cuda_graph_fallback
@@ -460,7 +504,7 @@ def test_step_settings_resolve_per_device():
     (("train.gradient_sync=after_backward",), "cpu", True, False, "after_backward"),
     (("train.gradient_sync=after_backward",), "cuda", False, True, "after_backward"),  # optimisers after it
     (("train.fast_path=false",), "cuda", False, False, "none"),
-    (("train.precision=fp16",), "cuda", True, False, "ddp"),  # its gradient scaler decides on the host
+    (("train.precision=fp16",), "cuda", True, True, "after_backward"),  # its gradient scaler on the device
     (("train.precision=fp32", "model.freeze_bn=true", "train.activation_checkpointing=true"), "cuda", False, True,
      "none"),
     (("train.compile=default",), "cuda", False, False, "none"),
@@ -935,6 +979,7 @@ def cuda_batches(trainer, steps, seed=0):
     ("advent", ("train.fused_batchnorm=true",)),  # the fused train-mode BatchNorm kernels captured
     ("advent", ("model.freeze_bn=true", "train.fused_batchnorm=true")),  # the folded BN's shift kernel
     ("advent", ("train.gradient_sync=after_backward",)),  # the optimisers run after each replay
+    ("advent", ("train.precision=fp16",)),  # the gradient scaler's check and scale update captured
 ])
 def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, monkeypatch, mode, extra):
     """3 eager warm-up steps, the capture, replays: same losses and weights as the eager fast path,
@@ -945,8 +990,9 @@ def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, monkeypatc
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
 
     extra = [e.replace("PRIOR", write_prior(tmp_path / "prior.json")) for e in extra]
-    common = (*extra, "train.fast_path=true", "train.precision=fp32", "train.cudnn_benchmark=false",
-              "train.lr=1e-2", "train.max_iters=8")
+    precision = () if any(e.startswith("train.precision") for e in extra) else ("train.precision=fp32",)
+    common = (*extra, *precision, "train.fast_path=true", "train.cudnn_benchmark=false", "train.lr=1e-2",
+              "train.max_iters=8")
     runs = {}
     for graph in (False, True):
         trainer = cuda_trainer(tiny_config(tiny_data, mode, *common, f"train.cuda_graph={str(graph).lower()}"))
@@ -957,13 +1003,15 @@ def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, monkeypatc
             history.append(values)
         runs[graph] = trainer, history, kept
     assert runs[True][0].captured.graph is not None
+    rtol = 1e-3 if precision == () else 1e-4  # fp16: the same kernels, but a step's rounding goes further
     for ref, got in zip(runs[False][1], runs[True][1]):
-        assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
+        assert got == pytest.approx(ref, rel=rtol, abs=1e-6)
     assert runs[True][2].shape == (1, 19, 32, 64)  # the last replay's target logits, at full resolution
-    torch.testing.assert_close(runs[True][2], runs[False][2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runs[True][2], runs[False][2], rtol=rtol, atol=1e-5)
     ref_state = runs[False][0].model.state_dict()
     for name, value in runs[True][0].model.state_dict().items():
-        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(value, ref_state[name], rtol=rtol, atol=1e-6, msg=name)
+    assert runs[True][0].scaler.get_scale() == runs[False][0].scaler.get_scale()
 
 
 @cuda_only
