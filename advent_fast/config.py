@@ -108,6 +108,10 @@ class TrainConfig:
     # folded BatchNorm's shift with them (the release path's eval-mode BatchNorm is left as it is). Same
     # values up to float rounding; off until measured on a GPU.
     fused_batchnorm: bool = False
+    # The classifier's convolutions with their output channels padded by zero filters to a multiple of
+    # this (8: what 16-bit tensor-core convolutions want; 19 classes are none), the padding sliced off the
+    # logits. Same values up to float rounding, state dict unchanged; 1 (off) until measured on a GPU.
+    classifier_channels_multiple: int = 1
     # Keep only each backbone block's input for the backward and recompute the block there: a
     # fraction of the activation memory for about one more backbone forward per step. Exact.
     activation_checkpointing: bool = False
@@ -303,6 +307,7 @@ def validate(config: Config) -> None:
         "train.target_batch_size": t.target_batch_size, "train.max_nonfinite_steps": t.max_nonfinite_steps,
         "run.snapshot_every": r.snapshot_every, "run.log_every": r.log_every,
         "run.image_every": r.image_every, "eval.batch_size": e.batch_size,
+        "train.classifier_channels_multiple": t.classifier_channels_multiple,
     }
     non_negative = {"data.num_workers": d.num_workers or 0, "train.stop_iter": t.stop_iter, "train.seed": t.seed,
                     "train.lr": t.lr, "train.lr_d": t.lr_d, "train.weight_decay": t.weight_decay,

@@ -94,6 +94,7 @@ class StepSettings:
     gradient_sync: str
     activation_checkpointing: bool  # backbone blocks recomputed in the backward (memory for compute)
     fused_batchnorm: bool  # BatchNorm (+ residual, + ReLU) in the fused kernels (advent_fast.batch_norm)
+    classifier_channels_multiple: int  # the classifier's output channels padded to a multiple of this
 
     @classmethod
     def resolve(cls, config: Config, device: torch.device, distributed: bool = False) -> "StepSettings":
@@ -132,6 +133,7 @@ class StepSettings:
             activation_checkpointing=t.activation_checkpointing,
             # frozen BatchNorm: only folded (the fast path) does it leave a pass to fuse, its shift
             fused_batchnorm=t.fused_batchnorm and (fast or not config.model.freeze_bn),
+            classifier_channels_multiple=t.classifier_channels_multiple,
         )
 
     @property
@@ -158,6 +160,8 @@ class StepSettings:
         parts += ["activation checkpointing"] if self.activation_checkpointing else []
         if self.fused_batchnorm:
             parts += ["fused folded-BN shift + ReLU" if self.fold_frozen_bn else "fused train-mode BatchNorm"]
+        if self.classifier_channels_multiple > 1:
+            parts += [f"classifier channels padded to a multiple of {self.classifier_channels_multiple}"]
         return ", ".join(parts)
 
 
@@ -474,6 +478,8 @@ class Trainer:
 
             use_fused_batchnorm(self.model)
         self.model.activation_checkpointing = self.settings.activation_checkpointing
+        for head in self.model.heads():
+            head.channels_multiple = self.settings.classifier_channels_multiple
         self.model.to(self.device, memory_format=self.memory_format)
         fused = self.settings.fused_optimizers
         self.opt_g = build_generator_optimizer(self.model, config, fused=fused)

@@ -96,6 +96,10 @@ stage bench_train_step_graph 260 "$PY" benchmarks/bench_train_step.py --quick --
     --variants release_fp32 fast fast_fused_bn fast_frozen_bn fast_frozen_fused_bn fast_checkpointed \
     --gpu-profile 12 \
     --json "$LOGS/bench_train_step_graph.json"
+# The 19-class convolutions with their class channels padded to multiples of 8, 16, 32 against as they are:
+# ResNet-101's classifier heads (train.classifier_channels_multiple) and a discriminator's first convolution, bf16.
+stage bench_class_channels 50 "$PY" benchmarks/bench_class_channels.py --quick \
+    --json "$LOGS/bench_class_channels.json"
 # The fused train-mode BatchNorm (+ ReLU) and folded BN shift against ATen's and torch.compile's, ResNet-101's
 # layers, bf16.
 stage bench_batchnorm 90 "$PY" benchmarks/bench_batchnorm.py --quick --json "$LOGS/bench_batchnorm.json"
@@ -105,8 +109,8 @@ stage tune_batchnorm 90 "$PY" benchmarks/tune_kernels.py --quick --families batc
 # process: what Inductor's fusions (BatchNorm with its ReLU, the residual adds) take off the GPU's time; and
 # the graph without the optimisers (run after each replay, as multi-process runs do around their all-reduces),
 # and fp16 with its gradient scaler inside the graph (what auto takes on GPUs without bf16 tensor cores).
-stage bench_train_step_compile_graph 270 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
-    --variants fast fast_graph_split fast_fp16 fast_compile_graph --gpu-profile 12 \
+stage bench_train_step_compile_graph 300 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
+    --variants fast fast_graph_split fast_fp16 fast_padded_classifier fast_compile_graph --gpu-profile 12 \
     --json "$LOGS/bench_train_step_compile_graph.json"
 # The public losses on CUDA tensors: values against float64, no host synchronisation, CUDA-graph capture.
 stage pytest_losses_cuda 110 "$PY" -m pytest -q tests/test_losses_cuda.py
@@ -148,7 +152,7 @@ stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/b
         grep -A40 '^FAILED' "$LOGS/$name.err" 2>/dev/null | head -80  # reported as they failed
     done
     echo "-- training run"; tail -2 "$LOGS/train_embedded.md" 2>/dev/null
-    for name in tune_loop bench_batchnorm tune_batchnorm tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
+    for name in tune_loop bench_class_channels bench_batchnorm tune_batchnorm tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
         bench_train_step_graph bench_train_step_compile_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
         echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -300
     done

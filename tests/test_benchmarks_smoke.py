@@ -325,6 +325,19 @@ def test_bench_batchnorm(tmp_path):
         assert r["fwd_bwd_ms"] > 0 and r["GBps"] > 0 and r["x_aten"] > 0 and r["peak_MiB"] is r["graph_ms"] is None
 
 
+def test_bench_class_channels(tmp_path):
+    out = tmp_path / "bench_class_channels.json"
+    stdout = run_script("bench_class_channels.py", "--quick", "--dtypes", "fp32", "--json", str(out))
+    assert "| classifier | main, small | 256x12x20 | fp32 | 24 |" in stdout
+    assert "| discriminator | conv1, small | 19x48x80 | fp32 | 32 |" in stdout
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["kind"], r["multiple"], r["channels"]) for r in rows] == [
+        (kind, m, c) for kind in ("classifier", "discriminator") for m, c in ((1, 19), (8, 24), (16, 32), (32, 32))]
+    assert rows[0]["x_unpadded"] == rows[4]["x_unpadded"] == 1.0
+    for r in rows:
+        assert r["fwd_bwd_ms"] > 0 and r["TFLOPs"] > 0 and r["x_unpadded"] > 0 and r["graph_ms"] is None
+
+
 def test_tune_kernels(tmp_path):
     """Under the interpreter: two candidates a family, the same gradients as the defaults' (no error rows)."""
     out = tmp_path / "tune_kernels.json"
@@ -381,7 +394,7 @@ def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
         packed = {os.path.basename(name) for name in tar.getnames()}
     stages = [line.split()[1].rstrip(":") for line in (out / "stages.txt").read_text().splitlines()
               if line.startswith("== ") and "exit 0" in line]
-    assert "bench_entropy" in stages and "tune_batchnorm" in stages and len(stages) == 21
+    assert "bench_entropy" in stages and "tune_batchnorm" in stages and len(stages) == 22
     assert {f"{name}.md" for name in stages} | {f"{name}.err" for name in stages} <= packed
     assert {"bench_entropy.json", "bench_train_step.json", "track_losses.json", "summary.md", "gpu.txt"} <= packed
     assert "| stub | benchmarks/bench_entropy.py" in proc.stdout.split("-- bench_entropy")[-1]

@@ -66,6 +66,8 @@ def test_merge_rejects_unknown_keys_and_wrong_types_by_name(updates, key):
     ("model.param_groups=release", "model.param_groups"),  # no release grouping for the small model
     ("model.width=0", "model.width"),
     ("run.snapshot_every=0", "run.snapshot_every"),
+    ("train.classifier_channels_multiple=0", "train.classifier_channels_multiple"),
+    ("train.gradient_sync=nccl", "train.gradient_sync"),
 ])
 def test_validation_names_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(key)):

@@ -153,6 +153,34 @@ def test_aspp_head_sums_all_four_branches():
     assert abs(float(big.conv2d_list[0].weight.detach().std()) - 0.01) < 5e-4
 
 
+@pytest.mark.parametrize("classes, multiple", [(19, 8), (19, 32), (16, 8)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_aspp_head_with_padded_output_channels_gives_the_same_logits_and_gradients(classes, multiple, channels_last):
+    """train.classifier_channels_multiple: zero filters up to a multiple of 8 or 32, sliced off (16
+    classes need none), against the plain head in float64: same values and gradients, same state dict."""
+    torch.manual_seed(0)
+    plain = ASPPHead(12, classes).double()
+    padded = copy.deepcopy(plain)
+    padded.channels_multiple = multiple
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    plain, padded = plain.to(memory_format=fmt), padded.to(memory_format=fmt)
+    x = torch.randn(2, 12, 9, 13, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    upstream = torch.randn(2, classes, 9, 13, dtype=torch.float64)
+    outputs = []
+    for head in (plain, padded):
+        out = head(x)
+        grads = torch.autograd.grad(out, [x, *head.parameters()], upstream)
+        outputs.append((out, grads))
+    (ref, ref_grads), (got, got_grads) = outputs
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_grads, ref_grads):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert padded.state_dict().keys() == plain.state_dict().keys()
+    assert all(v.shape[0] == classes for v in padded.state_dict().values())
+
+
 def test_vgg16_layout_and_output_stride():
     model = DeepLabV2VGG16(19, multi_level=False)
     convs = {i: m for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)}

@@ -844,6 +844,26 @@ def test_fused_batchnorm_with_folded_frozen_batchnorm_gives_the_same_step(tiny_d
         torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_padded_classifier_channels_give_the_same_step(tiny_data, triton_backend):
+    """train.classifier_channels_multiple=8 on the fast path (channels_last, logits with a channel stride of
+    24 into the fused upsample kernels, AdvEnt's discriminators): the same losses and weights."""
+    common = ("train.fast_path=true", "train.lr=1e-2", "train.precision=fp32")
+    batches = fixed_batches(2, seed=5)
+    plain, plain_metrics = run_steps(tiny_config(tiny_data, "advent_minent", *common), batches)
+    padded, metrics = run_steps(tiny_config(tiny_data, "advent_minent", "train.classifier_channels_multiple=8",
+                                            *common), batches)
+    assert "classifier channels padded to a multiple of 8" in padded.settings.describe()
+    assert [h.channels_multiple for h in padded.model.heads()] == [8, 8]
+    for ref, got in zip(plain_metrics, metrics):
+        assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    ref_state = plain.model.state_dict()
+    for name, value in padded.model.state_dict().items():
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():  # the logits are a view into the padded sum: a channel stride of 24 channels_last
+        aux, main = padded.model(torch.zeros(1, 3, 32, 64).to(memory_format=torch.channels_last))
+    assert main.shape[1] == 19 and main.stride()[1] == 1 and main.stride()[3] == 24
+
+
 def test_tensorboard_scalars_and_images(tiny_data, tmp_path):
     pytest.importorskip("tensorboard")
     config = tiny_config(tiny_data, "minent_er", "run.tensorboard=true", "run.image_every=1",

@@ -18,6 +18,7 @@ from collections import Counter
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -32,7 +33,13 @@ class ASPPHead(nn.Module):
     """ASPP-L classifier: parallel 3x3 convs (dilation = padding), outputs summed.
 
     ADVENT sums all four branches (AdaptSegNet's head returned after the second one).
+    ``channels_multiple`` (``train.classifier_channels_multiple``): each convolution runs with its
+    output channels padded by zero filters to a multiple of this, and the padding is sliced off the
+    sum: 19 classes are no multiple of 8, which 16-bit tensor-core convolutions want. Same values
+    and gradients up to float rounding; the parameters and state dict stay as they are.
     """
+
+    channels_multiple: int = 1
 
     def __init__(self, in_channels: int, num_classes: int, dilations: Sequence[int] = ASPP_DILATIONS):
         super().__init__()
@@ -44,10 +51,20 @@ class ASPPHead(nn.Module):
             nn.init.normal_(conv.weight, 0.0, 0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv2d_list[0](x)
-        for conv in self.conv2d_list[1:]:
-            out = out + conv(x)
-        return out
+        classes = self.conv2d_list[0].out_channels
+        extra = -classes % self.channels_multiple
+        if not extra:
+            out = self.conv2d_list[0](x)
+            for conv in self.conv2d_list[1:]:
+                out = out + conv(x)
+            return out
+        out = None
+        for conv in self.conv2d_list:
+            # F.pad keeps the weight's memory format (channels_last on the fast path)
+            weight = F.pad(conv.weight, (0, 0, 0, 0, 0, 0, 0, extra))
+            y = F.conv2d(x, weight, F.pad(conv.bias, (0, extra)), padding=conv.padding, dilation=conv.dilation)
+            out = y if out is None else out + y
+        return out[:, :classes]
 
 
 def bn_relu(bn: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
