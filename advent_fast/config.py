@@ -108,6 +108,12 @@ class TrainConfig:
     # folded BatchNorm's shift with them (the release path's eval-mode BatchNorm is left as it is). Same
     # values up to float rounding; off until measured on a GPU.
     fused_batchnorm: bool = False
+    # Every trainable convolution weight and bias cast to the autocast dtype once a step by one autograd node
+    # (advent_fast.weight_casts), whose backward casts their gradients back and adds them to the step's earlier
+    # ones in one pass (multi-tensor kernels on GPUs): a few launches where autocast and autograd take two
+    # kernels a tensor. Fast path with bf16 or fp16, without torch.compile or DDP. Bit-identical; off until
+    # measured on a GPU.
+    fused_weight_casts: bool = False
     # The classifier's convolutions with their output channels padded by zero filters to a multiple of
     # this (8: what 16-bit tensor-core convolutions want; 19 classes are none), the padding sliced off the
     # logits. Same values up to float rounding, state dict unchanged; 1 (off) until measured on a GPU.

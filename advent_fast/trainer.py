@@ -95,6 +95,7 @@ class StepSettings:
     activation_checkpointing: bool  # backbone blocks recomputed in the backward (memory for compute)
     fused_batchnorm: bool  # BatchNorm (+ residual, + ReLU) in the fused kernels (advent_fast.batch_norm)
     classifier_channels_multiple: int  # the classifier's output channels padded to a multiple of this
+    fused_weight_casts: bool  # a step's 16-bit weights made by one node (advent_fast.weight_casts)
 
     @classmethod
     def resolve(cls, config: Config, device: torch.device, distributed: bool = False) -> "StepSettings":
@@ -134,6 +135,8 @@ class StepSettings:
             # frozen BatchNorm: only folded (the fast path) does it leave a pass to fuse, its shift
             fused_batchnorm=t.fused_batchnorm and (fast or not config.model.freeze_bn),
             classifier_channels_multiple=t.classifier_channels_multiple,
+            fused_weight_casts=(t.fused_weight_casts and fast and precision != "fp32" and t.compile == "none"
+                                and gradient_sync != "ddp"),
         )
 
     @property
@@ -160,6 +163,7 @@ class StepSettings:
         parts += ["activation checkpointing"] if self.activation_checkpointing else []
         if self.fused_batchnorm:
             parts += ["fused folded-BN shift + ReLU" if self.fold_frozen_bn else "fused train-mode BatchNorm"]
+        parts += ["weights cast by one node a step"] if self.fused_weight_casts else []
         if self.classifier_channels_multiple > 1:
             parts += [f"classifier channels padded to a multiple of {self.classifier_channels_multiple}"]
         return ", ".join(parts)
@@ -681,16 +685,27 @@ class Trainer:
         on the source and the target batch, D on both maps): its autocast cast (the autocast cache lives
         while any autocast context is open: this outer one, with autocast off, keeps it open between the
         forwards, whose backwards run outside autocast as before) and a folded frozen BN's scaled weight
-        (:func:`advent_fast.models.shared_scaled_weights`). Both are dropped before the optimisers change
-        the weights. Also in a captured step: each replay then makes them once."""
+        (:func:`advent_fast.models.shared_scaled_weights`); with ``train.fused_weight_casts`` G's convolution
+        weights by one node instead of autocast (:mod:`advent_fast.weight_casts`; D's at its own training).
+        All are dropped before the optimisers change the weights. Also in a captured step: each replay then
+        makes them once."""
         stack = contextlib.ExitStack()
         if self.autocast_dtype is not None:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=False))
+        stack.enter_context(self._weights_cast_for_step(self.model))
         if self.settings.fold_frozen_bn:
             from .models import shared_scaled_weights
 
             stack.enter_context(shared_scaled_weights())
         return stack
+
+    def _weights_cast_for_step(self, module: torch.nn.Module):
+        """``train.fused_weight_casts``: ``module``'s 16-bit weights made by one node until exit."""
+        if not self.settings.fused_weight_casts:
+            return contextlib.nullcontext()
+        from .weight_casts import weights_cast_for_step
+
+        return weights_cast_for_step(module, self.autocast_dtype)
 
     def _forward_backward(self, source: Dict[str, Any], target: Optional[Dict[str, Any]], keep_logits: bool):
         """Every forward and backward of the step: (the losses by metric name, the kept logits or None)."""
@@ -756,15 +771,16 @@ class Trainer:
             set_requires_grad(self.discriminators.values(), True)
             for h in self.heads:
                 d = self.d_train[h]
-                with dist_utils.no_sync_unless(False, [d]):
+                with self._weights_cast_for_step(self.discriminators[h]):
+                    with dist_utils.no_sync_unless(False, [d]):
+                        with self._autocast():
+                            d_source = d(source_info[h])
+                        loss_source = bce_to(d_source, SOURCE_LABEL) / 2
+                        scale(loss_source).backward()
                     with self._autocast():
-                        d_source = d(source_info[h])
-                    loss_source = bce_to(d_source, SOURCE_LABEL) / 2
-                    scale(loss_source).backward()
-                with self._autocast():
-                    d_target = d(target_info[h])
-                loss_target = bce_to(d_target, TARGET_LABEL) / 2
-                scale(loss_target).backward()
+                        d_target = d(target_info[h])
+                    loss_target = bce_to(d_target, TARGET_LABEL) / 2
+                    scale(loss_target).backward()
                 losses[f"d_{h}"] = loss_source.detach() + loss_target.detach()
         return losses, kept
 

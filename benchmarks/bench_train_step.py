@@ -50,6 +50,8 @@ Variants (``--variants``):
                  deviation from the release, whose BatchNorm trains in batch-1 train mode)
   fast_frozen_fused_bn  fast_frozen_bn with train.fused_batchnorm=true (each folded BatchNorm's shift, residual
                  add and ReLU in one kernel)
+  fast_fused_casts  the fast path with train.fused_weight_casts=true (each step's 16-bit weights made by one node,
+                 their gradients cast back and accumulated in multi-tensor kernels)
   fast_padded_classifier the fast path with train.classifier_channels_multiple=8 (the classifier's 19 output
                  channels padded to 24 for tensor-core convolutions)
   fast_checkpointed the fast path with train.activation_checkpointing (backbone blocks recomputed in
@@ -91,6 +93,7 @@ VARIANTS = {
     "fast_fused_bn": ["train.fast_path=true", "train.fused_batchnorm=true"],
     "fast_frozen_bn": ["train.fast_path=true", "model.freeze_bn=true"],
     "fast_frozen_fused_bn": ["train.fast_path=true", "model.freeze_bn=true", "train.fused_batchnorm=true"],
+    "fast_fused_casts": ["train.fast_path=true", "train.fused_weight_casts=true"],
     "fast_padded_classifier": ["train.fast_path=true", "train.classifier_channels_multiple=8"],
     "fast_checkpointed": ["train.fast_path=true", "train.activation_checkpointing=true"],
 }

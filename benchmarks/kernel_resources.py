@@ -193,6 +193,15 @@ def launch_every_variant(case: dict):
                                5e-4, torch.tensor(0.0))
         sgd.release_sgd_update(params, grads, None, [1, 1], 0.1, 0.0, 0.0)
 
+    # A step's weight casts (float32 -> 16-bit) and its weight-gradient casts with accumulation.
+    cast = importlib.import_module(f"{kernels.__name__}.weight_cast")
+    for dtype in (torch.bfloat16, torch.float16):
+        case["label"] = f"weight casts {str(dtype)[6:]}, 2 tensors"
+        weights = [torch.randn(n) for n in (5, 3000)]
+        cast.cast_add(weights, [None, None], [torch.empty_like(w, dtype=dtype) for w in weights])
+        grads = [torch.randn(n).to(dtype) for n in (5, 3000)]
+        cast.cast_add(grads, [torch.randn(n) for n in (5, 3000)], [torch.empty(n) for n in (5, 3000)])
+
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
     """REG, STACK, SHARED, ... of the one function in a cubin, as cuobjdump -res-usage reports."""

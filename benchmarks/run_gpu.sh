@@ -108,9 +108,11 @@ stage tune_batchnorm 90 "$PY" benchmarks/tune_kernels.py --quick --families batc
 # Issue 5: torch.compile of G and D inside the whole-step graph, against the default graph step in the same
 # process: what Inductor's fusions (BatchNorm with its ReLU, the residual adds) take off the GPU's time; and
 # the graph without the optimisers (run after each replay, as multi-process runs do around their all-reduces),
-# and fp16 with its gradient scaler inside the graph (what auto takes on GPUs without bf16 tensor cores).
-stage bench_train_step_compile_graph 300 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
-    --variants fast fast_graph_split fast_fp16 fast_padded_classifier fast_compile_graph --gpu-profile 12 \
+# fp16 with its gradient scaler inside the graph (what auto takes on GPUs without bf16 tensor cores), the
+# weights cast by one node and the padded classifier.
+stage bench_train_step_compile_graph 330 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
+    --variants fast fast_fused_casts fast_graph_split fast_fp16 fast_padded_classifier fast_compile_graph \
+    --gpu-profile 12 \
     --json "$LOGS/bench_train_step_compile_graph.json"
 # The public losses on CUDA tensors: values against float64, no host synchronisation, CUDA-graph capture.
 stage pytest_losses_cuda 110 "$PY" -m pytest -q tests/test_losses_cuda.py

@@ -292,6 +292,24 @@ def test_folded_batch_norm_shift_kernel_stays_in_bounds(monkeypatch, n, c, h, w,
     run_twice(case)
 
 
+def test_weight_cast_kernel_stays_in_bounds(monkeypatch):
+    cast = importlib.import_module(f"{kernels.__name__}.weight_cast")
+    monkeypatch.setattr(cast, "CAST_BLOCK", 8)  # tensors of 1 to 3 blocks, the last one partial
+
+    def case(p):
+        sizes = [1, 5, 8, 19, 3, 11, 2, 7, 13, 4]  # more tensors than a launch's slots
+        weights = [p.place((n,), (1,), torch.float32, torch.randn(n)) for n in sizes]
+        casts = [p.place((n,), (1,), torch.bfloat16) for n in sizes]
+        cast.cast_add(weights, [None] * len(sizes), casts)
+        grads = [p.place((n,), (1,), torch.bfloat16, torch.randn(n).to(torch.bfloat16)) for n in sizes]
+        accs = [p.place((n,), (1,), torch.float32, torch.randn(n)) if i % 2 else None for i, n in enumerate(sizes)]
+        outs = [p.place((n,), (1,), torch.float32) for n in sizes]
+        cast.cast_add(grads, accs, outs)
+        return (*casts, *outs)
+
+    run_twice(case)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_release_sgd_kernel_stays_in_bounds(monkeypatch, dtype):
     sgd = importlib.import_module(f"{kernels.__name__}.release_sgd")

@@ -844,6 +844,39 @@ def test_fused_batchnorm_with_folded_frozen_batchnorm_gives_the_same_step(tiny_d
         torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("extra", [(), ("train.activation_checkpointing=true",), ("model.freeze_bn=true",)])
+def test_fused_weight_casts_give_the_same_step_bit_for_bit(tiny_data, extra):
+    """train.fused_weight_casts on the fast path (bf16, CPU ops): G's and D's weights cast by one node each,
+    their gradients accumulated in its backward: the same losses and weights, bit for bit; also with the
+    blocks recomputed in the backward, and with folded frozen BatchNorm (whose convolutions keep theirs)."""
+    common = ("train.fast_path=true", "train.precision=bf16", "train.lr=1e-2", *extra)
+    batches = fixed_batches(3, seed=6)
+    plain, plain_metrics = run_steps(tiny_config(tiny_data, "advent_minent", *common), batches)
+    fused, metrics = run_steps(tiny_config(tiny_data, "advent_minent", "train.fused_weight_casts=true", *common),
+                               batches)
+    assert "weights cast by one node a step" in fused.settings.describe()
+    assert metrics == plain_metrics
+    for module, ref in ((fused.model, plain.model), (fused.discriminators["main"], plain.discriminators["main"])):
+        ref_state = ref.state_dict()
+        for name, value in module.state_dict().items():
+            assert torch.equal(value, ref_state[name]), name
+    assert all(type(p) is torch.nn.Parameter for p in fused.model.parameters())
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (("train.fused_weight_casts=true",), True),
+    (("train.fused_weight_casts=true", "train.precision=fp32"), False),  # nothing to cast
+    (("train.fused_weight_casts=true", "train.compile=default"), False),
+    (("train.fused_weight_casts=true", "train.fast_path=false"), False),
+    ((), False),
+])
+def test_fused_weight_casts_where_they_apply(overrides, expected):
+    config = load_config("embedded", list(overrides))
+    assert trainer_mod.StepSettings.resolve(config, torch.device("cuda")).fused_weight_casts is expected
+    ddp = load_config("embedded", [*overrides, "train.gradient_sync=ddp"])
+    assert not trainer_mod.StepSettings.resolve(ddp, torch.device("cuda"), distributed=True).fused_weight_casts
+
+
 def test_padded_classifier_channels_give_the_same_step(tiny_data, triton_backend):
     """train.classifier_channels_multiple=8 on the fast path (channels_last, logits with a channel stride of
     24 into the fused upsample kernels, AdvEnt's discriminators): the same losses and weights."""
@@ -1000,6 +1033,7 @@ def cuda_batches(trainer, steps, seed=0):
     ("advent", ("model.freeze_bn=true", "train.fused_batchnorm=true")),  # the folded BN's shift kernel
     ("advent", ("train.gradient_sync=after_backward",)),  # the optimisers run after each replay
     ("advent", ("train.precision=fp16",)),  # the gradient scaler's check and scale update captured
+    ("advent", ("train.precision=bf16", "train.fused_weight_casts=true")),  # the weight-cast kernels captured
 ])
 def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, monkeypatch, mode, extra):
     """3 eager warm-up steps, the capture, replays: same losses and weights as the eager fast path,

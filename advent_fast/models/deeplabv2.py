@@ -36,7 +36,8 @@ class ASPPHead(nn.Module):
     ``channels_multiple`` (``train.classifier_channels_multiple``): each convolution runs with its
     output channels padded by zero filters to a multiple of this, and the padding is sliced off the
     sum: 19 classes are no multiple of 8, which 16-bit tensor-core convolutions want. Same values
-    and gradients up to float rounding; the parameters and state dict stay as they are.
+    and gradients up to float rounding; the parameters and state dict stay as they are. Under autocast
+    the padded weights (new tensors) are cast once a forward, not once a step like the others.
     """
 
     channels_multiple: int = 1
