@@ -85,3 +85,12 @@ def device_guard(device: torch.device):
     """Make ``device`` the current CUDA device for the block: Triton launches on the current device and
     its stream, not on its tensors' device (a tensor on cuda:1 while cuda:0 is current would fault)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU has bf16 tensor cores (compute capability 8.0 on: A100, H100, RTX 30xx on). V100s
+    and T4s emulate bf16 slowly: the ``auto`` precisions take fp16 there. True where it cannot be asked
+    (no CUDA)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 0)

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import advent_fast
 
+from . import backend
 from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
 from . import reference
@@ -104,7 +105,8 @@ class StepSettings:
         fast = device.type == "cuda" if t.fast_path is None else t.fast_path
         precision = t.precision
         if precision == "auto":
-            precision = ("bf16" if native_bf16(device) else "fp16") if fast and device.type == "cuda" else "fp32"
+            gpu = fast and device.type == "cuda"
+            precision = ("bf16" if backend.native_bf16(device) else "fp16") if gpu else "fp32"
         if t.cuda_graph and (device.type != "cuda" or not fast):
             raise ValueError(f"train.cuda_graph needs a CUDA device and the fast path (this run: device "
                              f"{device.type}, fast path {'on' if fast else 'off'})")
@@ -167,15 +169,6 @@ class StepSettings:
         if self.classifier_channels_multiple > 1:
             parts += [f"classifier channels padded to a multiple of {self.classifier_channels_multiple}"]
         return ", ".join(parts)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the GPU has bf16 tensor cores (compute capability 8.0 on: A100, H100, RTX 30xx on);
-    V100s and T4s emulate bf16 slowly, so ``train.precision: auto`` takes fp16 there. True when it
-    cannot be asked (no CUDA)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def target_losses_function(name: str):

@@ -1,4 +1,5 @@
 """Evaluation end to end on a tiny model and data set: the protocol, ensembles, sweeps, DDP sharding, CLI."""
+import contextlib
 import json
 import math
 import os
@@ -6,6 +7,7 @@ import pathlib
 import shutil
 import threading
 import time
+import warnings
 
 import cv2
 import numpy as np
@@ -278,3 +280,14 @@ def test_embedded_default_uses_the_embedded_sizes(tmp_path, monkeypatch):
     assert val.size == data.target_size and val.label_size == data.label_size and len(val) == 2
     source = evaluate.build_dataset("gta5", None, 19)
     assert source.size == data.source_size and source.root == data.source_root
+
+
+def test_precision_auto_is_bf16_on_gpus_and_fp16_on_those_without_bf16_tensor_cores(monkeypatch):
+    assert isinstance(evaluate._autocast(torch.device("cpu"), "auto"), contextlib.nullcontext)
+    assert isinstance(evaluate._autocast(torch.device("cuda"), "fp32"), contextlib.nullcontext)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CPU build of torch: autocast for cuda is made, disabled
+        for native, expected in ((True, torch.bfloat16), (False, torch.float16)):
+            monkeypatch.setattr(evaluate, "native_bf16", lambda device: native)
+            assert evaluate._autocast(torch.device("cuda"), "auto").fast_dtype == expected
+            assert evaluate._autocast(torch.device("cuda"), "bf16").fast_dtype == torch.bfloat16

@@ -418,14 +418,15 @@ def test_precision_options_and_channels_last(tiny_data, tmp_path, fast_path):
 
 def test_precision_auto_takes_fp16_on_gpus_without_bf16_tensor_cores(monkeypatch):
     config = load_config("embedded")
-    monkeypatch.setattr(trainer_mod, "native_bf16", lambda device: False)  # a V100 or T4
+    monkeypatch.setattr(trainer_mod.backend, "native_bf16", lambda device: False)  # a V100 or T4
     assert trainer_mod.StepSettings.resolve(config, torch.device("cuda")).precision == "fp16"
     assert trainer_mod.StepSettings.resolve(config, torch.device("cpu")).precision == "fp32"
     release = load_config("embedded", ["train.fast_path=false"])
     assert trainer_mod.StepSettings.resolve(release, torch.device("cuda")).precision == "fp32"
-    monkeypatch.setattr(trainer_mod, "native_bf16", lambda device: True)
+    monkeypatch.setattr(trainer_mod.backend, "native_bf16", lambda device: True)
     assert trainer_mod.StepSettings.resolve(config, torch.device("cuda")).precision == "bf16"
-    assert trainer_mod.native_bf16(torch.device("cpu"))
+    monkeypatch.undo()
+    assert trainer_mod.backend.native_bf16(torch.device("cpu"))
 
 
 def test_fp16_on_the_device_skips_and_scales_as_the_host_decides(tiny_data):
