@@ -81,8 +81,10 @@ export ADVENT_FAST_REPORT_FAILURES=1
 # The whole step as one CUDA graph (the fast path's default on one GPU), in its own processes (a failed
 # capture can leave the CUDA context unusable): the captured step against the eager one (frozen BN and
 # activation checkpointing too), the default's eager fallbacks (a failed capture, a batch of another
-# shape), a training run with it, the other CUDA-only trainer and metric tests.
-stage pytest_train_cuda 120 "$PY" -m pytest -q tests/test_train.py tests/test_metrics.py -k cuda
+# shape), a training run with it, two processes on the one GPU (gloo) replaying the graph with the gradients
+# all-reduced after it, the other CUDA-only trainer and metric tests.
+stage pytest_train_cuda 150 "$PY" -m pytest -q tests/test_train.py tests/test_metrics.py tests/test_distributed.py \
+    -k cuda
 # The kernels on CUDA tensors against float64, the class-loop ones, the fused BatchNorm and ReleaseSGD's among
 # them; then the class-loop kernels against the general ones (MAX_LOOP_CLASSES=0) in one process, device time
 # (graph replays).

@@ -172,6 +172,59 @@ def test_every_process_evaluates_rank_0s_model(tiny_data, tmp_path):
         assert torch.equal(ranks[0][name], value) and torch.equal(ranks[1][name], value), name
 
 
+TRAIN_ON_GLOO = """
+import datetime, sys
+import torch
+import torch.distributed as dist
+from advent_fast import distributed as dist_utils
+from advent_fast.config import load_config
+from advent_fast.train import exit_process
+from advent_fast.trainer import Trainer
+
+torch.backends.cudnn.deterministic = True
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))  # NCCL refuses two ranks on one GPU
+ctx = dist_utils.init("cuda")
+trainer = Trainer(load_config("embedded", sys.argv[2:]), ctx, sys.argv[1])
+print(f"rank {ctx.rank} on {ctx.device}: {trainer.settings.describe()}", flush=True)
+trainer.fit()
+print(f"rank {ctx.rank} replayed: {trainer.captured.graph is not None}", flush=True)
+dist_utils.shutdown()
+exit_process(0)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_two_processes_on_one_cuda_device_replay_the_graph_like_one_process(tiny_data, tmp_path, monkeypatch):
+    """train.gradient_sync after_backward with the CUDA graph, as several GPUs run it: two ranks (gloo, which
+    takes CUDA tensors, both on the one device) capture their forwards and backwards, all-reduce the
+    gradients after each replay and step the optimisers; against one process with the same global batch
+    replaying its whole step."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    overrides = tiny_overrides(tiny_data, "advent", "model.freeze_bn=true", "train.source_batch_size=2",
+                               "train.target_batch_size=2", "train.stop_iter=6", "train.cudnn_benchmark=false",
+                               "train.precision=fp32", "train.cuda_graph=true", "train.fast_path=true")
+    single, double = str(tmp_path / "single"), str(tmp_path / "double")
+    assert train.main([a for o in overrides for a in ("--set", o)] + ["--run-dir", single, "--device", "cuda"]) == 0
+    script = tmp_path / "train_on_gloo.py"
+    script.write_text(TRAIN_ON_GLOO)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           double, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} replayed: True" in proc.stdout
+    assert "forwards and backwards as one CUDA graph" in proc.stdout
+    assert "gradients all-reduced after the backwards" in proc.stdout
+    a, b = load(os.path.join(single, "checkpoint.pt")), load(os.path.join(double, "checkpoint.pt"))
+    for key in ("model", "discriminators", "optimizers"):
+        ta, tb = state_tensors(a[key]), state_tensors(b[key])
+        assert ta.keys() == tb.keys() and ta
+        for name in ta:
+            torch.testing.assert_close(tb[name].cpu(), ta[name].cpu(), rtol=1e-3, atol=1e-5, msg=f"{key}{name}")
+
+
 TRAIN_WITH_ONE_NONFINITE_STEP = """
 import datetime, sys
 import torch.distributed as dist
