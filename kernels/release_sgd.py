@@ -8,15 +8,14 @@ per listing; here the k updates run in registers: p, g and b are read once, p an
 The gradient itself is left as it is (unlike 0.4.1, as ReleaseSGD's other paths). Arithmetic in float32
 (torch's fused SGD's too). A non-zero found_inf skips the update: the step's losses were not finite.
 
-Each launch takes up to SGD_SLOTS tensors of one multiplicity and dtype as separate pointer arguments, not
-as a device table of addresses: a captured CUDA graph bakes kernel arguments, so a replay updates the
-gradients it was captured with (allocated at fixed addresses in the graph's pool) without a table to keep.
+Each launch takes up to SGD_SLOTS tensors of one multiplicity and dtype as separate pointer arguments
+(multi_tensor.py): a replayed CUDA graph updates the gradients it was captured with.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .softmax_entropy import ceil_div
+from .multi_tensor import slot_launches
 
 SGD_BLOCK = 1024
 SGD_NUM_WARPS = 4
@@ -79,16 +78,10 @@ def release_sgd_update(params, grads, buffers, multiplicity, lr, momentum, weigh
     groups = {}
     for i, (p, k) in enumerate(zip(params, multiplicity)):
         groups.setdefault((k, p.dtype), []).append(i)
-    for (k, _), members in groups.items():
-        members.sort(key=lambda i: params[i].numel())  # similar sizes share a launch: fewer idle programs
-        for first in range(0, len(members), SGD_SLOTS):
-            chunk = members[first:first + SGD_SLOTS]
-            slots = []
-            for i in chunk:
-                slots += [params[i], grads[i], params[i] if buffers is None else buffers[i], params[i].numel()]
-            slots += slots[:4] * (SGD_SLOTS - len(chunk))  # unused slots: never read (no program takes them)
-            blocks = ceil_div(max(params[i].numel() for i in chunk), SGD_BLOCK)
-            _release_sgd_kernel[(blocks, len(chunk))](
-                *slots, lr_ptr, 0.0 if lr_ptr is not None else float(lr), found_inf, float(momentum),
-                float(weight_decay), PASSES=k, HAS_MOMENTUM=buffers is not None, LR_FROM_PTR=lr_ptr is not None,
-                HAS_FOUND_INF=found_inf is not None, BLOCK=SGD_BLOCK, num_warps=SGD_NUM_WARPS)
+    for (k, _), grid, slots in slot_launches(
+            groups, lambda i: (params[i], grads[i], params[i] if buffers is None else buffers[i], params[i].numel()),
+            lambda i: params[i].numel(), SGD_SLOTS, SGD_BLOCK):
+        _release_sgd_kernel[grid](
+            *slots, lr_ptr, 0.0 if lr_ptr is not None else float(lr), found_inf, float(momentum),
+            float(weight_decay), PASSES=k, HAS_MOMENTUM=buffers is not None, LR_FROM_PTR=lr_ptr is not None,
+            HAS_FOUND_INF=found_inf is not None, BLOCK=SGD_BLOCK, num_warps=SGD_NUM_WARPS)

@@ -5,14 +5,13 @@
 Forward: every trainable weight to the autocast dtype (x: the float32 weight, no acc). Backward: every
 weight's 16-bit gradient to float32, plus the gradient so far when an earlier backward of the step left
 one (acc): one read of each, one write, where autocast's casts and autograd's accumulation take a cast
-kernel and an add kernel a tensor. Tensors of a launch: separate pointer arguments, as in release_sgd.py
-(a captured CUDA graph bakes the addresses it was captured with). x, acc and out of a tensor share their
-strides and are dense: the kernel walks them in memory order.
+kernel and an add kernel a tensor. Tensors of a launch: separate pointer arguments (multi_tensor.py).
+x, acc and out of a tensor share their strides and are dense: the kernel walks them in memory order.
 """
 import triton
 import triton.language as tl
 
-from .softmax_entropy import ceil_div
+from .multi_tensor import slot_launches
 
 CAST_BLOCK = 1024
 CAST_NUM_WARPS = 4
@@ -57,14 +56,7 @@ def cast_add(xs, accs, outs) -> None:
     for i, (x, acc, out) in enumerate(zip(xs, accs, outs)):
         key = (x.dtype, None if acc is None else acc.dtype, out.dtype)  # one compiled variant a group
         groups.setdefault(key, []).append(i)
-    for (_, acc_dtype, _), members in groups.items():
-        members.sort(key=lambda i: xs[i].numel())  # similar sizes share a launch: fewer idle programs
-        for first in range(0, len(members), CAST_SLOTS):
-            chunk = members[first:first + CAST_SLOTS]
-            slots = []
-            for i in chunk:
-                slots += [xs[i], xs[i] if accs[i] is None else accs[i], outs[i], xs[i].numel()]
-            slots += slots[:4] * (CAST_SLOTS - len(chunk))  # unused slots: never read (no program takes them)
-            blocks = ceil_div(max(xs[i].numel() for i in chunk), CAST_BLOCK)
-            _cast_add_kernel[(blocks, len(chunk))](*slots, HAS_ACC=acc_dtype is not None, BLOCK=CAST_BLOCK,
-                                                   num_warps=CAST_NUM_WARPS)
+    for (_, acc_dtype, _), grid, slots in slot_launches(
+            groups, lambda i: (xs[i], xs[i] if accs[i] is None else accs[i], outs[i], xs[i].numel()),
+            lambda i: xs[i].numel(), CAST_SLOTS, CAST_BLOCK):
+        _cast_add_kernel[grid](*slots, HAS_ACC=acc_dtype is not None, BLOCK=CAST_BLOCK, num_warps=CAST_NUM_WARPS)

@@ -18,6 +18,17 @@ from test_train import read_metrics, state_tensors, tiny_overrides, write_prior
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Two processes under torchrun (one thread each), run from the repository root: ``args`` after
+    torchrun's own (a script or ``-m module``, then its arguments). Asserts they exited with 0."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def test_single_process_helpers_are_no_ops():
     ctx = dist_utils.init("cpu")
     assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.distributed) == (0, 1, True, False)
@@ -106,13 +117,8 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_da
     single, double = str(tmp_path / "single"), str(tmp_path / "double")
     assert train.main(args + ["--run-dir", single, "--device", "cpu"]) == 0
 
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "advent_fast.train", *args, "--run-dir", double, "--device", "cpu", "--fast-path",
-           "--activation-checkpointing"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun("-m", "advent_fast.train", *args, "--run-dir", double, "--device", "cpu", "--fast-path",
+                    "--activation-checkpointing", timeout=600)
     assert "on cpu x2 | fast path" in proc.stdout and "activation checkpointing" in proc.stdout
     assert ("gradients all-reduced after the backwards" in proc.stdout) is (gradient_sync == "after_backward")
     assert proc.stdout.count("target val mIoU") == 1  # one writer
@@ -159,12 +165,7 @@ def test_every_process_evaluates_rank_0s_model(tiny_data, tmp_path):
     script.write_text(TRAIN_AND_SAVE_EACH_RANKS_MODEL)
     overrides = tiny_overrides(tiny_data, "advent", "train.stop_iter=2", "train.gradient_sync=after_backward",
                                "train.source_batch_size=2", "train.target_batch_size=2")
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path / "run"), str(tmp_path), *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(str(script), str(tmp_path / "run"), str(tmp_path), *overrides)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     saved = load(os.path.join(tmp_path / "run", "checkpoint.pt"))["model"]
     assert any("running_mean" in name for name in saved)
@@ -207,12 +208,7 @@ def test_two_processes_on_one_cuda_device_replay_the_graph_like_one_process(tiny
     assert train.main([a for o in overrides for a in ("--set", o)] + ["--run-dir", single, "--device", "cuda"]) == 0
     script = tmp_path / "train_on_gloo.py"
     script.write_text(TRAIN_ON_GLOO)
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           double, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun(str(script), double, *overrides, timeout=600)
     for rank in (0, 1):
         assert f"rank {rank} replayed: True" in proc.stdout
     assert "forwards and backwards as one CUDA graph" in proc.stdout
@@ -257,12 +253,7 @@ def test_a_snapshot_due_during_a_nonfinite_streak_is_skipped_by_every_process(ti
     overrides = tiny_overrides(tiny_data, "minent", "train.stop_iter=4", "run.snapshot_every=1",
                                "train.max_nonfinite_steps=3", "train.fast_path=true", "train.source_batch_size=2",
                                "train.target_batch_size=2")
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           run_dir, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun(str(script), run_dir, *overrides)
     assert "rank 0 trained" in proc.stdout and "rank 1 trained" in proc.stdout
     assert sorted(os.listdir(os.path.join(run_dir, "snapshots"))) == [
         "model_000001.pt", "model_000003.pt", "model_000004.pt"]
