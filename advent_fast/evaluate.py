@@ -44,10 +44,12 @@ from advent_fast.visualize import make_panel, panel_file_name, save_png
 
 __all__ = [
     "SnapshotNotReady",
+    "add_running_arguments",
     "build_dataset",
     "evaluate_ensemble",
     "evaluate_model",
     "format_table",
+    "inference_device",
     "list_snapshots",
     "load_models",
     "main",
@@ -356,6 +358,31 @@ def sweep_snapshots(
 # Command line
 
 
+def add_running_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "running" options of the inference commands (evaluate, predict): device, precision, batch size,
+    loader workers, progress bar."""
+    run = parser.add_argument_group("running")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    # fp32 by default: the release's numerics, and faster than bf16 autocast on an H200 (README, Measured
+    # results: 0.017 against 0.024 s an image), whose casts add kernels to a host-bound forward
+    run.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="fp32",
+                     help="fp32 (release, default), bf16, or auto (bf16 on GPUs; fp16 on those without bf16 "
+                          "tensor cores)")
+    run.add_argument("--batch-size", type=int, default=2)
+    run.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    return run
+
+
+def inference_device(name: str) -> torch.device:
+    """``--device``: auto is the GPU if there is one; cuDNN picks its fastest algorithms for the fixed sizes."""
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                          "cpu" if name == "auto" else name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 def _parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m advent_fast.evaluate", description=__doc__.split("\n")[0])
     what = parser.add_argument_group("what to evaluate")
@@ -375,19 +402,10 @@ def _parse_args(argv):
     data.add_argument("--list", dest="list_path", help="optional list file of images")
     data.add_argument("--input-size", type=int, nargs=2, metavar=("W", "H"))
     data.add_argument("--label-size", type=int, nargs=2, metavar=("W", "H"))
-    run = parser.add_argument_group("running")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    # fp32 by default: the release's numerics, and faster than bf16 autocast on an H200 (README, Measured
-    # results: 0.017 against 0.024 s an image), whose casts add kernels to a host-bound forward
-    run.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="fp32",
-                     help="fp32 (release, default), bf16, or auto (bf16 on GPUs; fp16 on those without bf16 "
-                          "tensor cores)")
-    run.add_argument("--batch-size", type=int, default=2)
-    run.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
+    run = add_running_arguments(parser)
     run.add_argument("--json", help="write the results to this JSON file")
     run.add_argument("--save-vis", type=int, default=0, metavar="N", help="save panels of the first N images")
     run.add_argument("--vis-dir", help="folder for --save-vis panels (default: beside --json, or ./vis)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if bool(args.sweep) == bool(args.checkpoint):
         parser.error("give --checkpoint (once, or repeated for an ensemble) or --sweep DIR")
@@ -412,10 +430,7 @@ def _write_json(path: str, payload: dict, nan_as_null: bool = True) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = _parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = inference_device(args.device)
     datasets: Dict[int, SegmentationDataset] = {}
 
     def dataset_for(num_classes: int) -> SegmentationDataset:

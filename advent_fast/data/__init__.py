@@ -17,6 +17,7 @@ from advent_fast.data.datasets import (
     CityscapesDataset,
     DatasetError,
     GTA5Dataset,
+    ImageFolderDataset,
     SegmentationDataset,
     SynthiaDataset,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "EmbeddedData",
     "GTA5Dataset",
     "IGNORE_LABEL",
+    "ImageFolderDataset",
     "PALETTE_16",
     "PALETTE_19",
     "SegmentationDataset",

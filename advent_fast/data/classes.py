@@ -111,6 +111,15 @@ def lookup_table(mapping: Mapping[int, int], size: int = 256) -> np.ndarray:
     return table
 
 
+def train_id_to_label_id(num_classes: int) -> np.ndarray:
+    """uint8 array of 256 entries: ``table[train_id]`` is the Cityscapes label id (what the Cityscapes
+    benchmark reads), 0 (unlabeled) for the ignore label and unused entries."""
+    table = np.zeros(256, dtype=np.uint8)
+    for label_id, train_id in cityscapes_id_to_train_id(num_classes).items():
+        table[train_id] = label_id
+    return table
+
+
 def label_id_palette() -> List[int]:
     """Flat 768-entry RGB palette for an 8-bit paletted label PNG whose indices are label ids."""
     flat = [0] * (256 * 3)

@@ -34,6 +34,7 @@ __all__ = [
     "CityscapesDataset",
     "DatasetError",
     "GTA5Dataset",
+    "ImageFolderDataset",
     "SegmentationDataset",
     "SynthiaDataset",
 ]
@@ -224,10 +225,13 @@ class SegmentationDataset(Dataset):
         return lookup_table(cityscapes_id_to_train_id(self.num_classes), 256)
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
 def _scan_flat(image_dir: str, list_path: Optional[str]) -> List[str]:
     if list_path is not None:
         return _read_list(list_path)
-    return sorted(f for f in os.listdir(image_dir) if f.lower().endswith((".png", ".jpg", ".jpeg")))
+    return sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 class GTA5Dataset(SegmentationDataset):
@@ -343,3 +347,44 @@ class CityscapesDataset(SegmentationDataset):
         self.root = root
         self.split = split
 
+
+class ImageFolderDataset(SegmentationDataset):
+    """Unlabelled images: every PNG or JPEG file under the given folders (recursively, sorted) and the given
+    files, preprocessed like the other sets (resized to ``size``; None keeps each image's own size). An item's
+    name is its path relative to its folder (a file given directly: its base name); two items with one name
+    are an error (whatever is written per name would collide).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        size: Optional[Size] = (1024, 512),
+        num_classes: int = 19,
+        mean: Sequence[float] = CAFFE_MEAN_BGR,
+        bgr: bool = True,
+        image_reader: str = "pillow",
+    ):
+        if isinstance(paths, str):
+            paths = [paths]
+        items, seen = [], {}
+        for path in paths:
+            if os.path.isdir(path):
+                found = sorted(
+                    os.path.relpath(os.path.join(folder, f), path)
+                    for folder, _, files in os.walk(path)
+                    for f in files
+                    if f.lower().endswith(IMAGE_EXTENSIONS)
+                )
+                if not found:
+                    raise ValueError(f"no PNG or JPEG images found under {path}")
+                named = [(os.path.join(path, name), name) for name in found]
+            elif os.path.isfile(path):
+                named = [(path, os.path.basename(path))]
+            else:
+                raise FileNotFoundError(f"image file or folder not found: {path}")
+            for image_path, name in named:
+                if name in seen:
+                    raise ValueError(f"two images are named {name!r}: {seen[name]} and {image_path}")
+                seen[name] = image_path
+                items.append((image_path, None, name))
+        super().__init__(items, size, None, num_classes, False, mean, bgr, image_reader)
