@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from .data.classes import IGNORE_LABEL
 SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0  # release labels (the paper writes 1 / 0)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_NAME = "checkpoint.pt"
+SNAPSHOT_NAME = re.compile(r"^model_(\d+)\.pt$")  # the generator snapshots a run writes (snapshots/)
 
 
 class TrainingDiverged(RuntimeError):
@@ -1004,8 +1006,24 @@ class Trainer:
                 snapshot = ckpt_io.model_snapshot(state["meta"], state["model"], self.iteration, state["config"])
                 ckpt_io.save_atomic(snapshot, os.path.join(self.run_dir, "snapshots",
                                                            f"model_{self.iteration:06d}.pt"))
+                if self.config.run.keep_snapshots is not None:
+                    self._prune_snapshots(self.config.run.keep_snapshots)
             self.saved_iteration = self.iteration
         dist_utils.barrier(self.ctx)
+
+    def _prune_snapshots(self, keep: int) -> None:
+        """Delete all but the ``keep`` snapshots with the best val mIoU of the evaluation at their iteration
+        (ranked by iteration among equals and those without one: with no evaluations, the most recent)."""
+        folder = os.path.join(self.run_dir, "snapshots")
+        miou = {e["iter"]: e["miou"] for e in self.evaluations if math.isfinite(e["miou"])}
+        snapshots = []
+        for name in os.listdir(folder):
+            match = SNAPSHOT_NAME.match(name)
+            if match:
+                iteration = int(match.group(1))
+                snapshots.append((miou.get(iteration, -math.inf), iteration, name))
+        for _, _, name in sorted(snapshots, reverse=True)[keep:]:
+            os.remove(os.path.join(folder, name))
 
     def close(self) -> None:
         if self._tb is not None:

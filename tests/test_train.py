@@ -18,7 +18,7 @@ import advent_fast
 from advent_fast import train
 from advent_fast import trainer as trainer_mod
 from advent_fast.checkpoint import FORMAT, load
-from advent_fast.config import load_config
+from advent_fast.config import ConfigError, load_config
 from advent_fast.trainer import Trainer, TrainingDiverged
 
 from test_models import WeightOps
@@ -310,6 +310,34 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tiny_data, tmp_path):
     assert [e["iter"] for e in read_metrics(interrupted)[1]] == [2, 4]
     assert train.main(["--resume", interrupted]) == 0
     assert [e["iter"] for e in read_metrics(interrupted)[1]] == [2, 4]
+
+
+@pytest.mark.parametrize("eval_every, mious, kept", [
+    (2, {2: 30.0, 4: 10.0, 6: 20.0}, [2, 6]),  # the best two evaluated
+    (2, {2: 30.0, 4: 30.0, 6: 5.0}, [2, 4]),  # equals: the more recent first
+    (0, {6: 1.0}, [5, 6]),  # no evaluations but the last: the most recent
+])
+def test_keep_snapshots_keeps_the_best_evaluated(tiny_data, tmp_path, eval_every, mious, kept):
+    run_dir = tmp_path / "run"
+    config = tiny_config(tiny_data, "minent", "train.stop_iter=6", "run.snapshot_every=1", "run.keep_snapshots=2",
+                         f"eval.every={eval_every}")
+    trainer = Trainer(config, run_dir=str(run_dir))
+    (run_dir / "snapshots").mkdir(parents=True)
+    (run_dir / "snapshots" / "model_000009_D_main.pth").write_text("not the trainer's")
+    seen = []
+
+    def evaluate():  # the mIoU this test ranks by; evaluation itself is tests/test_evaluate.py's
+        trainer.evaluations.append({"kind": "eval", "iter": trainer.iteration, "miou": mious[trainer.iteration]})
+
+    real_prune = trainer._prune_snapshots
+    trainer.evaluate = evaluate
+    trainer._prune_snapshots = lambda keep: (real_prune(keep), seen.append(sorted(os.listdir(run_dir / "snapshots"))))
+    trainer.fit()
+    expected = [f"model_{i:06d}.pt" for i in kept] + ["model_000009_D_main.pth"]
+    assert sorted(os.listdir(run_dir / "snapshots")) == expected
+    assert all(len(names) == 3 for names in seen[1:]) and len(seen) == 6  # pruned at every save
+    with pytest.raises(ConfigError, match="run.keep_snapshots"):
+        tiny_config(tiny_data, "minent", "run.keep_snapshots=0")
 
 
 @pytest.mark.parametrize("fast_path", [False, True])
