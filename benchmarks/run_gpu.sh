@@ -85,37 +85,38 @@ export ADVENT_FAST_REPORT_FAILURES=1
 # all-reduced after it, the other CUDA-only trainer and metric tests.
 stage pytest_train_cuda 150 "$PY" -m pytest -q tests/test_train.py tests/test_metrics.py tests/test_distributed.py \
     -k cuda
+# Issue 5: the default fast path (one CUDA graph) against release_fp32 in one run, and inside the graph every
+# lever that needs no compilation: the fused train-mode BatchNorm, frozen BN (folded; and its shift fused), the
+# weights cast by one node, the classifier's channels padded to 24, activation checkpointing (peak memory); where
+# the GPU's time goes (by kind of kernel). MinEnt after it, fewer variants.
+stage bench_train_step_graph 250 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
+    --variants release_fp32 fast fast_fused_bn fast_frozen_bn fast_frozen_fused_bn fast_fused_casts \
+    fast_padded_classifier fast_checkpointed --gpu-profile 12 \
+    --json "$LOGS/bench_train_step_graph.json"
+stage bench_train_step_graph_minent 100 "$PY" benchmarks/bench_train_step.py --quick --modes minent \
+    --variants release_fp32 fast fast_fused_bn fast_frozen_bn --json "$LOGS/bench_train_step_graph_minent.json"
 # The kernels on CUDA tensors against float64, the class-loop ones, the fused BatchNorm and ReleaseSGD's among
 # them; then the class-loop kernels against the general ones (MAX_LOOP_CLASSES=0) in one process, device time
 # (graph replays).
 stage pytest_kernels_cuda 100 "$PY" -m pytest -q tests/test_kernels_triton.py tests/test_batch_norm.py \
     tests/test_models.py -k "not test_models or release_sgd_kernel"
 stage tune_loop 120 "$PY" benchmarks/tune_kernels.py --quick --families loop --json "$LOGS/tune_loop.json"
-# Issue 5: the default fast path (one CUDA graph) against release_fp32 in one run, with the fused train-mode
-# BatchNorm, frozen BN (folded; and its shift fused) and activation checkpointing (peak memory) inside the
-# graph, and where the GPU's time goes.
-stage bench_train_step_graph 260 "$PY" benchmarks/bench_train_step.py --quick --modes advent minent \
-    --variants release_fp32 fast fast_fused_bn fast_frozen_bn fast_frozen_fused_bn fast_checkpointed \
-    --gpu-profile 12 \
-    --json "$LOGS/bench_train_step_graph.json"
 # The 19-class convolutions with their class channels padded to multiples of 8, 16, 32 against as they are:
 # ResNet-101's classifier heads (train.classifier_channels_multiple) and a discriminator's first convolution, bf16.
 stage bench_class_channels 50 "$PY" benchmarks/bench_class_channels.py --quick \
     --json "$LOGS/bench_class_channels.json"
+# Issue 5: torch.compile of G and D inside the whole-step graph, against the default graph step in the same
+# process: what Inductor's fusions (BatchNorm with its ReLU, the residual adds) take off the GPU's time; and
+# the graph without the optimisers (run after each replay, as multi-process runs do around their all-reduces)
+# and fp16 with its gradient scaler inside the graph (what auto takes on GPUs without bf16 tensor cores).
+stage bench_train_step_compile_graph 300 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
+    --variants fast fast_graph_split fast_fp16 fast_compile_graph --gpu-profile 12 \
+    --json "$LOGS/bench_train_step_compile_graph.json"
 # The fused train-mode BatchNorm (+ ReLU) and folded BN shift against ATen's and torch.compile's, ResNet-101's
 # layers, bf16.
 stage bench_batchnorm 90 "$PY" benchmarks/bench_batchnorm.py --quick --json "$LOGS/bench_batchnorm.json"
 stage tune_batchnorm 90 "$PY" benchmarks/tune_kernels.py --quick --families batchnorm --dtypes bf16 \
     --json "$LOGS/tune_batchnorm.json"
-# Issue 5: torch.compile of G and D inside the whole-step graph, against the default graph step in the same
-# process: what Inductor's fusions (BatchNorm with its ReLU, the residual adds) take off the GPU's time; and
-# the graph without the optimisers (run after each replay, as multi-process runs do around their all-reduces),
-# fp16 with its gradient scaler inside the graph (what auto takes on GPUs without bf16 tensor cores), the
-# weights cast by one node and the padded classifier.
-stage bench_train_step_compile_graph 330 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
-    --variants fast fast_fused_casts fast_graph_split fast_fp16 fast_padded_classifier fast_compile_graph \
-    --gpu-profile 12 \
-    --json "$LOGS/bench_train_step_compile_graph.json"
 # The public losses on CUDA tensors: values against float64, no host synchronisation, CUDA-graph capture.
 stage pytest_losses_cuda 110 "$PY" -m pytest -q tests/test_losses_cuda.py
 # Issue 5's numerics: 100 iterations of the fast path (bf16, and fp32) and of the release step again (its
@@ -157,7 +158,7 @@ stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/b
     done
     echo "-- training run"; tail -2 "$LOGS/train_embedded.md" 2>/dev/null
     for name in tune_loop bench_class_channels bench_batchnorm tune_batchnorm tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
-        bench_train_step_graph bench_train_step_compile_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
+        bench_train_step_graph bench_train_step_graph_minent bench_train_step_compile_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
         echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -300
     done
     echo "-- stages ($((SECONDS - START)) s; every table, log and JSON: $OUT/results.tgz)"; cat "$LOGS/stages.txt"

@@ -394,7 +394,7 @@ def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
         packed = {os.path.basename(name) for name in tar.getnames()}
     stages = [line.split()[1].rstrip(":") for line in (out / "stages.txt").read_text().splitlines()
               if line.startswith("== ") and "exit 0" in line]
-    assert "bench_entropy" in stages and "tune_batchnorm" in stages and len(stages) == 22
+    assert "bench_entropy" in stages and "tune_batchnorm" in stages and len(stages) == 23
     assert {f"{name}.md" for name in stages} | {f"{name}.err" for name in stages} <= packed
     assert {"bench_entropy.json", "bench_train_step.json", "track_losses.json", "summary.md", "gpu.txt"} <= packed
     assert "| stub | benchmarks/bench_entropy.py" in proc.stdout.split("-- bench_entropy")[-1]
