@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 MODES = ("source_only", "minent", "minent_er", "advent", "advent_minent")
-SOURCES = ("embedded", "gta5", "synthia")
+SOURCES = ("embedded", "gta5", "synthia", "cityscapes")
 ARCHS = ("deeplabv2_r101", "deeplabv2_vgg16", "deeplabv2_small")
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEFAULT_PRESET = "embedded"
@@ -30,8 +30,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "gta5"  # embedded | gta5 | synthia (embedded: generated GTA5/Cityscapes-format data)
-    source_root: Optional[str] = None  # GTA5 or SYNTHIA-RAND-CITYSCAPES root
+    # embedded | gta5 | synthia | cityscapes (embedded: generated GTA5/Cityscapes-format data; cityscapes: its
+    # labelled train split, the paper's oracle, with train.mode source_only)
+    source: str = "gta5"
+    source_root: Optional[str] = None  # GTA5, SYNTHIA-RAND-CITYSCAPES or Cityscapes root
     target_root: Optional[str] = None  # Cityscapes root (leftImg8bit/, gtFine/)
     source_list: Optional[str] = None  # release-style list files (None: every image in the folder)
     target_list: Optional[str] = None  # Cityscapes train images used as the target
@@ -307,7 +309,7 @@ def validate(config: Config) -> None:
     if d.source == "embedded" and (d.source_root or d.target_root):
         raise ConfigError("config keys 'data.source_root'/'data.target_root' are set but data.source is "
                           "embedded: choose a preset for your data (--config gta2cityscapes_r101, ...) "
-                          "or --set data.source=gta5|synthia")
+                          "or --set data.source=gta5|synthia|cityscapes")
     if len(t.betas_d) != 2:
         raise ConfigError(f"config key 'train.betas_d' must hold two numbers, got {t.betas_d}")
     positive = {

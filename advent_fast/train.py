@@ -37,7 +37,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", default=None, metavar="PRESET|FILE",
                    help=f"a preset ({', '.join(list_presets())}) or a YAML file (default: {DEFAULT_PRESET})")
     p.add_argument("--mode", choices=MODES, help="train.mode")
-    p.add_argument("--source-root", metavar="DIR", help="data.source_root (GTA5 or SYNTHIA root)")
+    p.add_argument("--source-root", metavar="DIR", help="data.source_root (GTA5, SYNTHIA or Cityscapes root)")
     p.add_argument("--target-root", metavar="DIR", help="data.target_root (Cityscapes root)")
     p.add_argument("--init-weights", metavar="FILE", help="model.init_weights (ImageNet weights or a checkpoint)")
     p.add_argument("--class-prior", metavar="FILE", help="train.class_prior: adds the class-ratio prior loss")

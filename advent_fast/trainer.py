@@ -365,7 +365,8 @@ def build_datasets(config: Config, ctx: dist_utils.DistContext) -> Datasets:
         label_size = label_size or list(embedded.label_size)
     else:
         source_root, target_root = d.source_root, d.target_root
-        what = {"gta5": "GTA5 root (images/, labels/)", "synthia": "SYNTHIA-RAND-CITYSCAPES root (RGB/, GT/)"}
+        what = {"gta5": "GTA5 root (images/, labels/)", "synthia": "SYNTHIA-RAND-CITYSCAPES root (RGB/, GT/)",
+                "cityscapes": "Cityscapes root with leftImg8bit/train and gtFine/train"}
         if source_root is None:
             raise FileNotFoundError(f"no source data: give --source-root PATH (the {what[d.source]}) "
                                     f"or set data.source_root")
@@ -374,6 +375,9 @@ def build_datasets(config: Config, ctx: dist_utils.DistContext) -> Datasets:
                                     "with leftImg8bit/ and gtFine/) or set data.target_root")
     if d.source == "synthia":
         source = SynthiaDataset(source_root, size=source_size, list_path=d.source_list, image_reader=d.image_reader)
+    elif d.source == "cityscapes":  # the oracle: Cityscapes train with its labels, at the source size
+        source = CityscapesDataset(source_root, "train", size=source_size, label_size=source_size,
+                                   num_classes=d.num_classes, list_path=d.source_list, image_reader=d.image_reader)
     else:
         source = GTA5Dataset(source_root, size=source_size, list_path=d.source_list,
                              num_classes=d.num_classes, image_reader=d.image_reader)

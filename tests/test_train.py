@@ -107,6 +107,27 @@ def test_every_mode_trains_end_to_end(tiny_data, tmp_path, mode, extra):
     assert os.path.isfile(tmp_path / "run" / "config.yaml")
 
 
+def test_cityscapes_train_labels_as_the_source_train_the_oracle(tiny_data, tmp_path):
+    """data.source: cityscapes (the paper's oracle row): Cityscapes train with its labels at the source size."""
+    from advent_fast.data import CityscapesDataset
+    from test_data import write_cityscapes
+
+    root = str(tmp_path / "cityscapes")
+    write_cityscapes(root, "train", size=(80, 40))
+    overrides = [o for o in tiny_overrides(tiny_data, "source_only") if not o.startswith("data.source")]
+    config = load_config("embedded", overrides + [
+        "data.source=cityscapes", f"data.source_root={root}", "data.source_size=[64, 32]", "train.stop_iter=2"])
+    trainer = Trainer(config, run_dir=str(tmp_path / "run"))
+    source = trainer.data.source
+    assert isinstance(source, CityscapesDataset) and source.split == "train" and len(source) == 4
+    assert source[0]["label"].shape == (32, 64) and source[0]["image"].shape == (3, 32, 64)
+    trainer.fit()
+    steps, _ = read_metrics(tmp_path / "run")
+    assert [r["iter"] for r in steps] == [1, 2] and all(math.isfinite(r["seg_main"]) for r in steps)
+    with pytest.raises(FileNotFoundError, match="gtFine/train"):
+        Trainer(load_config("embedded", overrides + ["data.source=cityscapes", "data.source_size=[64, 32]"]))
+
+
 def test_source_loss_decreases_on_one_image(tiny_data, tmp_path):
     listing = tmp_path / "one.txt"
     listing.write_text("00001.png\n")
