@@ -1,7 +1,8 @@
 """Which implementation runs the fused losses.
 
-CUDA tensors -> Triton kernels, CPU tensors -> the C++ ops of ``advent_fast._C``, anything else
-(or a CPU build without the extension) -> the naive reference, with a one-time warning.
+CUDA tensors -> Triton kernels (on GPUs of compute capability 7.0 and newer, which Triton compiles for),
+CPU tensors -> the C++ ops of ``advent_fast._C``, anything else (or a CPU build without the extension, or
+an older GPU) -> the naive reference, with a one-time warning.
 ``ADVENT_FAST_BACKEND=triton|cpp|reference`` or :func:`set_backend` force one; forcing ``triton``
 on CPU tensors needs ``TRITON_INTERPRET=1`` (how CI runs the kernels).
 """
@@ -11,12 +12,15 @@ import contextlib
 import importlib
 import os
 import warnings
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
 BACKENDS = ("triton", "cpp", "reference")
 ENV_VAR = "ADVENT_FAST_BACKEND"
+# Triton compiles for Volta (7.0) and newer: on older GPUs (P100, GTX 10xx) the fused losses run the
+# reference, and the kernels of the trainer's fast path their torch equivalents.
+TRITON_MIN_CAPABILITY = (7, 0)
 
 _forced: Optional[str] = None
 _warned: set = set()
@@ -57,6 +61,25 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+_capabilities: Dict[torch.device, Tuple[int, int]] = {}
+
+
+def compute_capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """A CUDA device's compute capability (asked once a device); None for other devices, or without CUDA."""
+    capability = _capabilities.get(device)
+    if capability is None and device.type == "cuda" and torch.cuda.is_available():
+        capability = _capabilities[device] = torch.cuda.get_device_capability(device)
+    return capability
+
+
+def _older_than_triton(device: torch.device) -> bool:
+    # Not asked while torch.compile traces: it compiles with Triton too, and refuses such GPUs itself.
+    if torch.compiler.is_compiling():
+        return False
+    capability = compute_capability(device)
+    return capability is not None and capability < TRITON_MIN_CAPABILITY
+
+
 def get_backend(device: torch.device) -> str:
     """The backend that runs tensors on ``device`` now."""
     forced = _forced or os.environ.get(ENV_VAR) or None
@@ -67,8 +90,18 @@ def get_backend(device: torch.device) -> str:
         if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the triton backend runs CPU tensors only under TRITON_INTERPRET=1 "
                              "(set it before triton is imported)")
+        if name == "triton" and device.type == "cuda" and _older_than_triton(device):
+            major, minor = compute_capability(device)
+            raise ValueError(f"the triton backend needs a GPU of compute capability 7.0 or newer; {device} "
+                             f"has {major}.{minor}")
         return name
     if device.type == "cuda":
+        if _older_than_triton(device):
+            major, minor = compute_capability(device)
+            _warn_once(f"{device}-capability", f"{device} has compute capability {major}.{minor}, older than "
+                                               f"Triton compiles for (7.0): the fused losses run the naive "
+                                               f"reference on it")
+            return "reference"
         return "triton"
     if device.type == "cpu":
         if cpp_available():
@@ -87,10 +120,12 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether the GPU has bf16 tensor cores (compute capability 8.0 on: A100, H100, RTX 30xx on). V100s
-    and T4s emulate bf16 slowly: the ``auto`` precisions take fp16 there. True where it cannot be asked
-    (no CUDA)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+def auto_precision(device: torch.device) -> str:
+    """What ``precision: auto`` takes on a CUDA device: bf16 with bf16 tensor cores (compute capability 8.0
+    on: A100, H100, RTX 30xx and newer); fp16 with fp16 tensor cores only (7.x: V100, T4, RTX 20xx, which
+    emulate bf16 slowly); fp32 on older GPUs (P100, GTX 10xx: no tensor cores, and slow or no faster fp16
+    arithmetic). bf16 where the device cannot be asked (no CUDA)."""
+    capability = compute_capability(device)
+    if capability is None or capability >= (8, 0):
+        return "bf16"
+    return "fp16" if capability >= (7, 0) else "fp32"

@@ -133,7 +133,7 @@ class EvalConfig:
     every: int = 2000  # evaluate on the target val split every N iterations (0: only at the end)
     max_images: Optional[int] = None  # evaluate on the first N val images (None: all)
     batch_size: int = 1
-    precision: str = "fp32"  # fp32 (release) | bf16 | auto (bf16 on GPUs; fp16 on those without bf16 tensor cores)
+    precision: str = "fp32"  # fp32 (release) | bf16 | auto (backend.auto_precision on GPUs: bf16, fp16 or fp32)
 
 
 @dataclass

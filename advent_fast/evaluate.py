@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from advent_fast import reference
-from advent_fast.backend import native_bf16
+from advent_fast.backend import auto_precision
 from advent_fast.data import (
     CityscapesDataset,
     GTA5Dataset,
@@ -61,14 +61,15 @@ Size = Tuple[int, int]  # (width, height)
 
 
 def _autocast(device: torch.device, precision: str):
-    """The autocast of ``precision``; auto: bf16 on GPUs (fp16 on those without bf16 tensor cores: V100,
-    T4), fp32 elsewhere."""
+    """The autocast of ``precision``; auto: on GPUs :func:`advent_fast.backend.auto_precision` (bf16, or fp16
+    on those without bf16 tensor cores: V100, T4; fp32 on older ones), fp32 elsewhere."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    if precision == "auto":
+        precision = auto_precision(device) if device.type == "cuda" else "fp32"
+    if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "auto" and not native_bf16(device) else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -367,7 +368,7 @@ def add_running_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
     # results: 0.017 against 0.024 s an image), whose casts add kernels to a host-bound forward
     run.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="fp32",
                      help="fp32 (release, default), bf16, or auto (bf16 on GPUs; fp16 on those without bf16 "
-                          "tensor cores)")
+                          "tensor cores, fp32 on those without tensor cores)")
     run.add_argument("--batch-size", type=int, default=2)
     run.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
     run.add_argument("--quiet", action="store_true", help="no progress bar")

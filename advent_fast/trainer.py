@@ -108,7 +108,7 @@ class StepSettings:
         precision = t.precision
         if precision == "auto":
             gpu = fast and device.type == "cuda"
-            precision = ("bf16" if backend.native_bf16(device) else "fp16") if gpu else "fp32"
+            precision = backend.auto_precision(device) if gpu else "fp32"
         if t.cuda_graph and (device.type != "cuda" or not fast):
             raise ValueError(f"train.cuda_graph needs a CUDA device and the fast path (this run: device "
                              f"{device.type}, fast path {'on' if fast else 'off'})")

@@ -282,12 +282,19 @@ def test_embedded_default_uses_the_embedded_sizes(tmp_path, monkeypatch):
     assert source.size == data.source_size and source.root == data.source_root
 
 
-def test_precision_auto_is_bf16_on_gpus_and_fp16_on_those_without_bf16_tensor_cores(monkeypatch):
+def test_precision_auto_follows_the_gpu(monkeypatch):
+    from advent_fast import backend
+
     assert isinstance(evaluate._autocast(torch.device("cpu"), "auto"), contextlib.nullcontext)
     assert isinstance(evaluate._autocast(torch.device("cuda"), "fp32"), contextlib.nullcontext)
+    gpu = torch.device("cuda", 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a CPU build of torch: autocast for cuda is made, disabled
-        for native, expected in ((True, torch.bfloat16), (False, torch.float16)):
-            monkeypatch.setattr(evaluate, "native_bf16", lambda device: native)
-            assert evaluate._autocast(torch.device("cuda"), "auto").fast_dtype == expected
-            assert evaluate._autocast(torch.device("cuda"), "bf16").fast_dtype == torch.bfloat16
+        for capability, expected in (((8, 0), torch.bfloat16), ((7, 5), torch.float16), ((6, 0), None)):
+            monkeypatch.setattr(backend, "_capabilities", {gpu: capability})
+            autocast = evaluate._autocast(gpu, "auto")
+            if expected is None:  # no tensor cores: fp32
+                assert isinstance(autocast, contextlib.nullcontext)
+            else:
+                assert autocast.fast_dtype == expected
+            assert evaluate._autocast(gpu, "bf16").fast_dtype == torch.bfloat16

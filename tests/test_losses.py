@@ -384,6 +384,26 @@ def test_backend_selection(monkeypatch):
         af.get_backend(torch.device("cuda"))
 
 
+def test_gpus_older_than_triton_supports_run_the_reference(monkeypatch):
+    """Triton compiles for compute capability 7.0 on: a P100 or GTX 10xx runs the reference, with a warning;
+    forcing triton there is an error. precision auto: bf16 from 8.0, fp16 on 7.x, fp32 below."""
+    from advent_fast import backend
+
+    af.set_backend(None)
+    monkeypatch.delenv("ADVENT_FAST_BACKEND", raising=False)
+    gpus = {torch.device("cuda", 0): (9, 0), torch.device("cuda", 1): (7, 5), torch.device("cuda", 2): (6, 1)}
+    monkeypatch.setattr(backend, "_capabilities", dict(gpus))  # what each device would answer
+    monkeypatch.setattr(backend, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="cuda:2 has compute capability 6.1, older than Triton compiles for"):
+        assert [af.get_backend(d) for d in gpus] == ["triton", "triton", "reference"]
+    assert [backend.auto_precision(d) for d in gpus] == ["bf16", "fp16", "fp32"]
+    assert backend.auto_precision(torch.device("cpu")) == "bf16"  # nothing to ask: the trainer decides
+    monkeypatch.setenv("ADVENT_FAST_BACKEND", "triton")
+    assert af.get_backend(torch.device("cuda", 1)) == "triton"
+    with pytest.raises(ValueError, match="compute capability 7.0 or newer; cuda:2 has 6.1"):
+        af.get_backend(torch.device("cuda", 2))
+
+
 def test_reference_backend_is_the_naive_code():
     af.set_backend("reference")
     try:

@@ -465,17 +465,22 @@ def test_precision_options_and_channels_last(tiny_data, tmp_path, fast_path):
         assert bool(load(str(tmp_path / precision / "checkpoint.pt"))["scaler"]) == (precision == "fp16")
 
 
-def test_precision_auto_takes_fp16_on_gpus_without_bf16_tensor_cores(monkeypatch):
+def test_precision_auto_follows_the_gpu_on_the_fast_path(monkeypatch):
     config = load_config("embedded")
-    monkeypatch.setattr(trainer_mod.backend, "native_bf16", lambda device: False)  # a V100 or T4
-    assert trainer_mod.StepSettings.resolve(config, torch.device("cuda")).precision == "fp16"
+    gpu = torch.device("cuda", 0)
+    for capability, expected in (((9, 0), "bf16"), ((7, 0), "fp16"), ((6, 1), "fp32")):  # H100, V100, GTX 1080
+        monkeypatch.setattr(trainer_mod.backend, "_capabilities", {gpu: capability})
+        monkeypatch.setattr(trainer_mod.backend, "_warned", set())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            settings = trainer_mod.StepSettings.resolve(config, gpu)
+        assert settings.precision == expected
+        assert settings.loss_backend == ("reference" if capability < (7, 0) else "triton")
+        assert any("older than Triton" in str(w.message) for w in caught) == (capability < (7, 0))
     assert trainer_mod.StepSettings.resolve(config, torch.device("cpu")).precision == "fp32"
     release = load_config("embedded", ["train.fast_path=false"])
-    assert trainer_mod.StepSettings.resolve(release, torch.device("cuda")).precision == "fp32"
-    monkeypatch.setattr(trainer_mod.backend, "native_bf16", lambda device: True)
-    assert trainer_mod.StepSettings.resolve(config, torch.device("cuda")).precision == "bf16"
-    monkeypatch.undo()
-    assert trainer_mod.backend.native_bf16(torch.device("cpu"))
+    monkeypatch.setattr(trainer_mod.backend, "_capabilities", {gpu: (9, 0)})
+    assert trainer_mod.StepSettings.resolve(release, gpu).precision == "fp32"
 
 
 def test_fp16_on_the_device_skips_and_scales_as_the_host_decides(tiny_data):
