@@ -599,14 +599,15 @@ def test_backward_refuses_a_gradient_it_cannot_address():
 # ------------------------------------------------------------------------------------------------
 # The interpreter runs the kernels as Python, so it misses what only the compiler checks (loop-carried
 # types, layouts, constexpr specialisation of arguments equal to 1). benchmarks/kernel_resources.py
-# compiles, without launching, every kernel variant the launchers produce for an H100 (sm_90) or an
-# A100 (sm_80) with the installed Triton and its bundled ptxas, and reports each one's registers and spills.
+# compiles, without launching, every kernel variant the launchers produce for an H100 (sm_90), an A100 (sm_80)
+# or a V100 (sm_70: the oldest GPU the Triton backend takes, advent_fast.backend) with the installed Triton and
+# its bundled ptxas, and reports each one's registers and spills.
 CANNOT_COMPILE_HERE = 77  # the script's exit code when this Triton cannot target NVIDIA GPUs here
 SPILL_BUDGET = 32  # stack bytes a thread (spilled registers) tolerated in any kernel variant
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the GPU runs the compiled kernels already")
-@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("arch", [90, 80, 70])
 def test_kernels_compile_without_large_spills(tmp_path, arch):
     import json
     import subprocess
