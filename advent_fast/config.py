@@ -89,8 +89,8 @@ class TrainConfig:
     # fused into the kernels, fused optimisers, frozen BatchNorm folded into the convolutions (with
     # model.freeze_bn), and the "auto" values below. null: on for CUDA devices, off elsewhere.
     fast_path: Optional[bool] = None
-    # fp32 | bf16 | fp16 (with a gradient scaler) | auto: on the GPU fast path bf16, or fp16 on GPUs without
-    # bf16 tensor cores (before compute capability 8.0: V100, T4); else fp32
+    # fp32 | bf16 | fp16 (with a gradient scaler) | auto: on the GPU fast path backend.auto_precision (bf16;
+    # fp16 on compute capability 7.x: V100, T4; fp32 below); else fp32
     precision: str = "auto"
     channels_last: Optional[bool] = None  # null: on the fast path only
     compile: str = "none"  # torch.compile of G and D: none | default | max-autotune-no-cudagraphs | reduce-overhead

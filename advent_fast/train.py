@@ -47,7 +47,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "runs the release-style step")
     p.add_argument("--precision", choices=CHOICES["train.precision"],
                    help="train.precision (auto: bf16 on the GPU fast path, fp16 on GPUs without bf16 tensor "
-                        "cores, else fp32)")
+                        "cores, fp32 on those without tensor cores and off the fast path)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="train.channels_last (default: with the fast path)")
     p.add_argument("--compile", choices=CHOICES["train.compile"],

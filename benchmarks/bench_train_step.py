@@ -267,7 +267,8 @@ def kernel_totals(spans, steps: int, top: int) -> list:
 KERNEL_KINDS = (
     ("advent_fast BatchNorm kernels", r"^_batch_norm_\w+_kernel$"),  # train.fused_batchnorm
     ("optimisers", r"^_release_sgd_kernel$|multi_tensor_apply|fused_?(sgd|adam)"),
-    ("advent_fast Triton kernels", r"^_\w+_kernel$"),
+    ("advent_fast weight casts", r"^_cast_add_kernel$"),  # train.fused_weight_casts
+    ("advent_fast loss kernels", r"^_\w+_kernel$"),
     ("torch.compile Triton kernels", r"^triton_"),  # fusions: BatchNorm with its ReLU, say
     ("BatchNorm", r"batch_?norm|\bbn_(fw|bw)|welford"),
     ("layout transposes (cuDNN)", r"nchwToNhwc|nhwcToNchw"),
