@@ -57,10 +57,11 @@ class _WithNativeSize(Dataset):
         return item
 
 
-def _encode(fmt: str, pred: np.ndarray, entropy: Optional[np.ndarray], num_classes: int) -> np.ndarray:
-    """One image's PNG pixels in OpenCV's channel order."""
+def _encode(fmt: str, pred: np.ndarray, entropy: Optional[np.ndarray], num_classes: int,
+            label_ids: np.ndarray) -> np.ndarray:
+    """One image's PNG pixels in OpenCV's channel order (``label_ids``: train id -> Cityscapes label id)."""
     if fmt == "labelids":
-        return train_id_to_label_id(num_classes)[pred]
+        return label_ids[pred]
     if fmt == "trainids":
         return pred
     if fmt == "color":
@@ -101,6 +102,7 @@ def predict_dataset(
     was_training = [m.training for m in models]
     loader = DataLoader(_WithNativeSize(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
+    label_ids = train_id_to_label_id(num_classes)
     written: List[str] = []
     pending: List[Future] = []
     # PNG encoding releases the GIL: a few threads write while the device computes the next batch
@@ -126,7 +128,7 @@ def predict_dataset(
                         stem = os.path.splitext(name)[0]
                         for fmt in formats:
                             path = os.path.join(out_dir, fmt, stem + ".png")
-                            pixels = _encode(fmt, pred, entropy, num_classes)
+                            pixels = _encode(fmt, pred, entropy, num_classes, label_ids)
                             pending.append(writers.submit(_write_png, path, pixels))
                             written.append(path)
                 # bounded: at most a few batches' images wait in memory for their writer

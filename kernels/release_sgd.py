@@ -8,20 +8,19 @@ per listing; here the k updates run in registers: p, g and b are read once, p an
 The gradient itself is left as it is (unlike 0.4.1, as ReleaseSGD's other paths). Arithmetic in float32
 (torch's fused SGD's too). A non-zero found_inf skips the update: the step's losses were not finite.
 
-Each launch takes up to SGD_SLOTS tensors of one multiplicity and dtype as separate pointer arguments
+Each launch takes up to SLOTS tensors of one multiplicity and dtype as separate pointer arguments
 (multi_tensor.py): a replayed CUDA graph updates the gradients it was captured with.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import slot_launches
+from .multi_tensor import SLOTS, slot_arguments, slot_launches
 
 SGD_BLOCK = 1024
 SGD_NUM_WARPS = 4
-SGD_SLOTS = 8  # tensors a launch (the kernel's argument slots)
 
-_SLOT_ARGS = [f"{name}{i}" for i in range(SGD_SLOTS) for name in ("p", "g", "b", "n")]
+_SLOT_ARGS = [f"{name}{i}" for i in range(SLOTS) for name in ("p", "g", "b", "n")]
 
 
 @triton.jit(do_not_specialize=[name for name in _SLOT_ARGS if name.startswith("n")])
@@ -31,22 +30,9 @@ def _release_sgd_kernel(p0, g0, b0, n0, p1, g1, b1, n1, p2, g2, b2, n2, p3, g3, 
                         HAS_MOMENTUM: tl.constexpr, LR_FROM_PTR: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                         BLOCK: tl.constexpr):
     # Program (block, slot): the slot's tensor, a block of its elements.
-    slot = tl.program_id(1)
-    p_ptr, g_ptr, b_ptr, n = p0, g0, b0, n0
-    if slot == 1:
-        p_ptr, g_ptr, b_ptr, n = p1, g1, b1, n1
-    if slot == 2:
-        p_ptr, g_ptr, b_ptr, n = p2, g2, b2, n2
-    if slot == 3:
-        p_ptr, g_ptr, b_ptr, n = p3, g3, b3, n3
-    if slot == 4:
-        p_ptr, g_ptr, b_ptr, n = p4, g4, b4, n4
-    if slot == 5:
-        p_ptr, g_ptr, b_ptr, n = p5, g5, b5, n5
-    if slot == 6:
-        p_ptr, g_ptr, b_ptr, n = p6, g6, b6, n6
-    if slot == 7:
-        p_ptr, g_ptr, b_ptr, n = p7, g7, b7, n7
+    p_ptr, g_ptr, b_ptr, n = slot_arguments(tl.program_id(1), p0, g0, b0, n0, p1, g1, b1, n1, p2, g2, b2, n2,
+                                            p3, g3, b3, n3, p4, g4, b4, n4, p5, g5, b5, n5,
+                                            p6, g6, b6, n6, p7, g7, b7, n7)
     if HAS_FOUND_INF:  # skip the whole update: no element is loaded or stored
         n = tl.where(tl.load(found_inf_ptr) == 0.0, n, 0)
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -80,7 +66,7 @@ def release_sgd_update(params, grads, buffers, multiplicity, lr, momentum, weigh
         groups.setdefault((k, p.dtype), []).append(i)
     for (k, _), grid, slots in slot_launches(
             groups, lambda i: (params[i], grads[i], params[i] if buffers is None else buffers[i], params[i].numel()),
-            lambda i: params[i].numel(), SGD_SLOTS, SGD_BLOCK):
+            lambda i: params[i].numel(), SLOTS, SGD_BLOCK):
         _release_sgd_kernel[grid](
             *slots, lr_ptr, 0.0 if lr_ptr is not None else float(lr), found_inf, float(momentum),
             float(weight_decay), PASSES=k, HAS_MOMENTUM=buffers is not None, LR_FROM_PTR=lr_ptr is not None,

@@ -11,13 +11,12 @@ x, acc and out of a tensor share their strides and are dense: the kernel walks t
 import triton
 import triton.language as tl
 
-from .multi_tensor import slot_launches
+from .multi_tensor import SLOTS, slot_arguments, slot_launches
 
 CAST_BLOCK = 1024
 CAST_NUM_WARPS = 4
-CAST_SLOTS = 8  # tensors a launch (the kernel's argument slots)
 
-_SLOT_ARGS = [f"{name}{i}" for i in range(CAST_SLOTS) for name in ("x", "acc", "out", "n")]
+_SLOT_ARGS = [f"{name}{i}" for i in range(SLOTS) for name in ("x", "acc", "out", "n")]
 
 
 @triton.jit(do_not_specialize=[name for name in _SLOT_ARGS if name.startswith("n")])
@@ -25,22 +24,10 @@ def _cast_add_kernel(x0, acc0, out0, n0, x1, acc1, out1, n1, x2, acc2, out2, n2,
                      x4, acc4, out4, n4, x5, acc5, out5, n5, x6, acc6, out6, n6, x7, acc7, out7, n7,
                      HAS_ACC: tl.constexpr, BLOCK: tl.constexpr):
     # Program (block, slot): the slot's tensor, a block of its elements.
-    slot = tl.program_id(1)
-    x_ptr, acc_ptr, out_ptr, n = x0, acc0, out0, n0
-    if slot == 1:
-        x_ptr, acc_ptr, out_ptr, n = x1, acc1, out1, n1
-    if slot == 2:
-        x_ptr, acc_ptr, out_ptr, n = x2, acc2, out2, n2
-    if slot == 3:
-        x_ptr, acc_ptr, out_ptr, n = x3, acc3, out3, n3
-    if slot == 4:
-        x_ptr, acc_ptr, out_ptr, n = x4, acc4, out4, n4
-    if slot == 5:
-        x_ptr, acc_ptr, out_ptr, n = x5, acc5, out5, n5
-    if slot == 6:
-        x_ptr, acc_ptr, out_ptr, n = x6, acc6, out6, n6
-    if slot == 7:
-        x_ptr, acc_ptr, out_ptr, n = x7, acc7, out7, n7
+    x_ptr, acc_ptr, out_ptr, n = slot_arguments(
+        tl.program_id(1), x0, acc0, out0, n0, x1, acc1, out1, n1, x2, acc2, out2, n2,
+        x3, acc3, out3, n3, x4, acc4, out4, n4, x5, acc5, out5, n5,
+        x6, acc6, out6, n6, x7, acc7, out7, n7)
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < n
     value = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
@@ -58,5 +45,5 @@ def cast_add(xs, accs, outs) -> None:
         groups.setdefault(key, []).append(i)
     for (_, acc_dtype, _), grid, slots in slot_launches(
             groups, lambda i: (xs[i], xs[i] if accs[i] is None else accs[i], outs[i], xs[i].numel()),
-            lambda i: xs[i].numel(), CAST_SLOTS, CAST_BLOCK):
+            lambda i: xs[i].numel(), SLOTS, CAST_BLOCK):
         _cast_add_kernel[grid](*slots, HAS_ACC=acc_dtype is not None, BLOCK=CAST_BLOCK, num_warps=CAST_NUM_WARPS)

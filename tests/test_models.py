@@ -392,12 +392,13 @@ def test_release_sgd_kernel_matches_torch_041(release_sgd_launches, momentum, lr
     """The Triton kernel (all k passes of a tensor in registers): the 0.4.1 updates, computed in float64, to
     float32 rounding; multiplicities 1-4, sizes around the kernel's block, a group of more tensors than a
     launch takes, three steps (the momentum carried)."""
-    from advent_fast.kernels.release_sgd import SGD_BLOCK, SGD_SLOTS
+    from advent_fast.kernels.multi_tensor import SLOTS
+    from advent_fast.kernels.release_sgd import SGD_BLOCK
 
     torch.manual_seed(0)
-    sizes = [1, 5, SGD_BLOCK + 3, 2 * SGD_BLOCK] + [7] * (SGD_SLOTS + 2)
+    sizes = [1, 5, SGD_BLOCK + 3, 2 * SGD_BLOCK] + [7] * (SLOTS + 2)
     params = [nn.Parameter(torch.randn(n, device=SGD_DEVICE)) for n in sizes]
-    order = [0, 1, 1, 2, 2, 2, 3, 3, 3, 3] + [4 + i for i in range(SGD_SLOTS + 2)] * 2  # k = 1, 2, 3, 4, then 2
+    order = [0, 1, 1, 2, 2, 2, 3, 3, 3, 3] + [4 + i for i in range(SLOTS + 2)] * 2  # k = 1, 2, 3, 4, then 2
     start = [p.detach().double().clone() for p in params]
     grads = [[torch.randn(n, device=SGD_DEVICE) for n in sizes] for _ in range(3)]
     lr = torch.tensor(0.1, device=SGD_DEVICE) if lr_tensor else 0.1

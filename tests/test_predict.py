@@ -10,21 +10,12 @@ import torch.nn.functional as F
 from advent_fast import predict, reference
 from advent_fast.data import ImageFolderDataset, embedded
 from advent_fast.data.classes import NAME_TO_LABEL_ID, class_names, palette, train_id_to_label_id
-from advent_fast.models import build_model, checkpoint_dict
+from advent_fast.models import checkpoint_dict
+
+from test_evaluate import tiny_model
 
 INPUT = (64, 32)  # (width, height) the models see
 NATIVE = (128, 64)  # the test split's images
-
-
-def tiny_model(seed, num_classes=19):
-    """A deeplabv2_small whose predictions vary from pixel to pixel (He-initialised convs)."""
-    torch.manual_seed(seed)
-    model = build_model("deeplabv2_small", num_classes)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 4:
-                torch.nn.init.kaiming_normal_(p)
-    return model.eval()
 
 
 def write_image(path, size, seed):
@@ -65,6 +56,7 @@ def expected_logits(models, weights, image_path):
     total = 0
     with torch.no_grad():
         for model, weight in zip(models, weights):
+            model.eval()
             total = total + weight * F.interpolate(model(x)[1], size=native, mode="bilinear", align_corners=True)
     return total
 
