@@ -125,7 +125,12 @@ class TrainConfig:
     activation_checkpointing: bool = False
     target_losses: str = "fused"  # fused (advent_fast ops) | reference (advent_fast.reference)
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with a non-finite loss
-    cudnn_benchmark: bool = True  # release setting; set False for bit-exact GPU runs
+    cudnn_benchmark: bool = True  # release setting (train.deterministic turns it off)
+    # Bit-identical runs on a GPU from the same seed: deterministic cuDNN algorithms (no benchmark) and
+    # torch.use_deterministic_algorithms, process-wide. On CUDA it needs the fused upsample+losses (fast path,
+    # target_losses fused): the release path's upsampling backward and NLLLoss have no deterministic CUDA
+    # kernels. CPU runs are deterministic either way.
+    deterministic: bool = False
 
 
 @dataclass

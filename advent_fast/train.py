@@ -60,6 +60,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="train.activation_checkpointing: recompute the backbone's blocks in the backward "
                         "(less memory, about one more backbone forward per step)")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="train.deterministic: bit-identical runs from one seed on a GPU (deterministic "
+                        "cuDNN and torch algorithms; on CUDA with the fast path's fused losses)")
     p.add_argument("--run-dir", metavar="DIR", help="run.dir: config, metrics, checkpoints go here")
     p.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT",
                    help="continue a run from its checkpoint (the config comes from the checkpoint)")
@@ -79,6 +82,7 @@ def flag_updates(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
              ("train", "compile"): args.compile, ("train", "cuda_graph"): args.cuda_graph,
              ("train", "fused_batchnorm"): args.fused_batchnorm,
              ("train", "activation_checkpointing"): args.activation_checkpointing,
+             ("train", "deterministic"): args.deterministic,
              ("run", "dir"): args.run_dir}
     updates: Dict[str, Dict[str, Any]] = {}
     for (section, key), value in flags.items():

@@ -99,6 +99,7 @@ class StepSettings:
     fused_batchnorm: bool  # BatchNorm (+ residual, + ReLU) in the fused kernels (advent_fast.batch_norm)
     classifier_channels_multiple: int  # the classifier's output channels padded to a multiple of this
     fused_weight_casts: bool  # a step's 16-bit weights made by one node (advent_fast.weight_casts)
+    deterministic: bool  # deterministic algorithms only: bit-identical runs from one seed
 
     @classmethod
     def resolve(cls, config: Config, device: torch.device, distributed: bool = False) -> "StepSettings":
@@ -123,14 +124,22 @@ class StepSettings:
         gradient_sync = t.gradient_sync
         if gradient_sync == "auto":
             gradient_sync = ("after_backward" if cuda_graph else "ddp") if distributed else "none"
+        loss_backend = advent_fast.get_backend(device)
+        upsampled_losses = fast and t.target_losses == "fused"
+        if t.deterministic and device.type == "cuda" and not (upsampled_losses and loss_backend == "triton"):
+            raise ValueError("train.deterministic on CUDA needs the fast path with train.target_losses fused (the "
+                             "upsampling fused into the Triton losses): the upsampling backward and NLLLoss that "
+                             f"the other steps run have no deterministic CUDA kernels (this run: fast path "
+                             f"{'on' if fast else 'off'}, target_losses {t.target_losses}, loss backend "
+                             f"{loss_backend})")
         return cls(
             fast_path=fast,
             precision=precision,
             channels_last=fast if t.channels_last is None else t.channels_last,
-            upsampled_losses=fast and t.target_losses == "fused",
+            upsampled_losses=upsampled_losses,
             fold_frozen_bn=fast and config.model.freeze_bn,
             compile=t.compile,
-            loss_backend=advent_fast.get_backend(device),
+            loss_backend=loss_backend,
             sync_free=fast,
             cuda_graph=cuda_graph,
             cuda_graph_fallback=t.cuda_graph is None,
@@ -141,6 +150,7 @@ class StepSettings:
             classifier_channels_multiple=t.classifier_channels_multiple,
             fused_weight_casts=(t.fused_weight_casts and fast and precision != "fp32" and t.compile == "none"
                                 and gradient_sync != "ddp"),
+            deterministic=t.deterministic,
         )
 
     @property
@@ -170,6 +180,7 @@ class StepSettings:
         parts += ["weights cast by one node a step"] if self.fused_weight_casts else []
         if self.classifier_channels_multiple > 1:
             parts += [f"classifier channels padded to a multiple of {self.classifier_channels_multiple}"]
+        parts += ["deterministic algorithms"] if self.deterministic else []
         return ", ".join(parts)
 
 
@@ -457,8 +468,7 @@ class Trainer:
         self.device = self.ctx.device
         self.settings = StepSettings.resolve(config, self.device, distributed=self.ctx.distributed)
         t = config.train
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = t.cudnn_benchmark
+        self._use_deterministic_algorithms(t.deterministic, t.cudnn_benchmark)
         if config.run.cpu_threads is not None:
             torch.set_num_threads(config.run.cpu_threads)
         seed_everything(t.seed)
@@ -597,6 +607,19 @@ class Trainer:
                     group["lr"].fill_(self._lr(group))  # in place: a captured step reads it there
                 else:
                     group["lr"] = self._lr(group)
+
+    def _use_deterministic_algorithms(self, deterministic: bool, cudnn_benchmark: bool) -> None:
+        """train.deterministic and cudnn_benchmark, process-wide. Without train.deterministic the process's
+        own cuDNN and torch determinism switches are left as they are."""
+        if self.device.type == "cuda":
+            # benchmark may choose other algorithms (deterministic ones too) in another run
+            torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
+            if deterministic:
+                torch.backends.cudnn.deterministic = True
+                # cuBLAS's reduction order depends on its workspace size: read when its first handle is made
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if deterministic:
+            torch.use_deterministic_algorithms(True)
 
     def _prepare_sync_free_optimizers(self) -> None:
         """Learning rates as device tensors, and torch SGD's momentum buffers as zeros (its fused

@@ -56,6 +56,8 @@ Variants (``--variants``):
                  channels padded to 24 for tensor-core convolutions)
   fast_checkpointed the fast path with train.activation_checkpointing (backbone blocks recomputed in
                  the backward: what the memory saving costs in time)
+  fast_deterministic the fast path with train.deterministic (deterministic cuDNN algorithms, no cuDNN
+                 benchmark: what bit-identical runs cost in time)
 """
 from __future__ import annotations
 
@@ -96,6 +98,7 @@ VARIANTS = {
     "fast_fused_casts": ["train.fast_path=true", "train.fused_weight_casts=true"],
     "fast_padded_classifier": ["train.fast_path=true", "train.classifier_channels_multiple=8"],
     "fast_checkpointed": ["train.fast_path=true", "train.activation_checkpointing=true"],
+    "fast_deterministic": ["train.fast_path=true", "train.deterministic=true"],
 }
 QUICK_VARIANTS = ["release_fp32", "release_bf16", "fast", "fast_eager", "fast_frozen_bn"]
 CUDA_ONLY = {"fast_compile_graph"}
@@ -164,7 +167,13 @@ def defaults(args, device):
     return config, source_size, target_size, steps, warmup, variants
 
 
+# train.deterministic turns process-wide switches on (Trainer): every variant starts from the process's own
+PROCESS_DETERMINISM = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+
+
 def build_trainer(preset, mode, variant, args, source_size, target_size, device):
+    torch.use_deterministic_algorithms(PROCESS_DETERMINISM[0])
+    torch.backends.cudnn.deterministic = PROCESS_DETERMINISM[1]
     overrides = [f"train.mode={mode}", "data.num_workers=0", "run.progress=false", "eval.every=0",
                  f"data.source_size={list(source_size)}", f"data.target_size={list(target_size)}",
                  *args.overrides, *VARIANTS[variant]]

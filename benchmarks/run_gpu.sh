@@ -82,7 +82,7 @@ export ADVENT_FAST_REPORT_FAILURES=1
 # capture can leave the CUDA context unusable): the captured step against the eager one (frozen BN and
 # activation checkpointing too), the default's eager fallbacks (a failed capture, a batch of another
 # shape), a training run with it, two processes on the one GPU (gloo) replaying the graph with the gradients
-# all-reduced after it, the other CUDA-only trainer and metric tests.
+# all-reduced after it, two train.deterministic runs bit for bit, the other CUDA-only trainer and metric tests.
 stage pytest_train_cuda 150 "$PY" -m pytest -q tests/test_train.py tests/test_metrics.py tests/test_distributed.py \
     -k cuda
 # Issue 5: the default fast path (one CUDA graph) against release_fp32 in one run, and inside the graph every
@@ -108,9 +108,10 @@ stage bench_class_channels 50 "$PY" benchmarks/bench_class_channels.py --quick \
 # Issue 5: torch.compile of G and D inside the whole-step graph, against the default graph step in the same
 # process: what Inductor's fusions (BatchNorm with its ReLU, the residual adds) take off the GPU's time; and
 # the graph without the optimisers (run after each replay, as multi-process runs do around their all-reduces)
-# and fp16 with its gradient scaler inside the graph (what auto takes on GPUs without bf16 tensor cores).
+# and fp16 with its gradient scaler inside the graph (what auto takes on GPUs without bf16 tensor cores), and
+# what train.deterministic costs.
 stage bench_train_step_compile_graph 300 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
-    --variants fast fast_graph_split fast_fp16 fast_compile_graph --gpu-profile 12 \
+    --variants fast fast_graph_split fast_fp16 fast_deterministic fast_compile_graph --gpu-profile 12 \
     --json "$LOGS/bench_train_step_compile_graph.json"
 # The fused train-mode BatchNorm (+ ReLU) and folded BN shift against ATen's and torch.compile's, ResNet-101's
 # layers, bf16.

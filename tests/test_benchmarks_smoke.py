@@ -7,6 +7,7 @@ import tarfile
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny embedded set (generated in a second or two, then cached beside the full one when
@@ -129,6 +130,30 @@ def test_bench_train_step_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatc
                                "32", "--set", "model.width=4", "--json", str(out)])
     assert "| minent | release_fp32 |" in capsys.readouterr().out
     assert [r["variant"] for r in json.loads(out.read_text())["rows"]] == ["release_fp32"]
+
+
+def test_bench_train_step_variants_after_a_deterministic_one_run_without_its_switches(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_train_step
+
+    real, switched = bench_train_step.build_trainer, []
+
+    def recording(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        switched.append((args[2], torch.are_deterministic_algorithms_enabled()))
+        return trainer
+
+    monkeypatch.setattr(bench_train_step, "build_trainer", recording)
+    try:
+        bench_train_step.main(["--device", "cpu", "--modes", "minent", "--variants", "fast_deterministic",
+                               "release_fp32", "--steps", "1", "--warmup", "1", "--source-size", "64", "32",
+                               "--target-size", "64", "32", "--set", "model.width=4",
+                               "--json", str(tmp_path / "d.json")])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert switched == [("fast_deterministic", True), ("release_fp32", False)]
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert "deterministic algorithms" in rows[0]["settings"] and "error" not in rows[0]
 
 
 def test_gpu_busy_counts_overlapping_kernels_once(monkeypatch):

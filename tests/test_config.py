@@ -137,3 +137,6 @@ def test_cli_errors_name_the_key(capsys):
     assert printed["activation_checkpointing"] is False
     assert train.main(["--activation-checkpointing", "--print-config"]) == 0
     assert parse_yaml(capsys.readouterr().out)["train"]["activation_checkpointing"] is True
+    assert printed["deterministic"] is False
+    assert train.main(["--deterministic", "--print-config"]) == 0
+    assert parse_yaml(capsys.readouterr().out)["train"]["deterministic"] is True

@@ -550,6 +550,38 @@ def test_step_settings_resolve_per_device():
         trainer_mod.StepSettings.resolve(graph_ddp, torch.device("cuda"), distributed=True)
 
 
+@pytest.fixture
+def process_determinism(monkeypatch):
+    """Restores the process-wide switches a train.deterministic trainer turns on."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(before[0])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1:]
+
+
+def test_deterministic_needs_the_fused_losses_on_cuda():
+    for overrides in (["train.fast_path=false"], ["train.target_losses=reference"]):
+        config = load_config("embedded", ["train.deterministic=true", *overrides])
+        with pytest.raises(ValueError, match="train.deterministic on CUDA needs the fast path"):
+            trainer_mod.StepSettings.resolve(config, torch.device("cuda"))
+        assert trainer_mod.StepSettings.resolve(config, torch.device("cpu")).deterministic  # CPU: any path
+    settings = trainer_mod.StepSettings.resolve(load_config("embedded", ["train.deterministic=true"]),
+                                                torch.device("cuda"))
+    assert settings.deterministic and "deterministic algorithms" in settings.describe()
+
+
+def test_deterministic_run_on_the_cpu_equals_the_default(process_determinism):
+    """The switches are on for the run, and nothing in the step lacks a deterministic CPU kernel."""
+    batches = fixed_batches(3)
+    _, default = run_steps(load_config("embedded", ["train.lr=1e-2"]), batches)
+    assert not torch.are_deterministic_algorithms_enabled()
+    _, deterministic = run_steps(load_config("embedded", ["train.lr=1e-2", "train.deterministic=true"]), batches)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert deterministic == default
+
+
 @pytest.mark.parametrize("overrides, device, distributed, expected, sync", [
     ((), "cuda", False, True, "none"),  # the default on one GPU: the whole step as one CUDA graph
     ((), "cpu", False, False, "none"),
@@ -1121,6 +1153,32 @@ def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, monkeypatc
     for name, value in runs[True][0].model.state_dict().items():
         torch.testing.assert_close(value, ref_state[name], rtol=rtol, atol=1e-6, msg=name)
     assert runs[True][0].scaler.get_scale() == runs[False][0].scaler.get_scale()
+
+
+@cuda_only
+@pytest.mark.parametrize("extra", [
+    (),  # bf16, the whole step as one CUDA graph
+    ("train.cuda_graph=false", "train.fused_batchnorm=true"),
+    ("train.fused_weight_casts=true", "model.freeze_bn=true"),
+    ("train.precision=fp16",),
+])
+def test_deterministic_cuda_runs_are_bit_identical(tiny_data, process_determinism, extra):
+    """Two runs from one seed on one GPU: the same losses and weights to the bit."""
+    runs = []
+    for _ in range(2):
+        trainer = cuda_trainer(tiny_config(tiny_data, "advent", "train.fast_path=true", "train.deterministic=true",
+                                           "train.lr=1e-2", "train.max_iters=10", *extra))
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        history = []
+        for source, target in cuda_batches(trainer, 8):
+            finite, values, _ = trainer.train_step(source, target)
+            trainer.iteration += 1
+            history.append(values)
+        runs.append((history, state_tensors(trainer.state_dict())))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1].keys() == runs[1][1].keys()
+    for name, value in runs[0][1].items():
+        assert torch.equal(value, runs[1][1][name]), name
 
 
 @cuda_only
