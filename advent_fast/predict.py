@@ -14,13 +14,21 @@ in its split or folder, e.g. ``labelids/berlin/berlin_000000_000019_leftImg8bit.
 - ``trainids``: the model's class indices (0..18, or 0..15 for SYNTHIA models), 8-bit grey;
 - ``color``: the Cityscapes colours, RGB;
 - ``entropy``: the normalised entropy of the (ensemble's) prediction, 16-bit grey, value / 65535 in [0, 1].
+
+``--entropy-ranking`` also writes ``OUT/entropy_ranking.json``: the images from the most to the least confident,
+by the mean normalised entropy of their prediction over their native-size pixels (the ranking that
+entropy-based curriculum and intra-domain methods split target images by); with ``--easy-fraction F``,
+``OUT/easy_split.txt`` (the first floor(F * N) names) and ``OUT/hard_split.txt`` (the others), list files in the
+format of ``--list`` and ``data.target_list``.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -35,7 +43,7 @@ from advent_fast.data.classes import train_id_to_label_id
 from advent_fast.evaluate import add_running_arguments, inference_device, load_models, predict_logits
 from advent_fast.visualize import colorize
 
-__all__ = ["FORMATS", "main", "predict_dataset"]
+__all__ = ["FORMATS", "Predictions", "main", "predict_dataset", "write_entropy_ranking"]
 
 FORMATS = ("labelids", "trainids", "color", "entropy")
 INPUT_SIZE = (1024, 512)  # (width, height): the release's Cityscapes input
@@ -55,6 +63,11 @@ class _WithNativeSize(Dataset):
         with Image.open(self.dataset.items[index][0]) as image:
             item["native_hw"] = torch.tensor([image.height, image.width])
         return item
+
+
+class Predictions(NamedTuple):
+    files: List[str]  # the PNG files written, in dataset order
+    mean_entropy: Dict[str, float]  # each image's mean normalised entropy, by name, in dataset order
 
 
 def _encode(fmt: str, pred: np.ndarray, entropy: Optional[np.ndarray], num_classes: int,
@@ -88,9 +101,9 @@ def predict_dataset(
     num_workers: int = 0,
     precision: str = "fp32",
     progress: bool = False,
-) -> List[str]:
+) -> Predictions:
     """Write the predictions of the weighted ensemble ``models`` on every image of ``dataset`` (see the module
-    docstring for the protocol, formats and file names); returns the files written, in dataset order."""
+    docstring for the protocol, formats and file names)."""
     if len(models) != len(weights) or not models:
         raise ValueError(f"{len(models)} models but {len(weights)} weights")
     unknown = [f for f in formats if f not in FORMATS]
@@ -104,6 +117,7 @@ def predict_dataset(
                         pin_memory=device.type == "cuda")
     label_ids = train_id_to_label_id(num_classes)
     written: List[str] = []
+    mean_entropy: Dict[str, float] = {}
     pending: List[Future] = []
     # PNG encoding releases the GIL: a few threads write while the device computes the next batch
     with ThreadPoolExecutor(max_workers=4) as writers:
@@ -122,9 +136,11 @@ def predict_dataset(
                         raise ValueError(f"non-finite logits for {', '.join(batch['name'][rows])}: the "
                                          f"checkpoint's weights (or the images) are not usable")
                     preds = logits.argmax(1).to(torch.uint8).cpu().numpy()
-                    entropies = (advent_fast.entropy_map(logits).cpu().numpy() if "entropy" in formats
-                                 else [None] * len(preds))
-                    for name, pred, entropy in zip(batch["name"][rows], preds, entropies):
+                    entropy_maps = advent_fast.entropy_map(logits)
+                    means = entropy_maps.double().mean((1, 2)).tolist()
+                    entropies = entropy_maps.cpu().numpy() if "entropy" in formats else [None] * len(preds)
+                    for name, pred, entropy, mean in zip(batch["name"][rows], preds, entropies, means):
+                        mean_entropy[name] = mean
                         stem = os.path.splitext(name)[0]
                         for fmt in formats:
                             path = os.path.join(out_dir, fmt, stem + ".png")
@@ -139,6 +155,27 @@ def predict_dataset(
         finally:
             for m, mode in zip(models, was_training):
                 m.train(mode)
+    return Predictions(written, mean_entropy)
+
+
+def write_entropy_ranking(mean_entropy: Dict[str, float], out_dir: str,
+                          easy_fraction: Optional[float] = None) -> List[str]:
+    """``OUT/entropy_ranking.json`` (names by increasing mean entropy, ties by name) and, with ``easy_fraction``,
+    the easy and hard split list files (module docstring); returns the files written."""
+    if easy_fraction is not None and not 0.0 < easy_fraction < 1.0:
+        raise ValueError(f"easy_fraction must be in (0, 1), got {easy_fraction}")
+    ranked = sorted(mean_entropy.items(), key=lambda item: (item[1], item[0]))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "entropy_ranking.json")
+    with open(path, "w") as f:
+        json.dump([{"name": name, "mean_entropy": value} for name, value in ranked], f, indent=1)
+    written = [path]
+    if easy_fraction is not None:
+        easy = math.floor(easy_fraction * len(ranked))
+        for split, part in (("easy", ranked[:easy]), ("hard", ranked[easy:])):
+            written.append(os.path.join(out_dir, f"{split}_split.txt"))
+            with open(written[-1], "w") as f:
+                f.writelines(f"{name}\n" for name, _ in part)
     return written
 
 
@@ -159,6 +196,11 @@ def _parse_args(argv):
     out = parser.add_argument_group("output")
     out.add_argument("--out-dir", required=True)
     out.add_argument("--format", nargs="+", choices=FORMATS, default=["labelids"], dest="formats")
+    out.add_argument("--entropy-ranking", action="store_true",
+                     help="also write OUT/entropy_ranking.json: the images by increasing mean entropy")
+    out.add_argument("--easy-fraction", type=float, metavar="F",
+                     help="with --entropy-ranking: OUT/easy_split.txt (the first F of the ranking) and "
+                          "OUT/hard_split.txt, as list files")
     add_running_arguments(parser)
     args = parser.parse_args(argv)
     if args.root and args.images:
@@ -169,6 +211,10 @@ def _parse_args(argv):
         parser.error(f"{len(args.weights)} --weights for {len(args.checkpoint)} --checkpoint")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.easy_fraction is not None and not args.entropy_ranking:
+        parser.error("--easy-fraction needs --entropy-ranking")
+    if args.easy_fraction is not None and not 0.0 < args.easy_fraction < 1.0:
+        parser.error(f"--easy-fraction must be in (0, 1), got {args.easy_fraction}")
     return args
 
 
@@ -187,11 +233,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         dataset = CityscapesDataset(embedded.target_root, "val", size or embedded.target_size, None, num_classes,
                                     labels=False)
     weights = args.weights or [1.0 / len(models)] * len(models)
-    written = predict_dataset(models, weights, dataset, num_classes, args.out_dir, args.formats, device,
-                              args.batch_size, args.workers, args.precision, progress=not args.quiet)
+    predictions = predict_dataset(models, weights, dataset, num_classes, args.out_dir, args.formats, device,
+                                  args.batch_size, args.workers, args.precision, progress=not args.quiet)
     for fmt in args.formats:
         print(f"{fmt}: {len(dataset)} PNG files under {os.path.join(args.out_dir, fmt)}")
-    return {"images": len(dataset), "files": written}
+    ranking = []
+    if args.entropy_ranking:
+        ranking = write_entropy_ranking(predictions.mean_entropy, args.out_dir, args.easy_fraction)
+        print(f"entropy ranking: {', '.join(ranking)}")
+    return {"images": len(dataset), "files": predictions.files, "mean_entropy": predictions.mean_entropy,
+            "ranking_files": ranking}
 
 
 if __name__ == "__main__":

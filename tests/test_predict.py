@@ -1,4 +1,5 @@
 """advent_fast.predict: PNG predictions in the Cityscapes benchmark's format, against the protocol written out."""
+import json
 import os
 
 import cv2
@@ -88,6 +89,40 @@ def test_test_split_in_every_format_follows_the_protocol(test_root, checkpoints,
         entropy = cv2.imread(files["entropy"], cv2.IMREAD_UNCHANGED)
         assert entropy.dtype == np.uint16
         np.testing.assert_allclose(entropy / 65535.0, reference.entropy_map(logits)[0].numpy(), atol=1e-4)
+
+
+def test_entropy_ranking_and_its_splits_are_list_files(test_root, checkpoints, tmp_path):
+    out = tmp_path / "ranked"
+    result = cli("--checkpoint", checkpoints[1], "--root", test_root, "--out-dir", str(out), "--format", "trainids",
+                 "--entropy-ranking", "--easy-fraction", "0.9")
+    model = tiny_model(2)
+    expected = {}
+    for name in result["mean_entropy"]:
+        logits = expected_logits([model], [1.0], os.path.join(test_root, "leftImg8bit", "test", name))
+        expected[name] = reference.entropy_map(logits).double().mean().item()
+    assert sorted(expected) == sorted(result["mean_entropy"]) and len(expected) == 3
+    assert result["mean_entropy"] == pytest.approx(expected, rel=1e-5)
+    assert len(set(expected.values())) == 3  # a ranking, not a tie
+    ranked = json.loads((out / "entropy_ranking.json").read_text())
+    assert [r["name"] for r in ranked] == sorted(expected, key=expected.get)
+    assert [r["mean_entropy"] for r in ranked] == sorted(result["mean_entropy"].values())
+    easy, hard = ((out / f"{split}_split.txt").read_text().split() for split in ("easy", "hard"))
+    assert easy == [r["name"] for r in ranked[:2]] and hard == [r["name"] for r in ranked[2:]]  # floor(0.9 * 3)
+    assert result["ranking_files"] == [str(out / f) for f in ("entropy_ranking.json", "easy_split.txt",
+                                                              "hard_split.txt")]
+    # the hard split as a list file: the second-stage target set
+    listed = cli("--checkpoint", checkpoints[1], "--root", test_root, "--list", str(out / "hard_split.txt"),
+                 "--out-dir", str(tmp_path / "hard"), "--format", "trainids")
+    assert list(listed["mean_entropy"]) == hard
+
+
+def test_entropy_ranking_arguments_are_checked(checkpoints, tmp_path):
+    for bad in (["--easy-fraction", "0.5"], ["--entropy-ranking", "--easy-fraction", "1"],
+                ["--entropy-ranking", "--easy-fraction", "0"]):
+        with pytest.raises(SystemExit):
+            cli("--checkpoint", checkpoints[0], "--out-dir", str(tmp_path), *bad)
+    with pytest.raises(ValueError, match="easy_fraction must be in"):
+        predict.write_entropy_ranking({"a.png": 0.5}, str(tmp_path), easy_fraction=1.5)
 
 
 def test_label_ids_are_the_cityscapes_ids_of_the_classes():
