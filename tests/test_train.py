@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1058,6 +1059,34 @@ def test_sampler_is_a_resumable_shardable_stream():
     ranks = [take(InfiniteSampler(5, 1234, 0, 2, DistContext(rank=r, world_size=2)), 7) for r in (0, 1)]
     assert [x for pair in zip(*ranks) for x in pair] == whole
     assert take(InfiniteSampler(5, 1234, 1, 2, DistContext()), 5) != whole[:5]  # target stream differs
+
+
+def test_synthia_to_cityscapes_trains_16_classes_with_their_prior(synthia_data, tiny_data, tmp_path):
+    """The paper's second setting end to end: the SYNTHIA labels' 16-class prior, a VGG-16 AdvEnt+CP run
+    (synthia2cityscapes_vgg16), its evaluation in 16 and 13 classes."""
+    from advent_fast.data import prior as prior_cli
+
+    root, train_ids = synthia_data
+    prior_path = str(tmp_path / "synthia_prior.json")
+    prior_cli.main(["--dataset", "synthia", "--root", root, "--out", prior_path, "--workers", "0"])
+    counts = np.bincount(np.concatenate([t.ravel() for t in train_ids]), minlength=256)[:16]
+    written = json.loads(open(prior_path).read())
+    assert written["num_classes"] == 16 and len(written["prior"]) == 16
+    np.testing.assert_allclose(written["prior"], counts / counts.sum(), rtol=1e-6)
+    assert (counts > 0).sum() >= 8  # the check above compares many classes
+
+    run = str(tmp_path / "run")
+    overrides = ["data.source_size=[64, 38]", "data.target_size=[64, 32]", "data.eval_label_size=[64, 32]",
+                 "data.num_workers=0", "train.stop_iter=2", "eval.every=2", "run.progress=false"]
+    assert train.main(["--config", "synthia2cityscapes_vgg16", "--mode", "advent", "--class-prior", prior_path,
+                       "--source-root", root, "--target-root", tiny_data.target_root, "--run-dir", run,
+                       *[a for o in overrides for a in ("--set", o)]]) == 0
+    _, evals = read_metrics(run)
+    assert [e["iter"] for e in evals] == [2]
+    assert len(evals[0]["iou"]) == 16 and {"miou16", "miou13"} <= set(evals[0])
+    assert any(name.startswith("cp_") for name in read_metrics(run)[0][-1])  # the class-prior losses trained
+    model = load(os.path.join(run, "checkpoint.pt"))["model"]
+    assert model["classifier.conv2d_list.0.weight"].shape[0] == 16  # VGG-16 has the main head only
 
 
 def test_bad_input_fails_with_a_clear_message(tiny_data, tmp_path, capsys):
