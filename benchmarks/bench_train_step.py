@@ -12,7 +12,8 @@ the clock stops when the device has finished the last one. Columns: ms per step 
 timed steps), host ms (the time the host spends in each ``step_async`` call: as long as the step
 where the host waits for the device, as the release path's loss reads do, or where issuing the
 kernels is the bottleneck; much shorter where the device is), images per second (source + target),
-peak memory (of a captured step: what it allocates outside its graph plus what the graph's pool
+speed-ups against the same mode's release_fp32 and fast (the default) rows of the run (a lever pays where
+its x fast is above 1), peak memory (of a captured step: what it allocates outside its graph plus what the graph's pool
 reserved at capture, an upper bound), and on GPUs the GPU's busy ms per step (the union of the
 kernels' and copies' time spans from the profiler over a few steps) and that as a fraction of ms per
 step (timed without the profiler, which slows the host), and the kernels and copies per step (each
@@ -447,15 +448,20 @@ def release_memory(device):
 
 
 def format_row(row, rows) -> str:
-    """A markdown row; the speed-up against the same mode's release_fp32 row measured in this run, if any."""
+    """A markdown row; the speed-ups against the same mode's release_fp32 and fast (the default) rows measured
+    in this run, if any: a lever pays where its x fast is above 1."""
     if "error" in row:
-        return f"| {row['mode']} | {row['variant']} | failed: {row['error']} |||||||||||"
-    base = next((r for r in rows if r["mode"] == row["mode"] and r["variant"] == "release_fp32"
-                 and "error" not in r), None)
-    speedup = base["ms_per_step"] / row["ms_per_step"] if base else None
+        return f"| {row['mode']} | {row['variant']} | failed: {row['error']} ||||||||||||"
+
+    def speedup(baseline):
+        base = next((r for r in rows if r["mode"] == row["mode"] and r["variant"] == baseline
+                     and "error" not in r), None)
+        return base["ms_per_step"] / row["ms_per_step"] if base else None
+
     busy = None if row["gpu_busy"] is None else f"{100 * row['gpu_busy']:.0f}%"
     return (f"| {row['mode']} | {row['variant']} | {row['ms_per_step']:.1f} | {row['host_ms']:.1f} | "
-            f"{row['images_per_s']:.1f} | {fmt(speedup, '.2f')} | {fmt(row['peak_mib'], ',.0f')} | "
+            f"{row['images_per_s']:.1f} | {fmt(speedup('release_fp32'), '.2f')} | {fmt(speedup('fast'), '.2f')} | "
+            f"{fmt(row['peak_mib'], ',.0f')} | "
             f"{fmt(row['gpu_ms'], '.1f')} | {fmt(busy, 's')} | {fmt(row['kernels_per_step'], ',.0f')} | "
             f"{fmt(row['ops_per_step'], ',')} | "
             f"{row['warmup_s']:.1f} | {row['settings']} |")
@@ -507,9 +513,9 @@ def main(argv=None):
                                       "warmup": warmup, "rows": rows, "track": tracked}, announce=final)
 
     if variants:
-        print("| mode | variant | ms/step | host ms | images/s | x release_fp32 | peak MiB | GPU ms | GPU busy "
-              "| kernels/step | ops/step | warm-up s | settings |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| mode | variant | ms/step | host ms | images/s | x release_fp32 | x fast | peak MiB | GPU ms "
+              "| GPU busy | kernels/step | ops/step | warm-up s | settings |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for mode in args.modes:
         for variant in variants:
             try:

@@ -1,4 +1,6 @@
 """The benchmark scripts run end to end (smallest options) and write their JSON."""
+import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -396,6 +398,7 @@ STUB_PYTHON = """#!/bin/sh
 # table row and writes its --json file
 [ "$1" = -c ] && exit 0  # version, dependency and import probes
 [ "$1" = -m ] && [ "$2" = pip ] && exit 0  # installs
+[ -n "$STUB_LOG" ] && { printf '%s\037' "$@"; printf '\n'; } >>"$STUB_LOG"  # the arguments, one call a line
 echo "| stub | $* |"
 while [ $# -gt 1 ]; do [ "$1" = --json ] && echo '{}' > "$2"; shift; done
 """
@@ -432,6 +435,46 @@ def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
     assert proc.returncode == 0
     ran = [line for line in (tmp_path / "again" / "stages.txt").read_text().splitlines() if "exit" in line]
     assert len(ran) == 1 and ran[0].startswith("== bench_eval: exit 0")
+
+
+class _Parsed(Exception):
+    """argparse has parsed the arguments: they are valid, and nothing else runs."""
+
+
+def test_run_gpu_stages_ask_only_what_their_scripts_and_tests_take(tmp_path, monkeypatch):
+    """Every stage's command line parses with its script's own parser, every pytest stage selects tests, the
+    training stage's settings resolve: a typo would otherwise show only on a GPU, as a stage lost."""
+    stub, calls_log = tmp_path / "python3", tmp_path / "calls"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(stub), OUT=str(tmp_path / "out"), LOGS=str(tmp_path / "logs"),
+               ADVENT_FAST_DATA=str(tmp_path / "data"), STUB_LOG=str(calls_log))
+    assert run_gpu(env).returncode == 0
+    calls = [line.split("\x1f")[:-1] for line in calls_log.read_text().splitlines()]
+    scripts = [c for c in calls if c[0].startswith("benchmarks/")]
+    pytests = [c[2:] for c in calls if c[:2] == ["-m", "pytest"]]
+    trainings = [c[2:] for c in calls if c[:2] == ["-m", "advent_fast.train"]]
+    assert len(scripts) + len(pytests) + len(trainings) == len(calls) == 23
+    from advent_fast import train
+
+    for args in trainings:
+        assert train.main([*args, "--print-config"]) == 0, args
+    for args in pytests:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                               *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{args} selects no test:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        real_parse(self, args, namespace)  # a bad argument exits here
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    for script, *args in scripts:
+        module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
+        with pytest.raises(_Parsed):
+            module.main(args)
 
 
 @pytest.mark.parametrize("asked", [True, False])
