@@ -1,8 +1,11 @@
-"""Readers on small files in the real formats, their errors, the embedded generator and the class prior."""
+"""Readers on small files in the real formats, their errors, the embedded generator, the class prior and the
+dataset check (verify)."""
 import json
 import os
 import pathlib
 import pickle
+import subprocess
+import sys
 import warnings
 
 import cv2
@@ -21,7 +24,7 @@ from advent_fast.data import (
     ensure_embedded_data,
     load_prior,
 )
-from advent_fast.data import classes, embedded, prior
+from advent_fast.data import classes, embedded, prior, verify
 from advent_fast.metrics import ConfusionMatrix
 
 RNG = np.random.default_rng(0)
@@ -388,6 +391,45 @@ def test_prior_is_the_normalised_label_histogram(tmp_path):
     loaded = load_prior(out, 19)
     assert loaded.dtype == torch.float32
     np.testing.assert_allclose(loaded.numpy(), counts / counts.sum(), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ verify
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_verify_names_broken_files_and_warns_of_mismatches(tmp_path, workers):
+    root = str(tmp_path / "gta5")
+    names = ("00001.png", "00002.png", "00003.png", "00004.png", "00005.png")
+    write_gta5(root, names=names)
+    with open(os.path.join(root, "images", "00002.png"), "r+b") as f:  # truncated
+        f.truncate(os.path.getsize(f.name) // 2)
+    write_paletted(os.path.join(root, "labels", "00003.png"), RNG.integers(0, 34, (30, 40)))  # not 40x34
+    write_paletted(os.path.join(root, "labels", "00004.png"), np.zeros((34, 40), np.int64))  # id 0: ignored
+    report = verify.main(["--dataset", "gta5", "--root", root, "--workers", str(workers), "--quiet",
+                          "--json", str(tmp_path / "report.json")])
+    assert report["counts"] == {"unreadable": 1, "size mismatch": 1, "no labelled pixel": 1} and not report["ok"]
+    found = {(p["name"], p["kind"]) for p in report["problems"]}
+    assert found == {("00002.png", "unreadable"), ("00003.png", "size mismatch"), ("00004.png", "no labelled pixel")}
+    assert "00002.png" in next(p["message"] for p in report["problems"] if p["kind"] == "unreadable")
+    assert json.loads((tmp_path / "report.json").read_text())["problems"] == report["problems"]
+
+
+def test_verify_exit_status_and_image_only_splits(tmp_path, capsys):
+    root = str(tmp_path / "cityscapes")
+    write_cityscapes(root, "test", labels=False)
+    report = verify.main(["--dataset", "cityscapes", "--root", root, "--split", "test", "--no-labels",
+                          "--workers", "0", "--quiet"])
+    assert report["ok"] and report["items"] == 4 and sum(report["counts"].values()) == 0
+    with pytest.raises(SystemExit):  # the test split has no labels: a usage error naming the first image
+        verify.main(["--dataset", "cityscapes", "--root", root, "--split", "test", "--workers", "0"])
+    assert "no label for image" in capsys.readouterr().err
+    os.truncate(os.path.join(root, "leftImg8bit", "test", "a_city", "a_city_000000_000019_leftImg8bit.png"), 10)
+    proc = subprocess.run([sys.executable, "-m", "advent_fast.data.verify", "--dataset", "cityscapes", "--root", root,
+                           "--split", "test", "--no-labels", "--workers", "0", "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "unreadable: a_city/a_city_000000_000019_leftImg8bit.png" in proc.stdout
+    assert "4 images decoded; unreadable: 1, size mismatch: 0" in proc.stdout
 
 
 @pytest.mark.parametrize(

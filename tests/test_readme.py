@@ -11,7 +11,7 @@ from advent_fast import train
 from advent_fast.config import list_presets, parse_yaml
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-PROGRAMS = ("train", "evaluate", "predict", "visualize", "data.prior")
+PROGRAMS = ("train", "evaluate", "predict", "visualize", "data.prior", "data.verify")
 
 
 def readme() -> str:

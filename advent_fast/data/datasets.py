@@ -172,6 +172,10 @@ class SegmentationDataset(Dataset):
                           f"the release does. Further mismatched pairs of this dataset are not reported.",
                           stacklevel=2)
 
+    def load_image(self, index: int) -> Tuple[np.ndarray, Size]:
+        """(H, W, 3) uint8 RGB of one item at ``size`` (native when None) and its native (width, height)."""
+        return self._read_image(self.items[index][0])
+
     def load_label(self, index: int, resize: bool = True) -> np.ndarray:
         """Train ids (uint8, 255 = ignore) of one item, at ``label_size`` or the native size."""
         label_path = self.items[index][1]

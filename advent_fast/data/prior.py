@@ -10,29 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from advent_fast.data.datasets import CityscapesDataset, GTA5Dataset, SegmentationDataset, SynthiaDataset
+from advent_fast.data.datasets import SegmentationDataset
+from advent_fast.data.scan import add_dataset_arguments, dataset_from_arguments, map_items
 
 __all__ = ["class_histogram", "compute_prior", "load_prior", "main"]
 
-_dataset: Optional[SegmentationDataset] = None  # the dataset of one worker process
 
-
-def _init_worker(dataset: SegmentationDataset) -> None:
-    global _dataset
-    _dataset = dataset
-
-
-def _count(index: int) -> np.ndarray:
-    ids = _dataset.load_label(index, resize=False)
-    return np.bincount(ids.ravel(), minlength=256)[: _dataset.num_classes]
+def _count(dataset: SegmentationDataset, index: int) -> np.ndarray:
+    ids = dataset.load_label(index, resize=False)
+    return np.bincount(ids.ravel(), minlength=256)[: dataset.num_classes]
 
 
 def class_histogram(dataset: SegmentationDataset, workers: int = 0, progress: bool = True) -> np.ndarray:
@@ -42,20 +34,8 @@ def class_histogram(dataset: SegmentationDataset, workers: int = 0, progress: bo
     under ``if __name__ == "__main__":``, as multiprocessing requires.
     """
     total = np.zeros(dataset.num_classes, np.int64)
-    bar = tqdm(total=len(dataset), desc="class histogram", unit="label", disable=not progress)
-    if workers <= 1:
-        _init_worker(dataset)
-        for i in range(len(dataset)):
-            total += _count(i)
-            bar.update()
-    else:
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        with ctx.Pool(workers, _init_worker, (dataset,)) as pool:
-            for counts in pool.imap_unordered(_count, range(len(dataset)), chunksize=16):
-                total += counts
-                bar.update()
-    bar.close()
+    for counts in map_items(dataset, _count, workers, "class histogram", "label", progress):
+        total += counts
     return total
 
 
@@ -101,43 +81,20 @@ def load_prior(path: str, num_classes: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def _dataset_for(name: str, root: str, list_path: Optional[str], num_classes: int) -> SegmentationDataset:
-    # size=None: labels are counted as stored.
-    if name == "gta5":
-        return GTA5Dataset(root, size=None, list_path=list_path, num_classes=num_classes)
-    if name == "synthia":
-        return SynthiaDataset(root, size=None, list_path=list_path)
-    return CityscapesDataset(root, "train", size=None, label_size=None, num_classes=num_classes, list_path=list_path)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m advent_fast.data.prior", description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", choices=("gta5", "synthia", "cityscapes"), default="gta5")
-    parser.add_argument("--root", help="dataset root (default: the embedded source set, for gta5)")
-    parser.add_argument("--list", dest="list_path", help="optional list file of images")
-    parser.add_argument("--num-classes", type=int, choices=(19, 16), help="default: 16 for synthia, else 19")
+    add_dataset_arguments(parser)
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
     args = parser.parse_args(argv)
-    num_classes = args.num_classes or (16 if args.dataset == "synthia" else 19)
-    if args.dataset == "synthia" and num_classes != 16:
-        parser.error("SYNTHIA has 16 classes")
-    root = args.root
-    if root is None:
-        if args.dataset != "gta5":
-            parser.error(f"--root is required for {args.dataset}")
-        from advent_fast.data.embedded import ensure_embedded_data
-
-        root = ensure_embedded_data().source_root
-    dataset = _dataset_for(args.dataset, root, args.list_path, num_classes)
+    dataset = dataset_from_arguments(parser, args)
     counts = class_histogram(dataset, args.workers)
     if counts.sum() == 0:
-        raise SystemExit(f"no labelled pixels in {root}")
+        raise SystemExit(f"no labelled pixels in {dataset.root}")
     result = {
         "dataset": args.dataset,
-        "root": os.path.abspath(root),
+        "root": os.path.abspath(dataset.root),
         "num_images": len(dataset),
-        "num_classes": num_classes,
+        "num_classes": dataset.num_classes,
         "class_names": list(dataset.class_names),
         "pixels": counts.tolist(),
         "prior": (counts / counts.sum()).tolist(),
@@ -146,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     os.makedirs(folder, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote the {num_classes}-class prior of {len(dataset)} labels to {args.out}")
+    print(f"wrote the {dataset.num_classes}-class prior of {len(dataset)} labels to {args.out}")
     return result
 
 
