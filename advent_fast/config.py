@@ -138,7 +138,7 @@ class EvalConfig:
     every: int = 2000  # evaluate on the target val split every N iterations (0: only at the end)
     max_images: Optional[int] = None  # evaluate on the first N val images (None: all)
     batch_size: int = 1
-    precision: str = "fp32"  # fp32 (release) | bf16 | auto (backend.auto_precision on GPUs: bf16, fp16 or fp32)
+    precision: str = "fp32"  # fp32 (release) | bf16 | fp16 | auto (backend.auto_precision on GPUs: bf16, fp16 or fp32)
 
 
 @dataclass
@@ -177,7 +177,7 @@ CHOICES = {
     "train.compile": ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
     "train.target_losses": ("fused", "reference"),
     "train.gradient_sync": ("auto", "ddp", "after_backward"),
-    "eval.precision": ("fp32", "bf16", "auto"),
+    "eval.precision": ("fp32", "bf16", "fp16", "auto"),
 }
 
 

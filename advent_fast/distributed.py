@@ -36,7 +36,7 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda asked for, but no CUDA device is available")
+            raise ValueError("--device cuda asked for, but no CUDA device is available")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if name != "cpu":
         raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")

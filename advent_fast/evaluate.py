@@ -58,13 +58,14 @@ __all__ = [
 ]
 
 Size = Tuple[int, int]  # (width, height)
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
 def _autocast(device: torch.device, precision: str):
     """The autocast of ``precision``; auto: on GPUs :func:`advent_fast.backend.auto_precision` (bf16, or fp16
     on those without bf16 tensor cores: V100, T4; fp32 on older ones), fp32 elsewhere."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         precision = auto_precision(device) if device.type == "cuda" else "fp32"
     if precision == "fp32":
@@ -366,9 +367,9 @@ def add_running_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     # fp32 by default: the release's numerics, and faster than bf16 autocast on an H200 (README, Measured
     # results: 0.017 against 0.024 s an image), whose casts add kernels to a host-bound forward
-    run.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="fp32",
-                     help="fp32 (release, default), bf16, or auto (bf16 on GPUs; fp16 on those without bf16 "
-                          "tensor cores, fp32 on those without tensor cores)")
+    run.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                     help="fp32 (release, default), bf16, fp16 (autocast), or auto (bf16 on GPUs; fp16 on those "
+                          "without bf16 tensor cores, fp32 on those without tensor cores)")
     run.add_argument("--batch-size", type=int, default=2)
     run.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -379,6 +380,9 @@ def inference_device(name: str) -> torch.device:
     """``--device``: auto is the GPU if there is one; cuDNN picks its fastest algorithms for the fixed sizes."""
     device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
                           "cpu" if name == "auto" else name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return device

@@ -129,7 +129,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         print(dump_config(config), end="")
         return 0
-    ctx = dist_utils.init(args.device)
+    try:
+        ctx = dist_utils.init(args.device)
+    except ValueError as exc:  # a device this machine does not have
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         try:
             config, state, run_dir = resolve(args)

@@ -282,6 +282,12 @@ def test_embedded_default_uses_the_embedded_sizes(tmp_path, monkeypatch):
     assert source.size == data.source_size and source.root == data.source_root
 
 
+def test_a_gpu_the_machine_lacks_is_named():
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=f"--device {missing} asked for, but this machine has"):
+        evaluate.inference_device(missing)
+
+
 def test_precision_auto_follows_the_gpu(monkeypatch):
     from advent_fast import backend
 
@@ -298,3 +304,6 @@ def test_precision_auto_follows_the_gpu(monkeypatch):
             else:
                 assert autocast.fast_dtype == expected
             assert evaluate._autocast(gpu, "bf16").fast_dtype == torch.bfloat16
+            assert evaluate._autocast(gpu, "fp16").fast_dtype == torch.float16  # asked for, on any GPU
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, auto"):
+        evaluate._autocast(gpu, "fp8")

@@ -1106,6 +1106,8 @@ def test_bad_input_fails_with_a_clear_message(tiny_data, tmp_path, capsys):
     fails(base, "--init-weights", str(tmp_path / "missing.pth"), "--run-dir", str(tmp_path / "d"),
           match="missing.pth")
     fails(base + ["train.mode=advent_plus"], match="train.mode")
+    if not torch.cuda.is_available():
+        fails(base, "--device", "cuda", "--run-dir", str(tmp_path / "f"), match="no CUDA device is available")
     fails(base + ["data.num_classes=16"], match="data.num_classes")
 
     from advent_fast.models import build_model, checkpoint_dict
