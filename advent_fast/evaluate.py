@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from advent_fast import reference
 from advent_fast.backend import auto_precision
+from advent_fast.config import CHOICES
 from advent_fast.data import (
     CityscapesDataset,
     GTA5Dataset,
@@ -58,7 +59,7 @@ __all__ = [
 ]
 
 Size = Tuple[int, int]  # (width, height)
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+PRECISIONS = CHOICES["eval.precision"]
 
 
 def _autocast(device: torch.device, precision: str):
@@ -380,10 +381,10 @@ def inference_device(name: str) -> torch.device:
     """``--device``: auto is the GPU if there is one; cuDNN picks its fastest algorithms for the fixed sizes."""
     device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
                           "cpu" if name == "auto" else name)
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name} asked for, but this machine has {torch.cuda.device_count()} CUDA "
-                         f"device(s)")
     if device.type == "cuda":
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {name} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s)")
         torch.backends.cudnn.benchmark = True
     return device
 

@@ -137,7 +137,7 @@ def predict_dataset(
                                          f"checkpoint's weights (or the images) are not usable")
                     preds = logits.argmax(1).to(torch.uint8).cpu().numpy()
                     entropy_maps = advent_fast.entropy_map(logits)
-                    means = entropy_maps.double().mean((1, 2)).tolist()
+                    means = entropy_maps.mean((1, 2), dtype=torch.float64).tolist()
                     entropies = entropy_maps.cpu().numpy() if "entropy" in formats else [None] * len(preds)
                     for name, pred, entropy, mean in zip(batch["name"][rows], preds, entropies, means):
                         mean_entropy[name] = mean

@@ -3,6 +3,7 @@
 Triton reads TRITON_INTERPRET when it is imported, so it is set here, before any test module
 imports advent_fast (and with it triton): the Triton kernels then run on CPU tensors.
 """
+import argparse
 import os
 import sys
 
@@ -19,6 +20,29 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("embedded")
     return ensure_embedded_data(str(root), num_source=4, num_target_train=4, num_target_val=2,
                                 workers=1, progress=False)
+
+
+@pytest.fixture
+def parses_only(monkeypatch):
+    """``parses_only(main, args)``: ``main(args)`` parses ``args`` with its own argparse parser (a bad argument
+    exits there) and stops: nothing else runs."""
+
+    class Parsed(Exception):
+        pass
+
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        real_parse(self, args, namespace)
+        raise Parsed
+
+    def check(main, args):
+        with monkeypatch.context() as patch:
+            patch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+            with pytest.raises(Parsed):
+                main(args)
+
+    return check
 
 
 def pytest_runtest_logreport(report):

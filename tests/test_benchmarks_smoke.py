@@ -1,5 +1,4 @@
 """The benchmark scripts run end to end (smallest options) and write their JSON."""
-import argparse
 import importlib
 import json
 import os
@@ -437,11 +436,7 @@ def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
     assert len(ran) == 1 and ran[0].startswith("== bench_eval: exit 0")
 
 
-class _Parsed(Exception):
-    """argparse has parsed the arguments: they are valid, and nothing else runs."""
-
-
-def test_run_gpu_stages_ask_only_what_their_scripts_and_tests_take(tmp_path, monkeypatch):
+def test_run_gpu_stages_ask_only_what_their_scripts_and_tests_take(tmp_path, monkeypatch, parses_only):
     """Every stage's command line parses with its script's own parser, every pytest stage selects tests, the
     training stage's settings resolve: a typo would otherwise show only on a GPU, as a stage lost."""
     stub, calls_log = tmp_path / "python3", tmp_path / "calls"
@@ -463,18 +458,9 @@ def test_run_gpu_stages_ask_only_what_their_scripts_and_tests_take(tmp_path, mon
         proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{args} selects no test:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-    real_parse = argparse.ArgumentParser.parse_args
-
-    def parse_then_stop(self, args=None, namespace=None):
-        real_parse(self, args, namespace)  # a bad argument exits here
-        raise _Parsed
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     for script, *args in scripts:
-        module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
-        with pytest.raises(_Parsed):
-            module.main(args)
+        parses_only(importlib.import_module(os.path.splitext(os.path.basename(script))[0]).main, args)
 
 
 @pytest.mark.parametrize("asked", [True, False])

@@ -1,11 +1,8 @@
 """The README's commands are ones the programs take: what a user copies to reproduce a row must run."""
-import argparse
 import importlib
 import os
 import re
 import shlex
-
-import pytest
 
 from advent_fast import train
 from advent_fast.config import list_presets, parse_yaml
@@ -17,24 +14,6 @@ PROGRAMS = ("train", "evaluate", "predict", "visualize", "data.prior", "data.ver
 def readme() -> str:
     with open(README) as f:
         return f.read()
-
-
-class _Parsed(Exception):
-    """argparse has parsed the arguments: they are valid, and nothing else runs."""
-
-
-def parses(program, args, monkeypatch):
-    """The program's own parser takes ``args`` (and nothing runs)."""
-    real_parse = argparse.ArgumentParser.parse_args
-
-    def parse_then_stop(self, argv=None, namespace=None):
-        real_parse(self, argv, namespace)  # a bad argument exits here
-        raise _Parsed
-
-    with monkeypatch.context() as patch:
-        patch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-        with pytest.raises(_Parsed):
-            importlib.import_module(f"advent_fast.{program}").main(args)
 
 
 def resolved_train_config(args, capsys):
@@ -55,7 +34,11 @@ def paper_rows():
     return rows
 
 
-def test_every_preset_has_its_rows_and_each_row_resolves(capsys, monkeypatch):
+def program_main(program):
+    return importlib.import_module(f"advent_fast.{program}").main
+
+
+def test_every_preset_has_its_rows_and_each_row_resolves(capsys, parses_only):
     rows = paper_rows()
     assert {preset for preset, _ in rows} == set(list_presets()) - {"embedded"}
     roots = ["--source-root", "DATA/SOURCE", "--target-root", "DATA/Cityscapes"]
@@ -63,7 +46,7 @@ def test_every_preset_has_its_rows_and_each_row_resolves(capsys, monkeypatch):
         for command in commands:
             words = shlex.split(command)
             if words[:3] == ["python", "-m", "advent_fast.evaluate"]:
-                parses("evaluate", words[3:], monkeypatch)
+                parses_only(program_main("evaluate"), words[3:])
                 continue
             assert words[0] == "--mode", (preset, command)
             overrides = [*words, *(roots if "--source-root" not in words else roots[2:])]
@@ -89,11 +72,11 @@ def commands_in_readme():
     return commands
 
 
-def test_every_whole_command_parses(capsys, monkeypatch):
+def test_every_whole_command_parses(capsys, parses_only):
     commands = commands_in_readme()
     assert {program for program, _ in commands} == set(PROGRAMS)
     for program, args in commands:
         if program == "train":
             resolved_train_config(args, capsys)
         else:
-            parses(program, args, monkeypatch)
+            parses_only(program_main(program), args)

@@ -16,7 +16,6 @@ __all__ = ["DATASETS", "add_dataset_arguments", "dataset_from_arguments", "map_i
 DATASETS = ("gta5", "synthia", "cityscapes")
 
 Result = TypeVar("Result")
-_dataset: Optional[SegmentationDataset] = None  # the dataset of one worker process
 
 
 def open_dataset(name: str, root: str, list_path: Optional[str], num_classes: int, split: str = "train",
@@ -56,6 +55,9 @@ def dataset_from_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         return open_dataset(args.dataset, root, args.list_path, num_classes, split, labels)
     except (FileNotFoundError, ValueError) as err:  # a missing folder, list file or label, an empty folder
         parser.error(str(err))
+
+
+_dataset: Optional[SegmentationDataset] = None  # the dataset of one worker process
 
 
 def _init_worker(dataset: SegmentationDataset) -> None:
