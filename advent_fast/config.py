@@ -120,6 +120,10 @@ class TrainConfig:
     # this (8: what 16-bit tensor-core convolutions want; 19 classes are none), the padding sliced off the
     # logits. Same values up to float rounding, state dict unchanged; 1 (off) until measured on a GPU.
     classifier_channels_multiple: int = 1
+    # The backbone's dilated 3x3 convolutions run undilated on the input's d x d phases stacked along the batch
+    # (advent_fast.models.space_to_batch): what cuDNN's dilated convolutions cost against undilated ones of the
+    # same size. Same values up to float rounding, state dict unchanged; off until measured on a GPU.
+    space_to_batch: bool = False
     # Keep only each backbone block's input for the backward and recompute the block there: a
     # fraction of the activation memory for about one more backbone forward per step. Exact.
     activation_checkpointing: bool = False

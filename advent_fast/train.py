@@ -57,6 +57,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--fused-batchnorm", action=argparse.BooleanOptionalAction, default=None,
                    help="train.fused_batchnorm: BatchNorm (train mode, or a folded frozen one's shift) "
                         "with the residual add and ReLU in fused kernels (GPU)")
+    p.add_argument("--space-to-batch", action=argparse.BooleanOptionalAction, default=None,
+                   help="train.space_to_batch: the backbone's dilated convolutions run undilated on the "
+                        "input's phases (same values)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="train.activation_checkpointing: recompute the backbone's blocks in the backward "
                         "(less memory, about one more backbone forward per step)")
@@ -80,7 +83,7 @@ def flag_updates(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
              ("train", "class_prior"): args.class_prior, ("train", "precision"): args.precision,
              ("train", "channels_last"): args.channels_last, ("train", "fast_path"): args.fast_path,
              ("train", "compile"): args.compile, ("train", "cuda_graph"): args.cuda_graph,
-             ("train", "fused_batchnorm"): args.fused_batchnorm,
+             ("train", "fused_batchnorm"): args.fused_batchnorm, ("train", "space_to_batch"): args.space_to_batch,
              ("train", "activation_checkpointing"): args.activation_checkpointing,
              ("train", "deterministic"): args.deterministic,
              ("run", "dir"): args.run_dir}

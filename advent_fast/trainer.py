@@ -98,6 +98,7 @@ class StepSettings:
     activation_checkpointing: bool  # backbone blocks recomputed in the backward (memory for compute)
     fused_batchnorm: bool  # BatchNorm (+ residual, + ReLU) in the fused kernels (advent_fast.batch_norm)
     classifier_channels_multiple: int  # the classifier's output channels padded to a multiple of this
+    space_to_batch: bool  # the backbone's dilated convolutions run undilated on the input's phases
     fused_weight_casts: bool  # a step's 16-bit weights made by one node (advent_fast.weight_casts)
     deterministic: bool  # deterministic algorithms only: bit-identical runs from one seed
 
@@ -148,6 +149,7 @@ class StepSettings:
             # frozen BatchNorm: only folded (the fast path) does it leave a pass to fuse, its shift
             fused_batchnorm=t.fused_batchnorm and (fast or not config.model.freeze_bn),
             classifier_channels_multiple=t.classifier_channels_multiple,
+            space_to_batch=t.space_to_batch,
             fused_weight_casts=(t.fused_weight_casts and fast and precision != "fp32" and t.compile == "none"
                                 and gradient_sync != "ddp"),
             deterministic=t.deterministic,
@@ -180,6 +182,7 @@ class StepSettings:
         parts += ["weights cast by one node a step"] if self.fused_weight_casts else []
         if self.classifier_channels_multiple > 1:
             parts += [f"classifier channels padded to a multiple of {self.classifier_channels_multiple}"]
+        parts += ["dilated convolutions as space to batch"] if self.space_to_batch else []
         parts += ["deterministic algorithms"] if self.deterministic else []
         return ", ".join(parts)
 
@@ -490,6 +493,10 @@ class Trainer:
             from .models import use_fused_batchnorm
 
             use_fused_batchnorm(self.model)
+        if self.settings.space_to_batch:
+            from .models import use_space_to_batch
+
+            use_space_to_batch(self.model)
         self.model.activation_checkpointing = self.settings.activation_checkpointing
         for head in self.model.heads():
             head.channels_multiple = self.settings.classifier_channels_multiple

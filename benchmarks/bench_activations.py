@@ -13,7 +13,8 @@ outputs is measured too (allocated MiB: the same quantity, as the allocator sees
 release: train-mode statistics, each BatchNorm keeps its input besides the convolution's) and
 ``folded`` (``model.freeze_bn: true`` on the fast path: folded into the convolutions); activation
 checkpointing (``train.activation_checkpointing``) off or on (each backbone block keeps only its
-input; the checkpoint keeps it through a saved tensor, so it is counted). Autocast's
+input; the checkpoint keeps it through a saved tensor, so it is counted); ``--space-to-batch on``
+(``train.space_to_batch``: each dilated convolution keeps the phases of its input). Autocast's
 per-op precisions may differ between devices: compare rows of one device. Columns: saved MiB,
 storages, allocated MiB, parameters MiB (float32; gradients and SGD momentum add the same twice),
 forward seconds.
@@ -27,7 +28,7 @@ import time
 
 import torch
 
-from advent_fast.models import ARCHS, build_model, fold_frozen_batchnorm
+from advent_fast.models import ARCHS, build_model, fold_frozen_batchnorm, use_space_to_batch
 from bench_common import write_results
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -41,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--bn", nargs="+", default=["train", "folded"], choices=["train", "folded"])
     p.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"],
                    help="train.activation_checkpointing")
+    p.add_argument("--space-to-batch", nargs="+", default=["off"], choices=["off", "on"],
+                   help="train.space_to_batch")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default="bench_activations.json", help="where to write the results")
@@ -85,15 +88,17 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()}"
     print(f"# Activation memory of one {args.model} forward (both heads): {name}, torch {torch.__version__}")
     print()
-    print("| BatchNorm | checkpointing | precision | input | saved MiB | storages | allocated MiB | parameters MiB "
-          "| forward s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| BatchNorm | checkpointing | space to batch | precision | input | saved MiB | storages | allocated MiB "
+          "| parameters MiB | forward s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     options = {} if args.width is None else {"width": args.width}
-    for bn in args.bn:
+    for bn, phases in [(bn, phases) for bn in args.bn for phases in args.space_to_batch]:
         model = build_model(args.model, 19, multi_level=True, freeze_bn=bn == "folded", **options)
         if bn == "folded":
             fold_frozen_batchnorm(model)
+        if phases == "on":
+            use_space_to_batch(model)
         model = model.to(device, memory_format=torch.channels_last)
         param_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         for checkpointing in args.checkpointing:
@@ -105,14 +110,14 @@ def main(argv=None) -> int:
                     start = time.perf_counter()
                     nbytes, count, measured = saved_bytes(model, image, PRECISIONS[precision])
                     seconds = time.perf_counter() - start
-                    row = {"bn": bn, "checkpointing": checkpointing, "precision": precision, "input": size,
-                           "saved_MiB": nbytes / 2**20, "storages": count,
+                    row = {"bn": bn, "checkpointing": checkpointing, "space_to_batch": phases,
+                           "precision": precision, "input": size, "saved_MiB": nbytes / 2**20, "storages": count,
                            "allocated_MiB": None if measured is None else measured / 2**20,
                            "parameters_MiB": param_mib, "forward_s": seconds}
                     rows.append(row)
                     allocated = "-" if measured is None else f"{row['allocated_MiB']:,.0f}"
-                    print(f"| {bn} | {checkpointing} | {precision} | {size} | {row['saved_MiB']:,.0f} | {count} | "
-                          f"{allocated} | {param_mib:,.0f} | {seconds:.1f} |")
+                    print(f"| {bn} | {checkpointing} | {phases} | {precision} | {size} | {row['saved_MiB']:,.0f} | "
+                          f"{count} | {allocated} | {param_mib:,.0f} | {seconds:.1f} |")
                     sys.stdout.flush()
     write_results(args.json, {"device": name, "torch": torch.__version__, "model": args.model, "rows": rows})
     return 0

@@ -55,6 +55,8 @@ Variants (``--variants``):
                  their gradients cast back and accumulated in multi-tensor kernels)
   fast_padded_classifier the fast path with train.classifier_channels_multiple=8 (the classifier's 19 output
                  channels padded to 24 for tensor-core convolutions)
+  fast_space_to_batch the fast path with train.space_to_batch=true (the backbone's dilated convolutions run
+                 undilated on the input's phases: what cuDNN's dilated convolutions cost)
   fast_checkpointed the fast path with train.activation_checkpointing (backbone blocks recomputed in
                  the backward: what the memory saving costs in time)
   fast_deterministic the fast path with train.deterministic (deterministic cuDNN algorithms, no cuDNN
@@ -98,6 +100,7 @@ VARIANTS = {
     "fast_frozen_fused_bn": ["train.fast_path=true", "model.freeze_bn=true", "train.fused_batchnorm=true"],
     "fast_fused_casts": ["train.fast_path=true", "train.fused_weight_casts=true"],
     "fast_padded_classifier": ["train.fast_path=true", "train.classifier_channels_multiple=8"],
+    "fast_space_to_batch": ["train.fast_path=true", "train.space_to_batch=true"],
     "fast_checkpointed": ["train.fast_path=true", "train.activation_checkpointing=true"],
     "fast_deterministic": ["train.fast_path=true", "train.deterministic=true"],
 }

@@ -108,10 +108,12 @@ stage bench_class_channels 50 "$PY" benchmarks/bench_class_channels.py --quick \
 # Issue 5: torch.compile of G and D inside the whole-step graph, against the default graph step in the same
 # process: what Inductor's fusions (BatchNorm with its ReLU, the residual adds) take off the GPU's time; and
 # the graph without the optimisers (run after each replay, as multi-process runs do around their all-reduces)
-# and fp16 with its gradient scaler inside the graph (what auto takes on GPUs without bf16 tensor cores), and
-# what train.deterministic costs.
-stage bench_train_step_compile_graph 300 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
-    --variants fast fast_graph_split fast_fp16 fast_deterministic fast_compile_graph --gpu-profile 12 \
+# and fp16 with its gradient scaler inside the graph (what auto takes on GPUs without bf16 tensor cores),
+# what train.deterministic costs, and the backbone's dilated convolutions as undilated ones on the phases
+# (train.space_to_batch).
+stage bench_train_step_compile_graph 330 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
+    --variants fast fast_space_to_batch fast_graph_split fast_fp16 fast_deterministic fast_compile_graph \
+    --gpu-profile 12 \
     --json "$LOGS/bench_train_step_compile_graph.json"
 # The fused train-mode BatchNorm (+ ReLU) and folded BN shift against ATen's and torch.compile's, ResNet-101's
 # layers, bf16.

@@ -621,14 +621,14 @@ def run_steps(config, batches):
     return trainer, metrics
 
 
-def fixed_batches(steps, seed=0):
+def fixed_batches(steps, seed=0, size=(32, 64)):
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(steps):
-        source = {"image": 50 * torch.randn(1, 3, 32, 64, generator=gen),
-                  "label": torch.randint(0, 19, (1, 32, 64), generator=gen)}
+        source = {"image": 50 * torch.randn(1, 3, *size, generator=gen),
+                  "label": torch.randint(0, 19, (1, *size), generator=gen)}
         source["label"][:, :5] = 255
-        batches.append((source, {"image": 50 * torch.randn(1, 3, 32, 64, generator=gen)}))
+        batches.append((source, {"image": 50 * torch.randn(1, 3, *size, generator=gen)}))
     return batches
 
 
@@ -985,6 +985,24 @@ def test_padded_classifier_channels_give_the_same_step(tiny_data, triton_backend
     assert main.shape[1] == 19 and main.stride()[1] == 1 and main.stride()[3] == 24
 
 
+def test_space_to_batch_gives_the_same_step(tiny_data, triton_backend):
+    """train.space_to_batch on the fast path (channels_last; the small model's two dilated convolutions at
+    5x8, the output stride's size of 36x60 images: 2 does not divide 5): the same losses and weights, the
+    same state dict names."""
+    common = ("train.fast_path=true", "train.lr=1e-2", "train.precision=fp32")
+    batches = fixed_batches(2, seed=5, size=(36, 60))
+    plain, plain_metrics = run_steps(tiny_config(tiny_data, "advent", *common), batches)
+    phased, metrics = run_steps(tiny_config(tiny_data, "advent", "train.space_to_batch=true", *common), batches)
+    assert "dilated convolutions as space to batch" in phased.settings.describe()
+    assert [m.space_to_batch for m in phased.model.modules() if hasattr(m, "space_to_batch")] == [2, 2]
+    for ref, got in zip(plain_metrics, metrics):
+        assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    ref_state = plain.model.state_dict()
+    assert phased.model.state_dict().keys() == ref_state.keys()
+    for name, value in phased.model.state_dict().items():
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_tensorboard_scalars_and_images(tiny_data, tmp_path):
     pytest.importorskip("tensorboard")
     config = tiny_config(tiny_data, "minent_er", "run.tensorboard=true", "run.image_every=1",
@@ -1152,6 +1170,7 @@ def cuda_batches(trainer, steps, seed=0):
     ("advent", ("train.gradient_sync=after_backward",)),  # the optimisers run after each replay
     ("advent", ("train.precision=fp16",)),  # the gradient scaler's check and scale update captured
     ("advent", ("train.precision=bf16", "train.fused_weight_casts=true")),  # the weight-cast kernels captured
+    ("advent", ("train.space_to_batch=true",)),  # the phases' rearrangements captured
 ])
 def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, monkeypatch, mode, extra):
     """3 eager warm-up steps, the capture, replays: same losses and weights as the eager fast path,

@@ -16,6 +16,7 @@ from .deeplabv2 import (
     use_fused_batchnorm,
 )
 from .discriminator import FCDiscriminator
+from .space_to_batch import batch_to_space, space_to_batch, use_space_to_batch
 from .weights import (
     CHECKPOINT_FORMAT,
     checkpoint_dict,
@@ -46,5 +47,8 @@ __all__ = [
     "model_from_checkpoint",
     "save_checkpoint",
     "shared_scaled_weights",
+    "batch_to_space",
+    "space_to_batch",
     "use_fused_batchnorm",
+    "use_space_to_batch",
 ]
