@@ -26,7 +26,6 @@ ADVENT_FAST_BACKEND=triton under TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from typing import Callable, NamedTuple
 
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 import advent_fast as af
 from advent_fast.batch_norm import shift_relu, train_batch_norm
-from bench_common import Timer, fmt, graph_replay_ms, peak_extra_mib, write_results
+from bench_common import Timer, device_name, fmt, graph_replay_ms, peak_extra_mib, write_results
 from bench_entropy import copy_bandwidth
 
 # (case, (N, C, H, W), relu, residual add): ResNet-101's BatchNorm layers on a 1280x720 image
@@ -103,8 +102,7 @@ def main(argv=None) -> int:
     dtypes = args.dtypes[:1] if args.quick else args.dtypes
     copy_gbs = copy_bandwidth(device, timer, reps)
     machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "device": device_name(device),
         "backend": af.get_backend(device), "torch": torch.__version__, "copy_GBps": copy_gbs,
     }
     print(f"# {machine['device']} | advent_fast backend: {machine['backend']} | torch {torch.__version__} | "

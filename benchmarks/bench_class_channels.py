@@ -6,7 +6,7 @@
 Kinds of case, batch 1, channels_last, fp32 weights and autocast to the dtype, as the fast path runs them:
 - ``classifier``: the release ResNet-101's classifier head (ASPP: four dilated 3x3 convolutions to the
   classes, summed) on the main head's input (2048 channels) and the aux head's (1024) at the source's
-  feature map (1280x720 at output stride 8: 90x160) and the main one at the target's (64x128). Padded: the
+  feature map (1280x720 at output stride 8: 91x161) and the main one at the target's (65x129). Padded: the
   output channels, with zero filters sliced off the logits (``train.classifier_channels_multiple``).
   Forward, input and weight gradients.
 - ``discriminator``: a discriminator's first convolution (4x4, stride 2, to 64 channels) on the source's
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import sys
 from typing import Callable, NamedTuple
 
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from advent_fast.models import ASPPHead
-from bench_common import Timer, fmt, graph_replay_ms, peak_extra_mib, write_results
+from bench_common import Timer, convolution_machine, fmt, graph_replay_ms, peak_extra_mib, write_results
 
 CLASSES = 19
 D_WIDTH = 64  # the discriminators' first width (model.discriminator_width)
@@ -47,9 +46,9 @@ class Case(NamedTuple):
 
 
 GPU_CASES = [
-    Case("classifier", "main, source", 2048, (90, 160)),
-    Case("classifier", "main, target", 2048, (64, 128)),
-    Case("classifier", "aux, source", 1024, (90, 160)),
+    Case("classifier", "main, source", 2048, (91, 161)),
+    Case("classifier", "main, target", 2048, (65, 129)),
+    Case("classifier", "aux, source", 1024, (91, 161)),
     Case("discriminator", "conv1, source", CLASSES, (720, 1280)),
     Case("discriminator", "conv1, target", CLASSES, (512, 1024)),
 ]
@@ -104,18 +103,10 @@ def main(argv=None) -> int:
         parser.error("--multiples: positive, the first 1 (the unpadded baseline)")
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # the trainer's default (train.cudnn_benchmark)
     timer = Timer(device)
     reps, warmup = (10, 3) if args.quick else (30, 5)
     dtypes = args.dtypes[:1] if args.quick else args.dtypes
-    machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-    }
-    print(f"# {machine['device']} | torch {torch.__version__} | cuDNN {machine['cudnn']}")
+    machine = convolution_machine(device)
     header = ("kind", "case", "input", "dtype", "channels", "fwd+bwd ms", "graph ms", "TFLOP/s", "peak MiB",
               "x unpadded")
     print("| " + " | ".join(header) + " |")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -39,6 +40,25 @@ class Timer:
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def convolution_machine(device: torch.device) -> dict:
+    """For the convolution benchmarks: cuDNN's benchmark mode on, as the trainer sets it
+    (train.cudnn_benchmark), and the machine (device, torch, cuDNN) printed and returned."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    machine = {"device": device_name(device), "torch": torch.__version__,
+               "cudnn": torch.backends.cudnn.version() if cuda else None}
+    print(f"# {machine['device']} | torch {torch.__version__} | cuDNN {machine['cudnn']}")
+    return machine
 
 
 def fwd_bwd(fn, logits, upstream):

@@ -19,14 +19,14 @@ On a machine without a GPU it runs the CPU (C++) backend on a smaller default sh
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 
 import torch
 
 import advent_fast as af
 from advent_fast import reference as ref
-from bench_common import Timer, fmt, fwd_bwd, graph_replay_ms, host_ms, launch_costs_us, peak_extra_mib, write_results
+from bench_common import (Timer, device_name, fmt, fwd_bwd, graph_replay_ms, host_ms, launch_costs_us, peak_extra_mib,
+                          write_results)
 
 GPU_SHAPES = [(1, 19, 512, 1024), (4, 19, 512, 1024), (1, 16, 760, 1280)]
 CPU_SHAPES = [(2, 19, 256, 512)]
@@ -119,8 +119,7 @@ def main(argv=None) -> int:
     reps, warmup = (10, 3) if args.quick else (30, 5)
     copy_gbs = copy_bandwidth(device, timer, reps)
     info = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "device": device_name(device),
         "backend": af.get_backend(device), "torch": torch.__version__,
         "copy_GBps": copy_gbs,
         "launch_us": launch_costs_us(device),

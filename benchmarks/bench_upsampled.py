@@ -21,7 +21,6 @@ on the CPU backend, where the fused functions fall back to interpolate + loss.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 
 import torch
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 import advent_fast as af
 from advent_fast import reference as ref
-from bench_common import Timer, fmt, fwd_bwd, graph_replay_ms, host_ms, peak_extra_mib, write_results
+from bench_common import Timer, device_name, fmt, fwd_bwd, graph_replay_ms, host_ms, peak_extra_mib, write_results
 from advent_fast.upsampled import upsampled_cross_entropy, upsampled_target_losses
 
 # (case, logits shape, full-resolution size)
@@ -95,8 +94,7 @@ def main(argv=None) -> int:
     dtypes = args.dtypes[:1] if args.quick else args.dtypes
     reps, warmup = (10, 3) if args.quick else (30, 5)
     machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "device": device_name(device),
         "backend": af.get_backend(device), "torch": torch.__version__,
     }
     print(f"# {machine['device']} | fused backend: {machine['backend']} | torch {torch.__version__}")

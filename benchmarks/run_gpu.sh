@@ -105,6 +105,10 @@ stage tune_loop 120 "$PY" benchmarks/tune_kernels.py --quick --families loop --j
 # ResNet-101's classifier heads (train.classifier_channels_multiple) and a discriminator's first convolution, bf16.
 stage bench_class_channels 50 "$PY" benchmarks/bench_class_channels.py --quick \
     --json "$LOGS/bench_class_channels.json"
+# ResNet-101's dilated 3x3 convolutions (layer3, layer4) as they are, as space to batch (train.space_to_batch)
+# and undilated (same FLOPs): whether cuDNN's dilated kernels cost more than their FLOPs, bf16.
+stage bench_dilated_convs 45 "$PY" benchmarks/bench_dilated_convs.py --quick \
+    --json "$LOGS/bench_dilated_convs.json"
 # Issue 5: torch.compile of G and D inside the whole-step graph, against the default graph step in the same
 # process: what Inductor's fusions (BatchNorm with its ReLU, the residual adds) take off the GPU's time; and
 # the graph without the optimisers (run after each replay, as multi-process runs do around their all-reduces)
@@ -160,7 +164,7 @@ stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/b
         grep -A40 '^FAILED' "$LOGS/$name.err" 2>/dev/null | head -80  # reported as they failed
     done
     echo "-- training run"; tail -2 "$LOGS/train_embedded.md" 2>/dev/null
-    for name in tune_loop bench_class_channels bench_batchnorm tune_batchnorm tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
+    for name in tune_loop bench_class_channels bench_dilated_convs bench_batchnorm tune_batchnorm tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
         bench_train_step_graph bench_train_step_graph_minent bench_train_step_compile_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
         echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -300
     done

@@ -366,6 +366,20 @@ def test_bench_class_channels(tmp_path):
         assert r["fwd_bwd_ms"] > 0 and r["TFLOPs"] > 0 and r["x_unpadded"] > 0 and r["graph_ms"] is None
 
 
+def test_bench_dilated_convs(tmp_path):
+    out = tmp_path / "bench_dilated_convs.json"
+    stdout = run_script("bench_dilated_convs.py", "--quick", "--dtypes", "fp32", "--json", str(out))
+    assert "| layer3, small | 32x11x21 | 2 | fp32 | space to batch |" in stdout
+    assert "# fp32, per training step (each case x its count, fwd+bwd): dilated " in stdout
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["case"], r["impl"]) for r in rows] == [
+        (case, impl) for case in ("layer3, small", "layer4, small")
+        for impl in ("dilated", "space to batch", "undilated")]
+    assert rows[0]["x_dilated"] == rows[3]["x_dilated"] == 1.0
+    for r in rows:
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["TFLOPs"] > 0 and r["graph_ms"] is None
+
+
 def test_tune_kernels(tmp_path):
     """Under the interpreter: two candidates a family, the same gradients as the defaults' (no error rows)."""
     out = tmp_path / "tune_kernels.json"
@@ -423,7 +437,7 @@ def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
         packed = {os.path.basename(name) for name in tar.getnames()}
     stages = [line.split()[1].rstrip(":") for line in (out / "stages.txt").read_text().splitlines()
               if line.startswith("== ") and "exit 0" in line]
-    assert "bench_entropy" in stages and "tune_batchnorm" in stages and len(stages) == 23
+    assert "bench_entropy" in stages and "tune_batchnorm" in stages and len(stages) == 24
     assert {f"{name}.md" for name in stages} | {f"{name}.err" for name in stages} <= packed
     assert {"bench_entropy.json", "bench_train_step.json", "track_losses.json", "summary.md", "gpu.txt"} <= packed
     assert "| stub | benchmarks/bench_entropy.py" in proc.stdout.split("-- bench_entropy")[-1]
@@ -449,7 +463,7 @@ def test_run_gpu_stages_ask_only_what_their_scripts_and_tests_take(tmp_path, mon
     scripts = [c for c in calls if c[0].startswith("benchmarks/")]
     pytests = [c[2:] for c in calls if c[:2] == ["-m", "pytest"]]
     trainings = [c[2:] for c in calls if c[:2] == ["-m", "advent_fast.train"]]
-    assert len(scripts) + len(pytests) + len(trainings) == len(calls) == 23
+    assert len(scripts) + len(pytests) + len(trainings) == len(calls) == 24
     from advent_fast import train
 
     for args in trainings:

@@ -51,8 +51,7 @@ def test_dilated_convolution_on_the_phases_equals_the_dilated_convolution(fmt, d
     phased = copy.deepcopy(dilated)
     x = torch.randn(2, 5, *size, dtype=torch.float64).to(memory_format=FORMATS[fmt]).requires_grad_()
     upstream = torch.randn(2, 4, *size, dtype=torch.float64)
-    model = _Backbone(phased)
-    assert use_space_to_batch(model) == 1 and use_space_to_batch(model) == 0
+    assert use_space_to_batch(phased) == 1 and use_space_to_batch(phased) == 0
     assert (phased.dilation, phased.padding, phased.space_to_batch) == ((1, 1), (1, 1), d)
     results = []
     for conv in (dilated, phased):
@@ -63,17 +62,6 @@ def test_dilated_convolution_on_the_phases_equals_the_dilated_convolution(fmt, d
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(got_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
-
-
-class _Backbone(nn.Module):
-    """One convolution as a model's whole backbone."""
-
-    def __init__(self, conv: nn.Module):
-        super().__init__()
-        self.conv = conv
-
-    def backbone_roots(self):
-        return [self.conv]
 
 
 @pytest.mark.parametrize("arch, count", [("deeplabv2_r101", 26), ("deeplabv2_vgg16", 5), ("deeplabv2_small", 2)])
@@ -141,7 +129,7 @@ def test_phases_trace_with_torch_compile_fullgraph():
     conv = nn.Conv2d(4, 3, 3, padding=2, dilation=2)
     x = torch.randn(1, 4, 11, 7).to(memory_format=torch.channels_last)
     expected = conv(x)
-    use_space_to_batch(_Backbone(conv))
+    use_space_to_batch(conv)
     torch._dynamo.reset()
     got = torch.compile(conv, fullgraph=True)(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

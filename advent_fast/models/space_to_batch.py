@@ -72,13 +72,14 @@ def _takes_phases(m: nn.Module) -> bool:
             and m.dilation[0] == m.dilation[1] > 1 and m.padding == m.dilation and m.padding_mode == "zeros")
 
 
-def use_space_to_batch(model: nn.Module) -> int:
-    """Every dilated 3x3 convolution of ``model``'s backbone (``backbone_roots``; the classifier heads'
-    dilations, 6 to 24, would make 36 to 576 phases of a few pixels each) runs on the input's phases, in
-    place; returns how many (ResNet-101: 26, layer3's at d = 2 and layer4's at d = 4; VGG-16: 5; the small
-    model: 2). Each keeps its class and parameters; its ``dilation`` and ``padding`` become 1 and its
-    ``space_to_batch`` attribute holds d. Idempotent: a second call returns 0."""
-    convs = [m for root in model.backbone_roots() for m in root.modules() if _takes_phases(m)]
+def use_space_to_batch(module: nn.Module) -> int:
+    """Every dilated 3x3 convolution of ``module`` runs on the input's phases, in place; returns how many. Of a
+    segmentation model, those of its backbone (``backbone_roots``; the classifier heads' dilations, 6 to 24,
+    would make 36 to 576 phases of a few pixels each): ResNet-101 26, layer3's at d = 2 and layer4's at
+    d = 4; VGG-16 5; the small model 2. Each keeps its class and parameters; its ``dilation`` and ``padding``
+    become 1 and its ``space_to_batch`` attribute holds d. Idempotent: a second call returns 0."""
+    roots = module.backbone_roots() if hasattr(module, "backbone_roots") else [module]
+    convs = [m for root in roots for m in root.modules() if _takes_phases(m)]
     for conv in convs:
         conv.space_to_batch = conv.dilation[0]
         conv.dilation, conv.padding = (1, 1), (1, 1)
