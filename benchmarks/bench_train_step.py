@@ -285,7 +285,12 @@ KERNEL_KINDS = (
     ("torch.compile Triton kernels", r"^triton_"),  # fusions: BatchNorm with its ReLU, say
     ("BatchNorm", r"batch_?norm|\bbn_(fw|bw)|welford"),
     ("layout transposes (cuDNN)", r"nchwToNhwc|nhwcToNchw"),
-    ("convolution, GEMM", r"xmma|cutlass|gemm|conv|cudnn|cask"),
+    # cuDNN's and CUTLASS's convolution kernels name their pass (Hopper: sm90_xmma_{fprop,dgrad,wgrad}_...): the
+    # weight gradient of a batch-1 convolution reduces over all its pixels, often the slow pass
+    ("convolution forward", r"fprop|implicit_convolve|conv2d_grouped_direct"),
+    ("convolution input gradient", r"dgrad"),
+    ("convolution weight gradient", r"wgrad"),
+    ("convolution, GEMM (pass not named)", r"xmma|cutlass|gemm|conv|cudnn|cask|nvjet"),
     ("ReLU and its backward", r"clamp|threshold"),
     ("interpolation", r"upsample|interp"),
     ("softmax, losses (aten)", r"softmax|nll_loss|cross_entropy|binary_cross"),

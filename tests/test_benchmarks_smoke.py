@@ -187,7 +187,14 @@ def test_gpu_profile_ranks_kernels_by_device_time_per_step(monkeypatch):
     ("_batch_norm_grad_input_kernel", "advent_fast BatchNorm kernels"),
     ("_release_sgd_kernel", "optimisers"),
     ("triton_red_fused_native_batch_norm_backward_relu_0", "torch.compile Triton kernels"),
-    ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution, GEMM"),
+    ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64",
+     "convolution input gradient"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1",
+     "convolution forward"),
+    ("sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x256x64",
+     "convolution weight gradient"),
+    ("void cudnn::detail::wgrad_alg0_engine<float, 128, 6, 7, 3, 3, 5, false, 512>", "convolution weight gradient"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "convolution, GEMM (pass not named)"),
     ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>",
      "layout transposes (cuDNN)"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
@@ -217,7 +224,8 @@ def test_gpu_profile_totals_every_kernel_by_kind(monkeypatch):
 
     spans = [("sm90_xmma_fprop", 0, 3000), ("batch_norm_transform_input_kernel", 3000, 3500),
              ("cutlass_conv", 4000, 6000), ("welford", 6000, 7000), ("mystery", 0, 10)]
-    assert kernel_kinds(spans, 2) == [{"kind": "convolution, GEMM", "ms": 2.5, "calls": 1.0},
+    assert kernel_kinds(spans, 2) == [{"kind": "convolution forward", "ms": 1.5, "calls": 0.5},
+                                      {"kind": "convolution, GEMM (pass not named)", "ms": 1.0, "calls": 0.5},
                                       {"kind": "BatchNorm", "ms": 0.75, "calls": 1.0},
                                       {"kind": "other", "ms": 0.005, "calls": 0.5}]
 
@@ -231,7 +239,7 @@ def test_gpu_profile_tables(monkeypatch, capsys):
     print_gpu_profiles([{"mode": "advent", "variant": "fast", "gpu_ms": 5.0, "gpu_profile": profile},
                         {"mode": "advent", "variant": "fast_eager", "gpu_ms": 9.0}])
     out = capsys.readouterr().out
-    assert "| advent | fast | 5.0 | convolution, GEMM | 1 | 3.00 | 60% |" in out
+    assert "| advent | fast | 5.0 | convolution forward | 1 | 3.00 | 60% |" in out
     assert "| | | | other | 1 | 1.00 | 20% |" in out
     assert "| advent | fast | 5.0 | `sm90_xmma_fprop` | 1 | 3.00 | 60% |" in out
     assert "| | | | `batch_norm_stats` | 1 | 1.00 | 20% |" in out and "fast_eager" not in out
