@@ -133,3 +133,21 @@ def test_phases_trace_with_torch_compile_fullgraph():
     torch._dynamo.reset()
     got = torch.compile(conv, fullgraph=True)(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_phases_pickles_and_deep_copies():
+    """Each copy's convolutions run on the phases with the copy's own weights."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = build_model("deeplabv2_small", 19)
+    use_space_to_batch(model)
+    x = torch.randn(1, 3, 36, 60)
+    with torch.no_grad():
+        expected = model(x)[1]
+        for twin in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            phased = [m for m in twin.modules() if getattr(m, "space_to_batch", None)]
+            assert len(phased) == 2 and all(m.forward.conv is m for m in phased)
+            torch.testing.assert_close(twin(x)[1], expected, rtol=0, atol=0)
+            phased[0].weight.mul_(2)  # the copy's weight, not the original's
+            assert not torch.equal(twin(x)[1], expected)

@@ -18,8 +18,6 @@ backward.
 """
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,12 +56,18 @@ def batch_to_space(y: torch.Tensor, d: int, size: tuple[int, int], channels_last
     return x[:, :, :h, :w].contiguous()
 
 
-def _phase_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The conv's own class's forward (plain, folded with its BatchNorm, cast weights: whatever it is) on
-    the phases of ``x``."""
-    d = conv.space_to_batch
-    y = type(conv).forward(conv, space_to_batch(x, d))
-    return batch_to_space(y, d, tuple(x.shape[-2:]), _is_channels_last(x))
+class _PhaseForward:
+    """A convolution's forward on the phases of its input: its own class's forward (plain, folded with its
+    BatchNorm, with cast weights: whatever it is) on :func:`space_to_batch` of the input. An object, not a
+    bound function, so that the model still pickles and deep-copies (each copy with its own)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        self.conv = conv
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        conv, d = self.conv, self.conv.space_to_batch
+        y = type(conv).forward(conv, space_to_batch(x, d))
+        return batch_to_space(y, d, tuple(x.shape[-2:]), _is_channels_last(x))
 
 
 def _takes_phases(m: nn.Module) -> bool:
@@ -83,5 +87,5 @@ def use_space_to_batch(module: nn.Module) -> int:
     for conv in convs:
         conv.space_to_batch = conv.dilation[0]
         conv.dilation, conv.padding = (1, 1), (1, 1)
-        conv.forward = types.MethodType(_phase_forward, conv)  # after any class change (folding) too
+        conv.forward = _PhaseForward(conv)  # calls the class's forward: also after a class change (folding)
     return len(convs)
