@@ -100,15 +100,15 @@ stage bench_train_step_graph_minent 100 "$PY" benchmarks/bench_train_step.py --q
 # (graph replays).
 stage pytest_kernels_cuda 100 "$PY" -m pytest -q tests/test_kernels_triton.py tests/test_batch_norm.py \
     tests/test_models.py -k "not test_models or release_sgd_kernel"
-stage tune_loop 120 "$PY" benchmarks/tune_kernels.py --quick --families loop --json "$LOGS/tune_loop.json"
-# The 19-class convolutions with their class channels padded to multiples of 8, 16, 32 against as they are:
-# ResNet-101's classifier heads (train.classifier_channels_multiple) and a discriminator's first convolution, bf16.
-stage bench_class_channels 50 "$PY" benchmarks/bench_class_channels.py --quick \
-    --json "$LOGS/bench_class_channels.json"
 # ResNet-101's dilated 3x3 convolutions (layer3, layer4) as they are, as space to batch (train.space_to_batch)
 # and undilated (same FLOPs): whether cuDNN's dilated kernels cost more than their FLOPs, bf16.
 stage bench_dilated_convs 45 "$PY" benchmarks/bench_dilated_convs.py --quick \
     --json "$LOGS/bench_dilated_convs.json"
+# The 19-class convolutions with their class channels padded to multiples of 8, 16, 32 against as they are:
+# ResNet-101's classifier heads (train.classifier_channels_multiple) and a discriminator's first convolution, bf16.
+stage bench_class_channels 50 "$PY" benchmarks/bench_class_channels.py --quick \
+    --json "$LOGS/bench_class_channels.json"
+stage tune_loop 120 "$PY" benchmarks/tune_kernels.py --quick --families loop --json "$LOGS/tune_loop.json"
 # Issue 5: torch.compile of G and D inside the whole-step graph, against the default graph step in the same
 # process: what Inductor's fusions (BatchNorm with its ReLU, the residual adds) take off the GPU's time; and
 # the graph without the optimisers (run after each replay, as multi-process runs do around their all-reduces)
