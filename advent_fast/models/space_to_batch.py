@@ -3,8 +3,8 @@
 A 3x3 convolution with dilation d and padding d reads, for output pixel (y, x), the inputs
 (y + d*a, x + d*b) with a, b in {-1, 0, 1}: all in the same phase (y mod d, x mod d), one step apart
 inside it. So it equals the undilated 3x3 convolution with padding 1 of each phase image, the phases
-stacked along the batch (space to batch, as TensorFlow's ``atrous_conv2d`` and DeepLab's first code ran
-it), the result put back in place (batch to space). Where d does not divide the height or width (ResNet-101
+stacked along the batch (space to batch, as TensorFlow's ``atrous_conv2d`` runs it), the result put back
+in place (batch to space). Where d does not divide the height or width (ResNet-101
 at 1280x720 has 91x161 at output stride 8), the input is padded with zeros at the bottom and right first:
 those zeros are what the dilated convolution's padding reads there, and the outputs computed at the padded
 positions are cut off. Same values and gradients up to float rounding (the convolution sums in another
