@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import advent_fast as af
 from advent_fast.batch_norm import shift_relu, train_batch_norm
-from bench_common import Timer, device_name, fmt, graph_replay_ms, peak_extra_mib, write_results
+from bench_common import Timer, device_name, fmt, graph_replay_ms, peak_extra_mib, print_table_header, write_results
 from bench_entropy import copy_bandwidth
 
 # (case, (N, C, H, W), relu, residual add): ResNet-101's BatchNorm layers on a 1280x720 image
@@ -111,8 +111,7 @@ def main(argv=None) -> int:
         print("# the fused rows fall back to ATen's ops here: their kernels run on the triton backend")
     header = ("case", "shape", "kind", "ops", "dtype", "impl", "fwd+bwd ms", "graph ms", "GB/s", "% copy", "peak MiB",
               "x aten")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print_table_header(header)
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     cases = GPU_CASES if device.type == "cuda" else CPU_CASES

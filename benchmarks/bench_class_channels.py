@@ -23,7 +23,6 @@ at small sizes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from typing import Callable, NamedTuple
 
@@ -31,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from advent_fast.models import ASPPHead
-from bench_common import Timer, convolution_machine, fmt, graph_replay_ms, peak_extra_mib, write_results
+from bench_common import (Timer, autocast_to, convolution_machine, fmt, graph_replay_ms, peak_extra_mib,
+                          print_table_header, write_results)
 
 CLASSES = 19
 D_WIDTH = 64  # the discriminators' first width (model.discriminator_width)
@@ -109,14 +109,12 @@ def main(argv=None) -> int:
     machine = convolution_machine(device)
     header = ("kind", "case", "input", "dtype", "channels", "fwd+bwd ms", "graph ms", "TFLOP/s", "peak MiB",
               "x unpadded")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print_table_header(header)
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     for case, dname in ((c, d) for c in (GPU_CASES if device.type == "cuda" else CPU_CASES) for d in dtypes):
         dtype = DTYPES[dname]
-        autocast = (contextlib.nullcontext() if dtype == torch.float32
-                    else torch.autocast(device.type, dtype=dtype))
+        autocast = autocast_to(device, dtype)
         make, flops = (classifier_case if case.kind == "classifier" else discriminator_case)(case, device, gen)
         baseline = None
         for multiple in args.multiples:

@@ -1,6 +1,7 @@
 """Timing and memory helpers shared by the benchmark scripts."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -59,6 +60,17 @@ def convolution_machine(device: torch.device) -> dict:
                "cudnn": torch.backends.cudnn.version() if cuda else None}
     print(f"# {machine['device']} | torch {torch.__version__} | cuDNN {machine['cudnn']}")
     return machine
+
+
+def print_table_header(columns) -> None:
+    """A markdown table's header row and rule."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
+def autocast_to(device: torch.device, dtype: torch.dtype):
+    """Autocast to ``dtype`` on ``device``, as the fast path runs (nothing for float32)."""
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def fwd_bwd(fn, logits, upstream):

@@ -37,7 +37,7 @@ from advent_fast.data.datasets import IMAGE_READERS  # noqa: E402
 from advent_fast.data.datasets import read_rgb  # noqa: E402
 from advent_fast.data.embedded import NUM_SOURCE, NUM_TARGET_TRAIN, NUM_TARGET_VAL  # noqa: E402
 from advent_fast.trainer import to_device, training_batches  # noqa: E402
-from bench_common import write_results  # noqa: E402
+from bench_common import print_table_header, write_results  # noqa: E402
 
 RELEASE_SIZES = {"source": (1280, 720), "target": (1024, 512)}
 DEFAULT_WORKERS = (0, 2, 4, 8)
@@ -187,8 +187,7 @@ def main(argv=None) -> int:
               "the stream has one):\n")
         header = ("stream", "native", "size", "decode (Pillow)", "resize (Pillow bicubic)", "__getitem__",
                   "__getitem__ (opencv reader)")
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
+        print_table_header(header)
         for name, dataset in streams.items():
             r = decode_costs(name, dataset, readers["opencv"][name], decode_images)
             decode_rows.append(r)
@@ -200,8 +199,7 @@ def main(argv=None) -> int:
     print(f"\nLoader throughput (the trainer's loader + to_device; batch {args.batch_size}, "
           f"{batches} timed batches):\n")
     header = ("stream", "image reader", "workers", "pin_memory", "images/s", "ms/image", "MB/s")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print_table_header(header)
     rows = []
     for name in streams:
         for reader in args.image_readers:

@@ -22,7 +22,6 @@ the dilated convolutions take each way. Without a GPU: the CPU at small sizes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import sys
 from typing import NamedTuple
@@ -31,7 +30,8 @@ import torch
 from torch import nn
 
 from advent_fast.models import use_space_to_batch
-from bench_common import Timer, convolution_machine, fmt, graph_replay_ms, peak_extra_mib, write_results
+from bench_common import (Timer, autocast_to, convolution_machine, fmt, graph_replay_ms, peak_extra_mib,
+                          print_table_header, write_results)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("dilated", "space to batch", "undilated")
@@ -83,14 +83,12 @@ def main(argv=None) -> int:
     machine = convolution_machine(device)
     header = ("case", "input", "dilation", "dtype", "impl", "fwd ms", "fwd+bwd ms", "graph ms", "TFLOP/s",
               "peak MiB", "x dilated")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print_table_header(header)
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     for case, dname in ((c, d) for c in (GPU_CASES if device.type == "cuda" else CPU_CASES) for d in dtypes):
         dtype = DTYPES[dname]
-        autocast = (contextlib.nullcontext() if dtype == torch.float32
-                    else torch.autocast(device.type, dtype=dtype))
+        autocast = autocast_to(device, dtype)
         x = torch.randn(1, case.channels, *case.size, generator=gen, device=device).to(dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         upstream = torch.randn_like(x)

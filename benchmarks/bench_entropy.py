@@ -25,8 +25,8 @@ import torch
 
 import advent_fast as af
 from advent_fast import reference as ref
-from bench_common import (Timer, device_name, fmt, fwd_bwd, graph_replay_ms, host_ms, launch_costs_us, peak_extra_mib,
-                          write_results)
+from bench_common import (Timer, device_name, fmt, fwd_bwd, graph_replay_ms, host_ms, launch_costs_us,
+                          peak_extra_mib, print_table_header, write_results)
 
 GPU_SHAPES = [(1, 19, 512, 1024), (4, 19, 512, 1024), (1, 16, 760, 1280)]
 CPU_SHAPES = [(2, 19, 256, 512)]
@@ -132,8 +132,7 @@ def main(argv=None) -> int:
     rows = []
     header = ("case", "shape", "dtype", "impl", "fwd+bwd ms", "fwd ms", "host ms", "graph ms", "GB/s", "% copy",
               "floor ms", "peak MiB", "peak / logits", "x eager", "x compile")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print_table_header(header)
     for shape in shapes:
         for dname in args.dtypes:
             dtype = DTYPES[dname]

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from advent_fast.data import IGNORE_LABEL, class_names  # noqa: E402
 from advent_fast.evaluate import evaluate_model  # noqa: E402
 from advent_fast.models import ARCHS, build_model  # noqa: E402
-from bench_common import write_results  # noqa: E402
+from bench_common import print_table_header, write_results  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")  # what evaluate_model's ``precision`` takes, besides "auto"
 GPU_DEFAULTS = dict(model="deeplabv2_r101", image_size=(1024, 512), label_size=(2048, 1024), images=50,
@@ -163,8 +163,7 @@ def main(argv=None) -> int:
     print("# data: synthetic tensors held in memory (no file decoding: see bench_data.py); "
           "time = loader copies + forward + upsample + argmax + confusion matrix")
     header = ("model", "path", "precision", "images", "s/image", f"s per {PROJECTED_IMAGES}", "peak GPU MiB")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print_table_header(header)
 
     rows = []
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 import advent_fast as af
 from advent_fast import reference as ref
-from bench_common import Timer, device_name, fmt, fwd_bwd, graph_replay_ms, host_ms, peak_extra_mib, write_results
+from bench_common import (Timer, device_name, fmt, fwd_bwd, graph_replay_ms, host_ms, peak_extra_mib,
+                          print_table_header, write_results)
 from advent_fast.upsampled import upsampled_cross_entropy, upsampled_target_losses
 
 # (case, logits shape, full-resolution size)
@@ -99,8 +100,7 @@ def main(argv=None) -> int:
     }
     print(f"# {machine['device']} | fused backend: {machine['backend']} | torch {torch.__version__}")
     header = ("case", "logits", "size", "dtype", "impl", "fwd+bwd ms", "host ms", "graph ms", "peak MiB", "x release")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print_table_header(header)
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     for case, shape, size in cases:
