@@ -57,6 +57,9 @@ Variants (``--variants``):
                  channels padded to 24 for tensor-core convolutions)
   fast_space_to_batch the fast path with train.space_to_batch=true (the backbone's dilated convolutions run
                  undilated on the input's phases: what cuDNN's dilated convolutions cost)
+  fast_levers    the fast path with every lever above that keeps the release's numerics and is not yet a
+                 default: fused_batchnorm, fused_weight_casts, classifier_channels_multiple=8 and
+                 space_to_batch together (what they take off the step combined)
   fast_checkpointed the fast path with train.activation_checkpointing (backbone blocks recomputed in
                  the backward: what the memory saving costs in time)
   fast_deterministic the fast path with train.deterministic (deterministic cuDNN algorithms, no cuDNN
@@ -101,6 +104,8 @@ VARIANTS = {
     "fast_fused_casts": ["train.fast_path=true", "train.fused_weight_casts=true"],
     "fast_padded_classifier": ["train.fast_path=true", "train.classifier_channels_multiple=8"],
     "fast_space_to_batch": ["train.fast_path=true", "train.space_to_batch=true"],
+    "fast_levers": ["train.fast_path=true", "train.fused_batchnorm=true", "train.fused_weight_casts=true",
+                    "train.classifier_channels_multiple=8", "train.space_to_batch=true"],
     "fast_checkpointed": ["train.fast_path=true", "train.activation_checkpointing=true"],
     "fast_deterministic": ["train.fast_path=true", "train.deterministic=true"],
 }

@@ -100,6 +100,12 @@ stage bench_train_step_graph_minent 100 "$PY" benchmarks/bench_train_step.py --q
 # (graph replays).
 stage pytest_kernels_cuda 100 "$PY" -m pytest -q tests/test_kernels_triton.py tests/test_batch_norm.py \
     tests/test_models.py -k "not test_models or release_sgd_kernel"
+# Issue 5: the levers not yet measured in the step, inside the graph against the default in one process: the
+# backbone's dilated convolutions as undilated ones on the phases (train.space_to_batch), and every lever that
+# keeps the release's numerics together (fused BatchNorm, weights cast by one node, padded classifier, space to
+# batch): what making them all defaults would take off the step.
+stage bench_train_step_levers 120 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
+    --variants fast fast_space_to_batch fast_levers --json "$LOGS/bench_train_step_levers.json"
 # ResNet-101's dilated 3x3 convolutions (layer3, layer4) as they are, as space to batch (train.space_to_batch)
 # and undilated (same FLOPs): whether cuDNN's dilated kernels cost more than their FLOPs, bf16.
 stage bench_dilated_convs 45 "$PY" benchmarks/bench_dilated_convs.py --quick \
@@ -113,10 +119,9 @@ stage tune_loop 120 "$PY" benchmarks/tune_kernels.py --quick --families loop --j
 # process: what Inductor's fusions (BatchNorm with its ReLU, the residual adds) take off the GPU's time; and
 # the graph without the optimisers (run after each replay, as multi-process runs do around their all-reduces)
 # and fp16 with its gradient scaler inside the graph (what auto takes on GPUs without bf16 tensor cores),
-# what train.deterministic costs, and the backbone's dilated convolutions as undilated ones on the phases
-# (train.space_to_batch).
+# and what train.deterministic costs.
 stage bench_train_step_compile_graph 330 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
-    --variants fast fast_space_to_batch fast_graph_split fast_fp16 fast_deterministic fast_compile_graph \
+    --variants fast fast_graph_split fast_fp16 fast_deterministic fast_compile_graph \
     --gpu-profile 12 \
     --json "$LOGS/bench_train_step_compile_graph.json"
 # The fused train-mode BatchNorm (+ ReLU) and folded BN shift against ATen's and torch.compile's, ResNet-101's
@@ -165,7 +170,7 @@ stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/b
     done
     echo "-- training run"; tail -2 "$LOGS/train_embedded.md" 2>/dev/null
     for name in tune_loop bench_class_channels bench_dilated_convs bench_batchnorm tune_batchnorm tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
-        bench_train_step_graph bench_train_step_graph_minent bench_train_step_compile_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
+        bench_train_step_graph bench_train_step_graph_minent bench_train_step_levers bench_train_step_compile_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
         echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -300
     done
     echo "-- stages ($((SECONDS - START)) s; every table, log and JSON: $OUT/results.tgz)"; cat "$LOGS/stages.txt"

@@ -445,7 +445,7 @@ def test_run_gpu_brings_everything_back_in_three_files(tmp_path):
         packed = {os.path.basename(name) for name in tar.getnames()}
     stages = [line.split()[1].rstrip(":") for line in (out / "stages.txt").read_text().splitlines()
               if line.startswith("== ") and "exit 0" in line]
-    assert "bench_entropy" in stages and "tune_batchnorm" in stages and len(stages) == 24
+    assert "bench_entropy" in stages and "tune_batchnorm" in stages and len(stages) == 25
     assert {f"{name}.md" for name in stages} | {f"{name}.err" for name in stages} <= packed
     assert {"bench_entropy.json", "bench_train_step.json", "track_losses.json", "summary.md", "gpu.txt"} <= packed
     assert "| stub | benchmarks/bench_entropy.py" in proc.stdout.split("-- bench_entropy")[-1]
@@ -471,7 +471,7 @@ def test_run_gpu_stages_ask_only_what_their_scripts_and_tests_take(tmp_path, mon
     scripts = [c for c in calls if c[0].startswith("benchmarks/")]
     pytests = [c[2:] for c in calls if c[:2] == ["-m", "pytest"]]
     trainings = [c[2:] for c in calls if c[:2] == ["-m", "advent_fast.train"]]
-    assert len(scripts) + len(pytests) + len(trainings) == len(calls) == 24
+    assert len(scripts) + len(pytests) + len(trainings) == len(calls) == 25
     from advent_fast import train
 
     for args in trainings:

@@ -650,7 +650,7 @@ def test_fast_path_step_equals_the_release_step(tiny_data, tmp_path, triton_back
 
         monkeypatch.setattr(advent_fast, name, counting)
     common = (*extra, "train.lr=1e-2", "train.lambda_adv_main=5", "train.lambda_ent_main=5", "train.precision=fp32")
-    batches = fixed_batches(3)
+    batches = fixed_batches(3, size=(32, 32))
     release, release_metrics = run_steps(tiny_config(tiny_data, mode, "train.fast_path=false", *common), batches)
     assert calls == {"target": 0, "ce": 0}
     fast, fast_metrics = run_steps(tiny_config(tiny_data, mode, "train.fast_path=true", *common), batches)
@@ -917,7 +917,7 @@ def test_fused_batchnorm_with_folded_frozen_batchnorm_gives_the_same_step(tiny_d
     monkeypatch.setattr(bn_kernels, "shift_forward", lambda *a: launches.append(1) or forward(*a))
     common = ("model.freeze_bn=true", "train.fast_path=true", "train.lr=1e-2", "train.precision=fp32",
               "train.channels_last=true")
-    batches = fixed_batches(2, seed=4)
+    batches = fixed_batches(2, seed=4, size=(32, 32))
     plain, plain_metrics = run_steps(tiny_config(tiny_data, "advent", *common), batches)
     assert not launches and plain.settings.fold_frozen_bn
     fused, metrics = run_steps(tiny_config(tiny_data, "advent", "train.fused_batchnorm=true", *common), batches)
@@ -969,7 +969,7 @@ def test_padded_classifier_channels_give_the_same_step(tiny_data, triton_backend
     """train.classifier_channels_multiple=8 on the fast path (channels_last, logits with a channel stride of
     24 into the fused upsample kernels, AdvEnt's discriminators): the same losses and weights."""
     common = ("train.fast_path=true", "train.lr=1e-2", "train.precision=fp32")
-    batches = fixed_batches(2, seed=5)
+    batches = fixed_batches(2, seed=5, size=(32, 32))
     plain, plain_metrics = run_steps(tiny_config(tiny_data, "advent_minent", *common), batches)
     padded, metrics = run_steps(tiny_config(tiny_data, "advent_minent", "train.classifier_channels_multiple=8",
                                             *common), batches)
@@ -985,10 +985,11 @@ def test_padded_classifier_channels_give_the_same_step(tiny_data, triton_backend
     assert main.shape[1] == 19 and main.stride()[1] == 1 and main.stride()[3] == 24
 
 
-def test_space_to_batch_gives_the_same_step(tiny_data, triton_backend):
+def test_space_to_batch_gives_the_same_step(tiny_data):
     """train.space_to_batch on the fast path (channels_last; the small model's two dilated convolutions at
     5x8, the output stride's size of 36x60 images: 2 does not divide 5): the same losses and weights, the
-    same state dict names."""
+    same state dict names. The losses' backend does not matter here: the C++ one (the interpreted Triton
+    kernels would take most of the time)."""
     common = ("train.fast_path=true", "train.lr=1e-2", "train.precision=fp32")
     batches = fixed_batches(2, seed=5, size=(36, 60))
     plain, plain_metrics = run_steps(tiny_config(tiny_data, "advent", *common), batches)
@@ -1001,6 +1002,39 @@ def test_space_to_batch_gives_the_same_step(tiny_data, triton_backend):
     assert phased.model.state_dict().keys() == ref_state.keys()
     for name, value in phased.model.state_dict().items():
         torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+LEVERS = ("train.fused_batchnorm=true", "train.classifier_channels_multiple=8", "train.space_to_batch=true")
+
+
+def test_every_lever_together_gives_the_same_step(tiny_data, triton_backend):
+    """The levers that keep the release's numerics, all on (bench_train_step.py's fast_levers): in fp32 the
+    fused train-mode BatchNorm, the padded classifier and space to batch give the plain fast path's losses
+    and weights; in fp16 the weights cast by one node on top of them change nothing, bit for bit (fp16: the
+    interpreter truncates float32 to bfloat16 where torch rounds, test_weight_casts.py)."""
+    common = ("train.fast_path=true", "train.lr=1e-2", "train.channels_last=true")
+    batches = fixed_batches(1, seed=7, size=(32, 40))  # the small model's dilated convolutions at 4x5
+    plain, plain_metrics = run_steps(tiny_config(tiny_data, "advent", "train.precision=fp32", *common), batches)
+    levers, metrics = run_steps(tiny_config(tiny_data, "advent", "train.precision=fp32", *LEVERS, *common), batches)
+    for ref, got in zip(plain_metrics, metrics):
+        assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    ref_state = plain.model.state_dict()
+    assert levers.model.state_dict().keys() == ref_state.keys()
+    for name, value in levers.model.state_dict().items():
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    fp16 = ("train.precision=fp16", *LEVERS, *common)
+    uncast, uncast_metrics = run_steps(tiny_config(tiny_data, "advent", *fp16), batches)
+    cast, cast_metrics = run_steps(tiny_config(tiny_data, "advent", "train.fused_weight_casts=true", *fp16), batches)
+    described = cast.settings.describe()
+    for lever in ("fused train-mode BatchNorm", "classifier channels padded to a multiple of 8",
+                  "dilated convolutions as space to batch", "weights cast by one node a step"):
+        assert lever in described
+    assert cast_metrics == uncast_metrics
+    for module, ref in ((cast.model, uncast.model), (cast.discriminators["main"], uncast.discriminators["main"])):
+        ref_state = ref.state_dict()
+        for name, value in module.state_dict().items():
+            assert torch.equal(value, ref_state[name]), name
 
 
 def test_tensorboard_scalars_and_images(tiny_data, tmp_path):
