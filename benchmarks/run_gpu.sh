@@ -88,11 +88,17 @@ stage pytest_train_cuda 150 "$PY" -m pytest -q tests/test_train.py tests/test_me
 # Issue 5: the default fast path (one CUDA graph) against release_fp32 in one run, and inside the graph every
 # lever that needs no compilation: the fused train-mode BatchNorm, frozen BN (folded; and its shift fused), the
 # weights cast by one node, the classifier's channels padded to 24, activation checkpointing (peak memory); where
-# the GPU's time goes (by kind of kernel). MinEnt after it, fewer variants.
+# the GPU's time goes (by kind of kernel). MinEnt after the levers' stage, fewer variants.
 stage bench_train_step_graph 250 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
     --variants release_fp32 fast fast_fused_bn fast_frozen_bn fast_frozen_fused_bn fast_fused_casts \
     fast_padded_classifier fast_checkpointed --gpu-profile 12 \
     --json "$LOGS/bench_train_step_graph.json"
+# Issue 5: the levers not yet measured in the step, inside the graph against the default in one process: the
+# backbone's dilated convolutions as undilated ones on the phases (train.space_to_batch), and every lever that
+# keeps the release's numerics together (fused BatchNorm, weights cast by one node, padded classifier, space to
+# batch): what making them all defaults would take off the step.
+stage bench_train_step_levers 120 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
+    --variants fast fast_space_to_batch fast_levers --json "$LOGS/bench_train_step_levers.json"
 stage bench_train_step_graph_minent 100 "$PY" benchmarks/bench_train_step.py --quick --modes minent \
     --variants release_fp32 fast fast_fused_bn fast_frozen_bn --json "$LOGS/bench_train_step_graph_minent.json"
 # The kernels on CUDA tensors against float64, the class-loop ones, the fused BatchNorm and ReleaseSGD's among
@@ -100,12 +106,6 @@ stage bench_train_step_graph_minent 100 "$PY" benchmarks/bench_train_step.py --q
 # (graph replays).
 stage pytest_kernels_cuda 100 "$PY" -m pytest -q tests/test_kernels_triton.py tests/test_batch_norm.py \
     tests/test_models.py -k "not test_models or release_sgd_kernel"
-# Issue 5: the levers not yet measured in the step, inside the graph against the default in one process: the
-# backbone's dilated convolutions as undilated ones on the phases (train.space_to_batch), and every lever that
-# keeps the release's numerics together (fused BatchNorm, weights cast by one node, padded classifier, space to
-# batch): what making them all defaults would take off the step.
-stage bench_train_step_levers 120 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
-    --variants fast fast_space_to_batch fast_levers --json "$LOGS/bench_train_step_levers.json"
 # ResNet-101's dilated 3x3 convolutions (layer3, layer4) as they are, as space to batch (train.space_to_batch)
 # and undilated (same FLOPs): whether cuDNN's dilated kernels cost more than their FLOPs, bf16.
 stage bench_dilated_convs 45 "$PY" benchmarks/bench_dilated_convs.py --quick \
@@ -170,7 +170,7 @@ stage bench_activations 30 "$PY" benchmarks/bench_activations.py --json "$LOGS/b
     done
     echo "-- training run"; tail -2 "$LOGS/train_embedded.md" 2>/dev/null
     for name in tune_loop bench_class_channels bench_dilated_convs bench_batchnorm tune_batchnorm tune_kernels bench_eval bench_upsampled bench_data bench_activations bench_train_step_compile \
-        bench_train_step_graph bench_train_step_graph_minent bench_train_step_levers bench_train_step_compile_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
+        bench_train_step_graph bench_train_step_levers bench_train_step_graph_minent bench_train_step_compile_graph profile_step track_losses bench_entropy_compile bench_train_step bench_entropy; do
         echo "-- $name"; grep -E '^(\||- |# host us)' "$LOGS/$name.md" 2>/dev/null | tail -300
     done
     echo "-- stages ($((SECONDS - START)) s; every table, log and JSON: $OUT/results.tgz)"; cat "$LOGS/stages.txt"

@@ -1205,6 +1205,7 @@ def cuda_batches(trainer, steps, seed=0):
     ("advent", ("train.precision=fp16",)),  # the gradient scaler's check and scale update captured
     ("advent", ("train.precision=bf16", "train.fused_weight_casts=true")),  # the weight-cast kernels captured
     ("advent", ("train.space_to_batch=true",)),  # the phases' rearrangements captured
+    ("advent", ("train.precision=bf16", "train.fused_weight_casts=true", *LEVERS)),  # fast_levers
 ])
 def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, monkeypatch, mode, extra):
     """3 eager warm-up steps, the capture, replays: same losses and weights as the eager fast path,
