@@ -621,6 +621,18 @@ def run_steps(config, batches):
     return trainer, metrics
 
 
+def assert_same_steps(ref, ref_metrics, got, got_metrics, rel, abs, state_rtol, state_atol):
+    """Two trainers' steps (:func:`run_steps`): the same losses at every step, then the same generator state
+    (names, weights and BatchNorm statistics)."""
+    assert len(got_metrics) == len(ref_metrics)
+    for ref_values, values in zip(ref_metrics, got_metrics):
+        assert values == pytest.approx(ref_values, rel=rel, abs=abs)
+    ref_state, state = ref.model.state_dict(), got.model.state_dict()
+    assert state.keys() == ref_state.keys()
+    for name, value in state.items():
+        torch.testing.assert_close(value, ref_state[name], rtol=state_rtol, atol=state_atol, msg=name)
+
+
 def fixed_batches(steps, seed=0, size=(32, 64)):
     gen = torch.Generator().manual_seed(seed)
     batches = []
@@ -661,11 +673,8 @@ def test_fast_path_step_equals_the_release_step(tiny_data, tmp_path, triton_back
     assert fast.model.stage1[0].weight.is_contiguous(memory_format=torch.channels_last)
     if "model.freeze_bn=true" in extra:
         assert type(fast.model.stage1[0]) is not torch.nn.Conv2d  # folded
-    for ref, got in zip(release_metrics, fast_metrics):
-        assert got == pytest.approx(ref, rel=2e-4, abs=1e-6)
-    ref_state = release.model.state_dict()
-    for name, value in fast.model.state_dict().items():
-        torch.testing.assert_close(value, ref_state[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert_same_steps(release, release_metrics, fast, fast_metrics, rel=2e-4, abs=1e-6,
+                      state_rtol=1e-3, state_atol=1e-5)
 
 
 def test_bf16_fast_path_tracks_the_fp32_release_step(tiny_data):
@@ -850,11 +859,8 @@ def test_compiled_step_equals_eager(tiny_data, checkpointing):
 
     modules = [compiled.generator, *compiled.d_train.values(), *compiled.d_frozen.values()]
     assert len(modules) == 5 and all(isinstance(m, OptimizedModule) for m in modules)
-    for ref, value in zip(eager_metrics, got):
-        assert value == pytest.approx(ref, rel=1e-4, abs=1e-6)
-    ref_state = eager.model.state_dict()
-    for name, value in compiled.model.state_dict().items():
-        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_steps(eager, eager_metrics, compiled, got, rel=1e-4, abs=1e-6,
+                      state_rtol=1e-4, state_atol=1e-6)
 
 
 @pytest.mark.parametrize("fast_path", [False, True])
@@ -867,11 +873,8 @@ def test_activation_checkpointing_gives_the_same_step(tiny_data, fast_path):
                                                 *common), batches)
     assert recomputed.model.activation_checkpointing and not plain.model.activation_checkpointing
     assert "activation checkpointing" in recomputed.settings.describe()
-    for ref, got in zip(plain_metrics, metrics):
-        assert got == pytest.approx(ref, rel=1e-5, abs=1e-7)
-    ref_state = plain.model.state_dict()  # weights, momentum-updated, and BatchNorm statistics
-    for name, value in recomputed.model.state_dict().items():
-        torch.testing.assert_close(value, ref_state[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_steps(plain, plain_metrics, recomputed, metrics, rel=1e-5, abs=1e-7,
+                      state_rtol=1e-5, state_atol=1e-7)
 
 
 @pytest.mark.parametrize("extra", [(), ("train.activation_checkpointing=true",)], ids=["plain", "checkpointed"])
@@ -895,11 +898,8 @@ def test_fused_batchnorm_gives_the_same_step(tiny_data, triton_backend, monkeypa
     assert layers and all(type(m) is FusedBatchNorm2d for m in layers)
     forwards = 2 * 2 * (2 if extra else 1)  # 2 steps x (source, target), each block again in its backward
     assert len(launches) == forwards * len(layers)
-    for ref, got in zip(plain_metrics, metrics):
-        assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
-    ref_state = plain.model.state_dict()
-    for name, value in fused.model.state_dict().items():
-        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_steps(plain, plain_metrics, fused, metrics, rel=1e-4, abs=1e-6,
+                      state_rtol=1e-4, state_atol=1e-5)
     frozen = trainer_mod.StepSettings.resolve(load_config("embedded", ["train.fused_batchnorm=true",
                                                                        "model.freeze_bn=true"]), torch.device("cpu"))
     assert not frozen.fused_batchnorm  # eval-mode BatchNorm, not folded off the fast path: nothing to fuse
@@ -925,11 +925,8 @@ def test_fused_batchnorm_with_folded_frozen_batchnorm_gives_the_same_step(tiny_d
     layers = [m for m in fused.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert layers and all(type(m) is FusedFoldedBatchNorm2d for m in layers)
     assert len(launches) == 2 * 2 * len(layers)  # 2 steps x (source, target)
-    for ref, got in zip(plain_metrics, metrics):
-        assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
-    ref_state = plain.model.state_dict()
-    for name, value in fused.model.state_dict().items():
-        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_steps(plain, plain_metrics, fused, metrics, rel=1e-4, abs=1e-6,
+                      state_rtol=1e-4, state_atol=1e-5)
 
 
 @pytest.mark.parametrize("extra", [(), ("train.activation_checkpointing=true",), ("model.freeze_bn=true",)])
@@ -975,11 +972,8 @@ def test_padded_classifier_channels_give_the_same_step(tiny_data, triton_backend
                                             *common), batches)
     assert "classifier channels padded to a multiple of 8" in padded.settings.describe()
     assert [h.channels_multiple for h in padded.model.heads()] == [8, 8]
-    for ref, got in zip(plain_metrics, metrics):
-        assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
-    ref_state = plain.model.state_dict()
-    for name, value in padded.model.state_dict().items():
-        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_steps(plain, plain_metrics, padded, metrics, rel=1e-4, abs=1e-6,
+                      state_rtol=1e-4, state_atol=1e-5)
     with torch.no_grad():  # the logits are a view into the padded sum: a channel stride of 24 channels_last
         aux, main = padded.model(torch.zeros(1, 3, 32, 64).to(memory_format=torch.channels_last))
     assert main.shape[1] == 19 and main.stride()[1] == 1 and main.stride()[3] == 24
@@ -996,12 +990,8 @@ def test_space_to_batch_gives_the_same_step(tiny_data):
     phased, metrics = run_steps(tiny_config(tiny_data, "advent", "train.space_to_batch=true", *common), batches)
     assert "dilated convolutions as space to batch" in phased.settings.describe()
     assert [m.space_to_batch for m in phased.model.modules() if hasattr(m, "space_to_batch")] == [2, 2]
-    for ref, got in zip(plain_metrics, metrics):
-        assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
-    ref_state = plain.model.state_dict()
-    assert phased.model.state_dict().keys() == ref_state.keys()
-    for name, value in phased.model.state_dict().items():
-        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_steps(plain, plain_metrics, phased, metrics, rel=1e-4, abs=1e-6,
+                      state_rtol=1e-4, state_atol=1e-5)
 
 
 LEVERS = ("train.fused_batchnorm=true", "train.classifier_channels_multiple=8", "train.space_to_batch=true")
@@ -1016,12 +1006,8 @@ def test_every_lever_together_gives_the_same_step(tiny_data, triton_backend):
     batches = fixed_batches(1, seed=7, size=(32, 40))  # the small model's dilated convolutions at 4x5
     plain, plain_metrics = run_steps(tiny_config(tiny_data, "advent", "train.precision=fp32", *common), batches)
     levers, metrics = run_steps(tiny_config(tiny_data, "advent", "train.precision=fp32", *LEVERS, *common), batches)
-    for ref, got in zip(plain_metrics, metrics):
-        assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
-    ref_state = plain.model.state_dict()
-    assert levers.model.state_dict().keys() == ref_state.keys()
-    for name, value in levers.model.state_dict().items():
-        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_steps(plain, plain_metrics, levers, metrics, rel=1e-4, abs=1e-6,
+                      state_rtol=1e-4, state_atol=1e-5)
 
     fp16 = ("train.precision=fp16", *LEVERS, *common)
     uncast, uncast_metrics = run_steps(tiny_config(tiny_data, "advent", *fp16), batches)
