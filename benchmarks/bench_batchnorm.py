@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 import advent_fast as af
 from advent_fast.batch_norm import shift_relu, train_batch_norm
-from bench_common import Timer, device_name, fmt, graph_replay_ms, peak_extra_mib, print_table_header, write_results
+from bench_common import (DTYPES, Timer, device_name, fmt, graph_replay_ms, peak_extra_mib, print_table_header,
+                          write_results)
 from bench_entropy import copy_bandwidth
 
 # (case, (N, C, H, W), relu, residual add): ResNet-101's BatchNorm layers on a 1280x720 image
@@ -51,7 +52,6 @@ CPU_CASES = [
     ("layer3 bn2", (1, 256, 23, 40), True, False),
     ("layer3 bn3", (1, 1024, 23, 40), True, True),
 ]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def aten(x, weight, bias, mean, var, relu, residual):

@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from advent_fast.models import ASPPHead
-from bench_common import (Timer, autocast_to, convolution_machine, fmt, graph_replay_ms, peak_extra_mib,
+from bench_common import (DTYPES, Timer, autocast_to, convolution_machine, fmt, graph_replay_ms, peak_extra_mib,
                           print_table_header, write_results)
 
 CLASSES = 19
 D_WIDTH = 64  # the discriminators' first width (model.discriminator_width)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Case(NamedTuple):

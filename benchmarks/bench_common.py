@@ -62,6 +62,9 @@ def convolution_machine(device: torch.device) -> dict:
     return machine
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the scripts' --dtypes names
+
+
 def print_table_header(columns) -> None:
     """A markdown table's header row and rule."""
     print("| " + " | ".join(columns) + " |")

@@ -30,10 +30,9 @@ import torch
 from torch import nn
 
 from advent_fast.models import use_space_to_batch
-from bench_common import (Timer, autocast_to, convolution_machine, fmt, graph_replay_ms, peak_extra_mib,
+from bench_common import (DTYPES, Timer, autocast_to, convolution_machine, fmt, graph_replay_ms, peak_extra_mib,
                           print_table_header, write_results)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("dilated", "space to batch", "undilated")
 
 

@@ -25,12 +25,11 @@ import torch
 
 import advent_fast as af
 from advent_fast import reference as ref
-from bench_common import (Timer, device_name, fmt, fwd_bwd, graph_replay_ms, host_ms, launch_costs_us,
+from bench_common import (DTYPES, Timer, device_name, fmt, fwd_bwd, graph_replay_ms, host_ms, launch_costs_us,
                           peak_extra_mib, print_table_header, write_results)
 
 GPU_SHAPES = [(1, 19, 512, 1024), (4, 19, 512, 1024), (1, 16, 760, 1280)]
 CPU_SHAPES = [(2, 19, 256, 512)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ER_RATIO = 0.3
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import advent_fast as af
 from advent_fast import reference as ref
-from bench_common import (Timer, device_name, fmt, fwd_bwd, graph_replay_ms, host_ms, peak_extra_mib,
+from bench_common import (DTYPES, Timer, device_name, fmt, fwd_bwd, graph_replay_ms, host_ms, peak_extra_mib,
                           print_table_header, write_results)
 from advent_fast.upsampled import upsampled_cross_entropy, upsampled_target_losses
 
@@ -43,7 +43,6 @@ CPU_CASES = [
     ("advent", (1, 19, 33, 65), (257, 513)),
     ("minent", (1, 19, 33, 65), (257, 513)),
 ]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORE = 255
 
 
