@@ -62,7 +62,7 @@ def reference(x, weight, bias, running_mean, running_var, relu, residual, grad_y
 def close(got, want, rel):
     """Within rel x the largest finite magnitude (at least 1) where want is finite; non-finite where it is
     not (NaN or inf: which one depends on the implementation's order of operations)."""
-    got, want = got.double(), want.double()
+    got, want = got.detach().double(), want.detach().double()
     finite = want.isfinite()
     assert torch.equal(got.isfinite(), finite), "non-finite elements differ"
     scale = want[finite].abs().max().clamp_min(1.0) if finite.any() else 1.0

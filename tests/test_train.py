@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import advent_fast
 from advent_fast import train
 from advent_fast import trainer as trainer_mod
-from advent_fast.checkpoint import FORMAT, load
+from advent_fast.checkpoint import FORMAT, load, model_snapshot
 from advent_fast.config import ConfigError, load_config
 from advent_fast.trainer import Trainer, TrainingDiverged
 
@@ -644,14 +644,36 @@ def fixed_batches(steps, seed=0, size=(32, 64)):
     return batches
 
 
+def learnt_batchnorm_init(config, batches, path):
+    """``model.init_weights=PATH``: a snapshot of ``config``'s generator, written to ``path``, whose BatchNorm
+    statistics were learnt from the batches' images (train-mode forwards), as a pretrained initialisation's are.
+    From scratch, frozen BatchNorm normalises with mean 0 and variance 1 and the logits come out nearly flat:
+    then a wrongly upsampled map costs the losses too little for a step comparison to see."""
+    model = trainer_mod.build_generator(dataclasses.replace(
+        config, model=dataclasses.replace(config.model, freeze_bn=False))).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # the cumulative average of every forward's statistics
+    with torch.no_grad():
+        for source, target in batches:
+            model(source["image"])
+            model(target["image"])
+    torch.save(model_snapshot(model.meta(), model.state_dict(), 0), path)
+    return f"model.init_weights={path}"
+
+
 @pytest.mark.parametrize("mode, extra", [
     ("advent_minent", ("train.class_prior=PRIOR",)),
     ("minent_er", ("model.freeze_bn=true",)),
 ])
 def test_fast_path_step_equals_the_release_step(tiny_data, tmp_path, triton_backend, monkeypatch, mode, extra):
     """Losses from the low-resolution logits through the fused upsample kernels, fused optimisers,
-    channels_last (and folded frozen BN) give the release-style step's losses and weights."""
+    channels_last (and folded frozen BN, with learnt statistics) give the release-style step's losses and
+    weights."""
+    batches = fixed_batches(3, size=(32, 32))
     extra = [e.replace("PRIOR", write_prior(tmp_path / "prior.json")) for e in extra]
+    if "model.freeze_bn=true" in extra:
+        extra.append(learnt_batchnorm_init(tiny_config(tiny_data, mode), batches, tmp_path / "init.pt"))
     calls = {"target": 0, "ce": 0}
     for name, key in (("upsampled_target_losses", "target"), ("upsampled_cross_entropy", "ce")):
         real = getattr(advent_fast, name)
@@ -662,7 +684,6 @@ def test_fast_path_step_equals_the_release_step(tiny_data, tmp_path, triton_back
 
         monkeypatch.setattr(advent_fast, name, counting)
     common = (*extra, "train.lr=1e-2", "train.lambda_adv_main=5", "train.lambda_ent_main=5", "train.precision=fp32")
-    batches = fixed_batches(3, size=(32, 32))
     release, release_metrics = run_steps(tiny_config(tiny_data, mode, "train.fast_path=false", *common), batches)
     assert calls == {"target": 0, "ce": 0}
     fast, fast_metrics = run_steps(tiny_config(tiny_data, mode, "train.fast_path=true", *common), batches)
@@ -905,19 +926,21 @@ def test_fused_batchnorm_gives_the_same_step(tiny_data, triton_backend, monkeypa
     assert not frozen.fused_batchnorm  # eval-mode BatchNorm, not folded off the fast path: nothing to fuse
 
 
-def test_fused_batchnorm_with_folded_frozen_batchnorm_gives_the_same_step(tiny_data, triton_backend, monkeypatch):
+def test_fused_batchnorm_with_folded_frozen_batchnorm_gives_the_same_step(tiny_data, tmp_path, triton_backend,
+                                                                       monkeypatch):
     """train.fused_batchnorm with model.freeze_bn on the fast path: each folded BatchNorm's shift (with the
     ReLU or residual add after it) in the fused kernel instead of the convolution's bias: the same losses
-    and weights."""
+    and weights (learnt BatchNorm statistics, so that the shifts are not zero)."""
     from advent_fast.kernels import batch_norm as bn_kernels
     from advent_fast.models import FusedFoldedBatchNorm2d
 
     launches = []
     forward = bn_kernels.shift_forward
     monkeypatch.setattr(bn_kernels, "shift_forward", lambda *a: launches.append(1) or forward(*a))
-    common = ("model.freeze_bn=true", "train.fast_path=true", "train.lr=1e-2", "train.precision=fp32",
-              "train.channels_last=true")
     batches = fixed_batches(2, seed=4, size=(32, 32))
+    common = ("model.freeze_bn=true", learnt_batchnorm_init(tiny_config(tiny_data, "advent"), batches,
+                                                            tmp_path / "init.pt"),
+              "train.fast_path=true", "train.lr=1e-2", "train.precision=fp32", "train.channels_last=true")
     plain, plain_metrics = run_steps(tiny_config(tiny_data, "advent", *common), batches)
     assert not launches and plain.settings.fold_frozen_bn
     fused, metrics = run_steps(tiny_config(tiny_data, "advent", "train.fused_batchnorm=true", *common), batches)
@@ -1202,6 +1225,8 @@ def test_cuda_graph_replays_equal_the_eager_step(tiny_data, tmp_path, monkeypatc
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
 
     extra = [e.replace("PRIOR", write_prior(tmp_path / "prior.json")) for e in extra]
+    if "model.freeze_bn=true" in extra:  # learnt statistics: folded shifts that are not zero
+        extra.append(learnt_batchnorm_init(tiny_config(tiny_data, mode), fixed_batches(2), tmp_path / "init.pt"))
     precision = () if any(e.startswith("train.precision") for e in extra) else ("train.precision=fp32",)
     common = (*extra, *precision, "train.fast_path=true", "train.cudnn_benchmark=false", "train.lr=1e-2",
               "train.max_iters=8")
