@@ -13,8 +13,8 @@ timed steps), host ms (the time the host spends in each ``step_async`` call: as 
 where the host waits for the device, as the release path's loss reads do, or where issuing the
 kernels is the bottleneck; much shorter where the device is), images per second (source + target),
 speed-ups against the same mode's release_fp32 and fast (the default) rows of the run (a lever pays where
-its x fast is above 1), peak memory (of a captured step: what it allocates outside its graph plus what the graph's pool
-reserved at capture, an upper bound), and on GPUs the GPU's busy ms per step (the union of the
+its x fast is above 1), peak memory (over the timed steps; for the whole step as one CUDA graph from the warm-up
+call that captures it, whose allocations every replay reuses), and on GPUs the GPU's busy ms per step (the union of the
 kernels' and copies' time spans from the profiler over a few steps) and that as a fraction of ms per
 step (timed without the profiler, which slows the host), and the kernels and copies per step (each
 one issued by the host: host ms / kernels is what one costs it). On every device, ops/step: the aten
@@ -82,6 +82,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import Dataset
 
 from advent_fast.config import load_config
+from advent_fast.cuda_graph import WARMUP_STEPS
 from advent_fast.trainer import Datasets, Trainer
 from bench_common import fmt, write_results
 
@@ -381,12 +382,18 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
         metrics, _ = trainer.step_async(source, target if trainer.plan.target else None)
         losses.append(metrics.clone())  # a captured step overwrites its outputs at the next replay
 
+    # The peak memory from the call that captures the whole step (it allocates then, in the graph's pool, what
+    # every replay reuses), else from the timed steps: a step's, without cuDNN's autotuning workspaces.
+    peak_from = min(WARMUP_STEPS, warmup - 1) if trainer.captured is not None else warmup
     setup_start = time.perf_counter()
-    for _ in range(warmup):  # compilation, cudnn autotuning, CUDA-graph capture, allocator warm-up
+    for i in range(warmup):  # compilation, cudnn autotuning, CUDA-graph capture, allocator warm-up
+        if device.type == "cuda" and i == peak_from:
+            sync(device)
+            torch.cuda.reset_peak_memory_stats()
         step()
     sync(device)
     warmup_s = time.perf_counter() - setup_start
-    if device.type == "cuda":
+    if device.type == "cuda" and peak_from == warmup:
         torch.cuda.reset_peak_memory_stats()
     host_s = 0.0
     start = time.perf_counter()
@@ -413,8 +420,9 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
     if trainer.captured is not None and trainer.captured.graph is not None:
         row["graph_launch_ms"] = graph_launch_ms(trainer.captured.graph, device)
     if device.type == "cuda":
-        pool = trainer.captured.pool_bytes if trainer.captured is not None else 0
-        row["peak_mib"] = (torch.cuda.max_memory_allocated() + pool) / 2**20
+        row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        if trainer.captured is not None and trainer.captured.graph is not None:
+            row["graph_pool_mib"] = trainer.captured.pool_bytes / 2**20
         try:  # the profiler is a measurement aid: its failure must not cost the timings
             row["gpu_ms"], row["kernels_per_step"], profile = gpu_activity(step, min(steps, 5), args.gpu_profile)
             if profile:
@@ -544,7 +552,8 @@ def main(argv=None):
     for r in rows:
         if "graph_launch_ms" in r:
             print(f"- {r['mode']}/{r['variant']}: one replay of the captured step costs the host "
-                  f"{r['graph_launch_ms']:.1f} ms with the device idle (host ms/step above: {r['host_ms']:.1f})")
+                  f"{r['graph_launch_ms']:.1f} ms with the device idle (host ms/step above: {r['host_ms']:.1f}); "
+                  f"the graph's memory pool reserved {r['graph_pool_mib']:,.0f} MiB at the capture")
     profiled = [r for r in rows if "host_profile" in r]
     if profiled:
         print()
