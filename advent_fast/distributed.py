@@ -79,6 +79,15 @@ def all_reduce_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return tensor
 
 
+def max_over_processes(value: int, ctx: DistContext) -> int:
+    """The largest of the processes' ``value`` (a collective: every process calls it)."""
+    if not ctx.distributed:
+        return value
+    flag = torch.tensor([value], dtype=torch.int64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
 # As DDP's default bucket_cap_mb: a few collectives a step, and little memory for the flat copies.
 BUCKET_BYTES = 25 * 2**20
 

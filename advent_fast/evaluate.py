@@ -41,6 +41,7 @@ from advent_fast.data import (
 )
 from advent_fast.metrics import ConfusionMatrix
 from advent_fast.models import model_from_checkpoint
+from advent_fast.preemption import ignore_stop_signals
 from advent_fast.visualize import make_panel, panel_file_name, save_png
 
 __all__ = [
@@ -143,8 +144,9 @@ def evaluate_ensemble(
     subsets = default_subsets(num_classes) if classes_subsets is None else classes_subsets
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
+    # A training run's evaluation outlives a stop signal to its job: its loader's workers too (preemption.py)
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     cm = ConfusionMatrix(num_classes, device)
     saved = 0
     try:

@@ -16,6 +16,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
 from .config import (CHOICES, DEFAULT_PRESET, MODES, ConfigError, dump_config, from_dict, list_presets,
                      load_config, merge, set_value, validate)
+from .preemption import TrainingStopped
 from .trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged, default_run_dir
 
 
@@ -165,6 +166,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except TrainingDiverged as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 3
+        except TrainingStopped as exc:
+            if ctx.is_main:
+                print(f"{exc}; go on with: python -m advent_fast.train --resume {run_dir}", file=sys.stderr,
+                      flush=True)
+            return exc.exit_code
         if ctx.is_main:
             best = max(trainer.evaluations, key=lambda e: e["miou"])
             print(f"target val mIoU: {result['miou']:.2f} at iteration {trainer.iteration} "

@@ -40,6 +40,7 @@ from . import distributed as dist_utils
 from . import reference
 from .config import Config, save_config
 from .data.classes import IGNORE_LABEL
+from .preemption import StopSignals, TrainingStopped, ignore_stop_signals
 
 SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0  # release labels (the paper writes 1 / 0)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -258,7 +259,7 @@ def training_batches(dataset: Dataset, stream: str, batch_size: int, ctx: dist_u
     sampler = InfiniteSampler(len(dataset), seed, STREAMS[stream], batch_size, ctx, start=start)
     loader = DataLoader(dataset, batch_size=batch_size // ctx.world_size, sampler=sampler,
                         num_workers=workers, pin_memory=ctx.device.type == "cuda", drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
     return iter(loader)
 
 
@@ -820,12 +821,38 @@ class Trainer:
         return DeviceBatches(batches, self.device, self.settings.channels_last)
 
     def fit(self) -> Optional[Dict[str, Any]]:
-        """Train to ``train.stop_iter``; returns the final evaluation (on the main process)."""
-        cfg, t = self.config, self.config.train
+        """Train to ``train.stop_iter``; returns the final evaluation (on the main process). A stop signal
+        (SIGTERM, SIGUSR1: :mod:`advent_fast.preemption`) ends it early: the checkpoint is saved at the next
+        step's end (with several processes, at the next log line's, where they agree), then
+        :class:`TrainingStopped` is raised."""
         if self.ctx.is_main and self.run_dir:
             os.makedirs(self.run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            save_config(self.config, os.path.join(self.run_dir, "config.yaml"))
             self._trim_metrics()
+        with StopSignals() as signals:
+            stopped_by = self._train_loop(signals)
+        if stopped_by is not None:
+            self.close()
+            raise TrainingStopped(stopped_by, self.iteration, self.saved_iteration)
+        if not self.evaluations or self.evaluations[-1]["iter"] != self.iteration:  # resumed at stop_iter
+            self.evaluate()
+        self.close()
+        return self.evaluations[-1] if self.evaluations and self.ctx.is_main else None
+
+    def _stop_signal(self, signals: StopSignals, log_due: bool) -> Optional[int]:
+        """The stop signal this step ends the run for, if any: at once in one process; with several, one that any
+        of them received (the largest number), looked for at log lines only (their losses are read then anyway),
+        so that every process stops after the same step."""
+        if not self.ctx.distributed:
+            return signals.received
+        if not log_due:
+            return None
+        return dist_utils.max_over_processes(signals.received or 0, self.ctx) or None
+
+    def _train_loop(self, signals: StopSignals) -> Optional[int]:
+        """Steps to ``train.stop_iter`` or until a stop signal (returned, after the checkpoint is saved)."""
+        cfg, t = self.config, self.config.train
+        stopped_by = None
         source_batches = self._loader(self.data.source, "source", t.source_batch_size)
         target_batches = self._loader(self.data.target, "target", t.target_batch_size) if self.plan.target else None
         bar = self._progress_bar()
@@ -849,6 +876,8 @@ class Trainer:
             log_due = self.iteration % cfg.run.log_every == 0 or self.iteration == t.stop_iter
             save_due = self.iteration % cfg.run.snapshot_every == 0 or self.iteration == t.stop_iter
             eval_due = (bool(cfg.eval.every) and self.iteration % cfg.eval.every == 0) or self.iteration == t.stop_iter
+            stopped_by = self._stop_signal(signals, log_due) if self.iteration < t.stop_iter else None
+            log_due = log_due or stopped_by is not None
             done = lagged.push(self.iteration, metrics)
             if log_due or save_due or eval_due:  # these need every step so far accounted for
                 done += lagged.drain()
@@ -874,13 +903,14 @@ class Trainer:
                 self.evaluate()
             if save_due:
                 self.save()
+            if stopped_by is not None:
+                if not save_due:
+                    self.save(snapshot=False)  # the snapshots stay the run's schedule
+                break
         if bar is not None:
             bar.close()
         del source_batches, target_batches  # stops the loader workers
-        if not self.evaluations or self.evaluations[-1]["iter"] != self.iteration:  # resumed at stop_iter
-            self.evaluate()
-        self.close()
-        return self.evaluations[-1] if self.evaluations and self.ctx.is_main else None
+        return stopped_by
 
     def _check_finite(self, iteration: int, metrics: Dict[str, float]) -> None:
         """Count consecutive non-finite steps (``iteration``: the one that ended with ``metrics``)."""
@@ -1024,9 +1054,9 @@ class Trainer:
         self.evaluations = list(state.get("evaluations", []))
         ckpt_io.set_rng_state(state["rng"])
 
-    def save(self) -> None:
-        """Atomically replace the run's checkpoint and add a generator snapshot (main process; every
-        process meets at a barrier afterwards, written or not)."""
+    def save(self, snapshot: bool = True) -> None:
+        """Atomically replace the run's checkpoint and, with ``snapshot``, add a generator snapshot (main
+        process; every process meets at a barrier afterwards, written or not)."""
         # Never replace the last good checkpoint during a non-finite streak (its count comes from the
         # all-reduced losses: every process skips alike).
         if not self.nonfinite_steps:
@@ -1037,11 +1067,12 @@ class Trainer:
                         f"non-finite weights or BatchNorm statistics at iteration {self.iteration}; "
                         f"not saving, the last good checkpoint (iteration {self.saved_iteration}) is kept")
                 ckpt_io.save_atomic(state, self.checkpoint_path())
-                snapshot = ckpt_io.model_snapshot(state["meta"], state["model"], self.iteration, state["config"])
-                ckpt_io.save_atomic(snapshot, os.path.join(self.run_dir, "snapshots",
-                                                           f"model_{self.iteration:06d}.pt"))
-                if self.config.run.keep_snapshots is not None:
-                    self._prune_snapshots(self.config.run.keep_snapshots)
+                if snapshot:
+                    ckpt_io.save_atomic(ckpt_io.model_snapshot(state["meta"], state["model"], self.iteration,
+                                                               state["config"]),
+                                        os.path.join(self.run_dir, "snapshots", f"model_{self.iteration:06d}.pt"))
+                    if self.config.run.keep_snapshots is not None:
+                        self._prune_snapshots(self.config.run.keep_snapshots)
             self.saved_iteration = self.iteration
         dist_utils.barrier(self.ctx)
 

@@ -1,5 +1,6 @@
 """Two gloo processes under torchrun train like one process with the same global batch."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from advent_fast import distributed as dist_utils
 from advent_fast import train
 from advent_fast.checkpoint import load
 
-from test_train import read_metrics, state_tensors, tiny_overrides, write_prior
+from test_train import read_metrics, signal_a_training_run, state_tensors, tiny_overrides, write_prior
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -275,3 +276,38 @@ def test_a_process_of_a_multi_process_run_exits_without_finalising(world_size, f
                           timeout=120)
     assert proc.returncode == 3
     assert proc.stdout == ("trainedfinalised\n" if finalised else "trained")
+
+
+def worker_pid(parent: int, local_rank: int) -> int:
+    """The process torchrun (pid ``parent``) started for ``local_rank`` (Linux: from /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if ppid == parent and f"LOCAL_RANK={local_rank}".encode() in environ:
+            return int(pid)
+    raise LookupError(f"no process of local rank {local_rank} under {parent}")
+
+
+def test_a_stop_signal_stops_every_process_after_the_same_step(tiny_data, tmp_path):
+    """SIGTERM to rank 1 alone (a scheduler signals every process, but not always at the same step): the
+    processes agree at the next log line, rank 0 writes the checkpoint of that step and says so, both stop."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tiny_data, "minent", "model.freeze_bn=true", "train.source_batch_size=2",
+                               "train.target_batch_size=2", "train.max_iters=100000",
+                               "train.stop_iter=100000", "eval.every=0", "run.snapshot_every=100000",
+                               "run.log_every=2")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    _, err = signal_a_training_run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "advent_fast.train", *[a for o in overrides for a in ("--set", o)], "--run-dir", str(run_dir), "--device",
+         "cpu"], run_dir, log_lines=2, send=lambda proc: os.kill(worker_pid(proc.pid, local_rank=1), signal.SIGTERM),
+        env=env)
+    assert err.count("stopped by SIGTERM") == 1, err[-3000:]  # rank 0, told by rank 1
+    iteration = load(str(run_dir / "checkpoint.pt"))["iteration"]
+    assert iteration >= 4 and iteration % 2 == 0  # at a log line, where the processes agree
+    assert read_metrics(run_dir)[0][-1]["iter"] == iteration

@@ -7,7 +7,10 @@ import inspect
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -16,13 +19,15 @@ import torch
 import torch.nn.functional as F
 
 import advent_fast
-from advent_fast import train
+from advent_fast import preemption, train
 from advent_fast import trainer as trainer_mod
 from advent_fast.checkpoint import FORMAT, load, model_snapshot
 from advent_fast.config import ConfigError, load_config
 from advent_fast.trainer import Trainer, TrainingDiverged
 
 from test_models import WeightOps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODES = ("source_only", "minent", "minent_er", "advent", "advent_minent")
 
@@ -301,6 +306,17 @@ def test_fused_and_reference_losses_give_the_same_step(tiny_data, tmp_path, monk
         read_metrics(tmp_path / "reference")[0][-1]["ent_main"], rel=1e-4)
 
 
+def assert_same_checkpoints(a, b):
+    """Two checkpoints of one run's state: weights, optimisers, RNG bit for bit."""
+    assert a["iteration"] == b["iteration"] and a["data_position"] == b["data_position"]
+    assert a["schedule"] == b["schedule"] and a["scaler"] == b["scaler"]
+    for key in ("model", "discriminators", "optimizers", "rng"):
+        ta, tb = state_tensors(a[key]), state_tensors(b[key])
+        assert ta.keys() == tb.keys() and ta, key
+        for name in ta:
+            assert torch.equal(ta[name], tb[name]), f"{key}{name}"
+
+
 def test_resume_equals_an_uninterrupted_run_bit_for_bit(tiny_data, tmp_path):
     prior = write_prior(tmp_path / "prior.json")
     common = tiny_overrides(tiny_data, "advent_minent", f"train.class_prior={prior}", "run.snapshot_every=2",
@@ -314,14 +330,8 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tiny_data, tmp_path):
     assert train.main(["--resume", interrupted, "--set", "train.stop_iter=4"]) == 0
 
     a, b = load(os.path.join(straight, "checkpoint.pt")), load(os.path.join(interrupted, "checkpoint.pt"))
-    assert a["iteration"] == b["iteration"] == 4
-    assert a["data_position"] == b["data_position"] == {"source": 4, "target": 4}
-    assert a["schedule"] == b["schedule"] and a["scaler"] == b["scaler"]
-    for key in ("model", "discriminators", "optimizers", "rng"):
-        ta, tb = state_tensors(a[key]), state_tensors(b[key])
-        assert ta.keys() == tb.keys() and ta, key
-        for name in ta:
-            assert torch.equal(ta[name], tb[name]), f"{key}{name}"
+    assert a["iteration"] == 4 and a["data_position"] == {"source": 4, "target": 4}
+    assert_same_checkpoints(a, b)
     assert a["optimizers"]["generator"]["param_groups"] == b["optimizers"]["generator"]["param_groups"]
     steps_a, steps_b = read_metrics(straight)[0], read_metrics(interrupted)[0]
     strip = lambda rs: [{k: v for k, v in r.items() if k != "it_per_s"} for r in rs]
@@ -332,6 +342,76 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tiny_data, tmp_path):
     assert [e["iter"] for e in read_metrics(interrupted)[1]] == [2, 4]
     assert train.main(["--resume", interrupted]) == 0
     assert [e["iter"] for e in read_metrics(interrupted)[1]] == [2, 4]
+
+
+@pytest.mark.parametrize("signum", preemption.STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_a_stop_signal_saves_a_checkpoint_that_resumes_as_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch,
+                                                                               signum):
+    """SIGTERM or SIGUSR1 during a step: the run ends after that step with a checkpoint (no snapshot, the
+    snapshots keep their schedule), exit status 128 + the signal, the process's handlers as they were; resumed,
+    it equals a run never stopped, bit for bit."""
+    common = tiny_overrides(tiny_data, "advent", "run.snapshot_every=4", "eval.every=0", "train.stop_iter=7")
+    as_args = lambda overrides: [a for o in overrides for a in ("--set", o)]
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    assert train.main(as_args(common) + ["--run-dir", straight]) == 0
+
+    step_async = Trainer.step_async
+
+    def signalled_in_step_6(self, *args, **kwargs):
+        if self.iteration == 5:  # the 6th step
+            signal.raise_signal(signum)
+        return step_async(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step_async", signalled_in_step_6)
+    before = signal.getsignal(signum)
+    assert train.main(as_args(common) + ["--run-dir", stopped]) == 128 + signum
+    assert signal.getsignal(signum) is before
+    state = load(os.path.join(stopped, "checkpoint.pt"))
+    assert state["iteration"] == 6
+    assert sorted(os.listdir(os.path.join(stopped, "snapshots"))) == ["model_000004.pt"]
+    assert read_metrics(stopped)[0][-1]["iter"] == 6  # the steps since the last log line, logged
+    monkeypatch.setattr(Trainer, "step_async", step_async)
+    assert train.main(["--resume", stopped]) == 0
+    assert_same_checkpoints(load(os.path.join(straight, "checkpoint.pt")), load(os.path.join(stopped, "checkpoint.pt")))
+    assert sorted(os.listdir(os.path.join(stopped, "snapshots"))) == ["model_000004.pt", "model_000007.pt"]
+
+
+def signal_a_training_run(cmd, run_dir, log_lines, send, env=None):
+    """Starts the training command line ``cmd`` in its own process group, calls ``send(proc)`` (a stop signal)
+    once its metrics file has ``log_lines`` lines, and returns (proc, stderr) once it has exited."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, metrics = time.monotonic() + 240, run_dir / "metrics.jsonl"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= log_lines:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        send(proc)
+        return proc, proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_stop_signal_to_the_whole_job_leaves_the_loader_workers_to_the_run(tiny_data, tmp_path):
+    """A scheduler signals every process of the job: SIGTERM to the run's process group while its loader
+    workers decode; they ignore it, the run saves its checkpoint and exits with 143; resumable."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tiny_data, "minent", "data.num_workers=2", "train.max_iters=100000",
+                               "train.stop_iter=100000", "eval.every=0", "run.snapshot_every=100000")
+    proc, err = signal_a_training_run(
+        [sys.executable, "-m", "advent_fast.train", *[a for o in overrides for a in ("--set", o)], "--run-dir",
+         str(run_dir)], run_dir, log_lines=3, send=lambda proc: os.killpg(proc.pid, signal.SIGTERM))
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    iteration = load(str(run_dir / "checkpoint.pt"))["iteration"]
+    assert 3 <= iteration < 100000
+    assert read_metrics(run_dir)[0][-1]["iter"] == iteration
+    assert train.main(["--resume", str(run_dir), "--set", f"train.stop_iter={iteration + 1}",
+                       "--set", "data.num_workers=0"]) == 0
+    assert load(str(run_dir / "checkpoint.pt"))["iteration"] == iteration + 1
 
 
 @pytest.mark.parametrize("eval_every, mious, kept", [
