@@ -32,6 +32,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                "      --source-root GTA5 --target-root Cityscapes \\\n"
                "      --init-weights DeepLab_resnet_pretrained_imagenet.pth\n"
                "  python -m advent_fast.train --resume runs/NAME --set train.stop_iter=4000\n"
+               "  python -m advent_fast.train --config gta2cityscapes_r101 ... --run-dir runs/NAME --auto-resume\n"
                "  torchrun --nproc_per_node=4 -m advent_fast.train --config gta2cityscapes_r101 ... \\\n"
                "      --set train.source_batch_size=4 --set train.target_batch_size=4",
     )
@@ -70,6 +71,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--run-dir", metavar="DIR", help="run.dir: config, metrics, checkpoints go here")
     p.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT",
                    help="continue a run from its checkpoint (the config comes from the checkpoint)")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="with --run-dir: continue that run if it holds a checkpoint of this same config, else "
+                        "start it (the one command line of a job that a scheduler may stop and requeue)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
@@ -97,6 +101,8 @@ def flag_updates(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
 
 def resolve(args: argparse.Namespace):
     """(config, resume state or None, run dir) from the command line."""
+    if args.auto_resume:
+        return _auto_resume(args)
     if args.resume is None:
         return load_config(args.config or DEFAULT_PRESET, args.overrides, flag_updates(args)), None, None
     if args.config is not None:
@@ -112,6 +118,32 @@ def resolve(args: argparse.Namespace):
     validate(config)
     run_dir = config.run.dir if args.run_dir else os.path.dirname(os.path.abspath(path))
     return config, state, run_dir
+
+
+def _auto_resume(args: argparse.Namespace):
+    """--auto-resume: the run folder's checkpoint if it has one (and the command line's config is the one it
+    was trained with), else a new run there."""
+    if args.resume is not None:
+        raise ConfigError("--auto-resume finds the checkpoint in --run-dir itself; drop --resume")
+    config = load_config(args.config or DEFAULT_PRESET, args.overrides, flag_updates(args))
+    if config.run.dir is None:
+        raise ConfigError("--auto-resume needs --run-dir (or run.dir): the folder a requeued job goes on in")
+    path = os.path.join(config.run.dir, CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        return config, None, None
+    state = ckpt_io.load(path)
+    ckpt_io.check_resumable(state, path)
+    saved, now = _flat(from_dict(state["config"]).to_dict()), _flat(config.to_dict())
+    changed = [f"{key}: {saved.get(key)!r} there, {now.get(key)!r} here" for key in sorted(saved.keys() | now.keys())
+               if saved.get(key) != now.get(key)]
+    if changed:
+        raise ConfigError(f"{config.run.dir} holds a run of another config ({'; '.join(changed)}); continue it "
+                          f"with --resume {config.run.dir} (changing keys with --set) or choose another --run-dir")
+    return config, state, config.run.dir
+
+
+def _flat(values: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    return {f"{section}.{key}": value for section, keys in values.items() for key, value in keys.items()}
 
 
 def prepare_run_dir(config, run_dir: Optional[str], resuming: bool) -> str:

@@ -348,8 +348,8 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tiny_data, tmp_path):
 def test_a_stop_signal_saves_a_checkpoint_that_resumes_as_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch,
                                                                                signum):
     """SIGTERM or SIGUSR1 during a step: the run ends after that step with a checkpoint (no snapshot, the
-    snapshots keep their schedule), exit status 128 + the signal, the process's handlers as they were; resumed,
-    it equals a run never stopped, bit for bit."""
+    snapshots keep their schedule), exit status 128 + the signal, the process's handlers as they were; the same
+    command line again (--auto-resume) goes on from there and equals a run never stopped, bit for bit."""
     common = tiny_overrides(tiny_data, "advent", "run.snapshot_every=4", "eval.every=0", "train.stop_iter=7")
     as_args = lambda overrides: [a for o in overrides for a in ("--set", o)]
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
@@ -364,16 +364,35 @@ def test_a_stop_signal_saves_a_checkpoint_that_resumes_as_an_uninterrupted_run(t
 
     monkeypatch.setattr(Trainer, "step_async", signalled_in_step_6)
     before = signal.getsignal(signum)
-    assert train.main(as_args(common) + ["--run-dir", stopped]) == 128 + signum
+    job = as_args(common) + ["--run-dir", stopped, "--auto-resume"]  # a new run: nothing to resume yet
+    assert train.main(job) == 128 + signum
     assert signal.getsignal(signum) is before
     state = load(os.path.join(stopped, "checkpoint.pt"))
     assert state["iteration"] == 6
     assert sorted(os.listdir(os.path.join(stopped, "snapshots"))) == ["model_000004.pt"]
     assert read_metrics(stopped)[0][-1]["iter"] == 6  # the steps since the last log line, logged
     monkeypatch.setattr(Trainer, "step_async", step_async)
-    assert train.main(["--resume", stopped]) == 0
+    assert train.main(job) == 0
     assert_same_checkpoints(load(os.path.join(straight, "checkpoint.pt")), load(os.path.join(stopped, "checkpoint.pt")))
     assert sorted(os.listdir(os.path.join(stopped, "snapshots"))) == ["model_000004.pt", "model_000007.pt"]
+
+
+def test_auto_resume_takes_only_a_run_of_the_same_config(tiny_data, tmp_path, capsys):
+    """--auto-resume: without --run-dir, with --resume, or in a folder holding a run of another config, an error
+    that says what differs and what to do; a finished run's folder, resumed again, trains nothing more."""
+    run = str(tmp_path / "run")
+    job = [a for o in tiny_overrides(tiny_data, "minent", "train.stop_iter=2") for a in ("--set", o)]
+    assert train.main(job + ["--auto-resume"]) == 2
+    assert "--auto-resume needs --run-dir" in capsys.readouterr().err
+    assert train.main(job + ["--run-dir", run, "--auto-resume", "--resume", run]) == 2
+    assert "drop --resume" in capsys.readouterr().err
+    assert train.main(job + ["--run-dir", run, "--auto-resume"]) == 0
+    assert train.main(job + ["--run-dir", run, "--auto-resume", "--set", "train.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "(train.lr: 0.01 there, 0.5 here)" in err and f"--resume {run}" in err
+    assert train.main(job + ["--run-dir", run, "--auto-resume"]) == 0
+    assert "iterations 2 -> 2" in capsys.readouterr().out
+    assert [r["iter"] for r in read_metrics(run)[0]] == [1, 2]
 
 
 def signal_a_training_run(cmd, run_dir, log_lines, send, env=None):
