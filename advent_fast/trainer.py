@@ -833,7 +833,7 @@ class Trainer:
             stopped_by = self._train_loop(signals)
         if stopped_by is not None:
             self.close()
-            raise TrainingStopped(stopped_by, self.iteration, self.saved_iteration)
+            raise TrainingStopped(stopped_by, self.iteration, self.saved_iteration if self.run_dir else None)
         if not self.evaluations or self.evaluations[-1]["iter"] != self.iteration:  # resumed at stop_iter
             self.evaluate()
         self.close()

@@ -377,6 +377,23 @@ def test_a_stop_signal_saves_a_checkpoint_that_resumes_as_an_uninterrupted_run(t
     assert sorted(os.listdir(os.path.join(stopped, "snapshots"))) == ["model_000004.pt", "model_000007.pt"]
 
 
+def test_a_stopped_fit_without_a_run_folder_says_nothing_was_saved(tiny_data, monkeypatch):
+    """Trainer.fit used from Python without a run folder: a stop signal raises TrainingStopped, which says no
+    checkpoint was written."""
+    trainer = Trainer(tiny_config(tiny_data, "minent", "train.stop_iter=5", "eval.every=0"))
+    step_async = Trainer.step_async
+
+    def signalled_in_step_2(self, *args, **kwargs):
+        if self.iteration == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return step_async(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step_async", signalled_in_step_2)
+    with pytest.raises(preemption.TrainingStopped, match="after iteration 2; no checkpoint was written") as stop:
+        trainer.fit()
+    assert stop.value.saved_iteration is None and stop.value.exit_code == 143
+
+
 def test_auto_resume_takes_only_a_run_of_the_same_config(tiny_data, tmp_path, capsys):
     """--auto-resume: without --run-dir, with --resume, or in a folder holding a run of another config, an error
     that says what differs and what to do; a finished run's folder, resumed again, trains nothing more."""
