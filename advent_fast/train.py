@@ -101,16 +101,16 @@ def flag_updates(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
 
 def resolve(args: argparse.Namespace):
     """(config, resume state or None, run dir) from the command line."""
-    if args.auto_resume:
-        return _auto_resume(args)
     if args.resume is None:
-        return load_config(args.config or DEFAULT_PRESET, args.overrides, flag_updates(args)), None, None
+        config = load_config(args.config or DEFAULT_PRESET, args.overrides, flag_updates(args))
+        return _auto_resume(config) if args.auto_resume else (config, None, None)
+    if args.auto_resume:
+        raise ConfigError("--auto-resume finds the checkpoint in --run-dir itself; drop --resume")
     if args.config is not None:
         raise ConfigError("--resume takes the config from the checkpoint; drop --config "
                           "(change keys with --set)")
     path = os.path.join(args.resume, CHECKPOINT_NAME) if os.path.isdir(args.resume) else args.resume
-    state = ckpt_io.load(path)
-    ckpt_io.check_resumable(state, path)
+    state = _resumable_state(path)
     config = from_dict(state["config"])
     for assignment in args.overrides:
         set_value(config, assignment)
@@ -120,19 +120,21 @@ def resolve(args: argparse.Namespace):
     return config, state, run_dir
 
 
-def _auto_resume(args: argparse.Namespace):
-    """--auto-resume: the run folder's checkpoint if it has one (and the command line's config is the one it
-    was trained with), else a new run there."""
-    if args.resume is not None:
-        raise ConfigError("--auto-resume finds the checkpoint in --run-dir itself; drop --resume")
-    config = load_config(args.config or DEFAULT_PRESET, args.overrides, flag_updates(args))
+def _resumable_state(path: str) -> Dict[str, Any]:
+    state = ckpt_io.load(path)
+    ckpt_io.check_resumable(state, path)
+    return state
+
+
+def _auto_resume(config):
+    """--auto-resume with the command line's ``config``: its run folder's checkpoint if it has one (trained with
+    this same config), else a new run there."""
     if config.run.dir is None:
         raise ConfigError("--auto-resume needs --run-dir (or run.dir): the folder a requeued job goes on in")
     path = os.path.join(config.run.dir, CHECKPOINT_NAME)
     if not os.path.isfile(path):
         return config, None, None
-    state = ckpt_io.load(path)
-    ckpt_io.check_resumable(state, path)
+    state = _resumable_state(path)
     saved, now = _flat(from_dict(state["config"]).to_dict()), _flat(config.to_dict())
     changed = [f"{key}: {saved.get(key)!r} there, {now.get(key)!r} here" for key in sorted(saved.keys() | now.keys())
                if saved.get(key) != now.get(key)]

@@ -831,12 +831,11 @@ class Trainer:
             self._trim_metrics()
         with StopSignals() as signals:
             stopped_by = self._train_loop(signals)
-        if stopped_by is not None:
-            self.close()
-            raise TrainingStopped(stopped_by, self.iteration, self.saved_iteration if self.run_dir else None)
-        if not self.evaluations or self.evaluations[-1]["iter"] != self.iteration:  # resumed at stop_iter
-            self.evaluate()
+        if stopped_by is None and (not self.evaluations or self.evaluations[-1]["iter"] != self.iteration):
+            self.evaluate()  # resumed at stop_iter
         self.close()
+        if stopped_by is not None:
+            raise TrainingStopped(stopped_by, self.iteration, self.saved_iteration if self.run_dir else None)
         return self.evaluations[-1] if self.evaluations and self.ctx.is_main else None
 
     def _stop_signal(self, signals: StopSignals, log_due: bool) -> Optional[int]:

@@ -19,13 +19,19 @@ from test_train import read_metrics, signal_a_training_run, state_tensors, tiny_
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def torchrun_env() -> dict:
+    """The environment of two torchrun processes with one thread each, importing from the repository."""
+    return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Two processes under torchrun (one thread each), run from the repository root: ``args`` after
     torchrun's own (a script or ``-m module``, then its arguments). Asserts they exited with 0."""
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([*TORCHRUN, *args], cwd=ROOT, env=torchrun_env(), capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -301,12 +307,10 @@ def test_a_stop_signal_stops_every_process_after_the_same_step(tiny_data, tmp_pa
                                "train.target_batch_size=2", "train.max_iters=100000",
                                "train.stop_iter=100000", "eval.every=0", "run.snapshot_every=100000",
                                "run.log_every=2")
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     _, err = signal_a_training_run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-         "advent_fast.train", *[a for o in overrides for a in ("--set", o)], "--run-dir", str(run_dir), "--device",
-         "cpu"], run_dir, log_lines=2, send=lambda proc: os.kill(worker_pid(proc.pid, local_rank=1), signal.SIGTERM),
-        env=env)
+        [*TORCHRUN, "-m", "advent_fast.train", *[a for o in overrides for a in ("--set", o)], "--run-dir",
+         str(run_dir), "--device", "cpu"], run_dir, log_lines=2,
+        send=lambda proc: os.kill(worker_pid(proc.pid, local_rank=1), signal.SIGTERM), env=torchrun_env())
     assert err.count("stopped by SIGTERM") == 1, err[-3000:]  # rank 0, told by rank 1
     iteration = load(str(run_dir / "checkpoint.pt"))["iteration"]
     assert iteration >= 4 and iteration % 2 == 0  # at a log line, where the processes agree

@@ -344,6 +344,18 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tiny_data, tmp_path):
     assert [e["iter"] for e in read_metrics(interrupted)[1]] == [2, 4]
 
 
+def signal_in_step(monkeypatch, step, signum):
+    """``signum`` raised in this process during the training step that makes iteration ``step`` (1-based)."""
+    step_async = Trainer.step_async
+
+    def signalled(self, *args, **kwargs):
+        if self.iteration == step - 1:
+            signal.raise_signal(signum)
+        return step_async(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step_async", signalled)
+
+
 @pytest.mark.parametrize("signum", preemption.STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_a_stop_signal_saves_a_checkpoint_that_resumes_as_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch,
                                                                                signum):
@@ -355,14 +367,7 @@ def test_a_stop_signal_saves_a_checkpoint_that_resumes_as_an_uninterrupted_run(t
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     assert train.main(as_args(common) + ["--run-dir", straight]) == 0
 
-    step_async = Trainer.step_async
-
-    def signalled_in_step_6(self, *args, **kwargs):
-        if self.iteration == 5:  # the 6th step
-            signal.raise_signal(signum)
-        return step_async(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "step_async", signalled_in_step_6)
+    signal_in_step(monkeypatch, 6, signum)  # once: a resumed run starts after it
     before = signal.getsignal(signum)
     job = as_args(common) + ["--run-dir", stopped, "--auto-resume"]  # a new run: nothing to resume yet
     assert train.main(job) == 128 + signum
@@ -371,7 +376,6 @@ def test_a_stop_signal_saves_a_checkpoint_that_resumes_as_an_uninterrupted_run(t
     assert state["iteration"] == 6
     assert sorted(os.listdir(os.path.join(stopped, "snapshots"))) == ["model_000004.pt"]
     assert read_metrics(stopped)[0][-1]["iter"] == 6  # the steps since the last log line, logged
-    monkeypatch.setattr(Trainer, "step_async", step_async)
     assert train.main(job) == 0
     assert_same_checkpoints(load(os.path.join(straight, "checkpoint.pt")), load(os.path.join(stopped, "checkpoint.pt")))
     assert sorted(os.listdir(os.path.join(stopped, "snapshots"))) == ["model_000004.pt", "model_000007.pt"]
@@ -381,14 +385,7 @@ def test_a_stopped_fit_without_a_run_folder_says_nothing_was_saved(tiny_data, mo
     """Trainer.fit used from Python without a run folder: a stop signal raises TrainingStopped, which says no
     checkpoint was written."""
     trainer = Trainer(tiny_config(tiny_data, "minent", "train.stop_iter=5", "eval.every=0"))
-    step_async = Trainer.step_async
-
-    def signalled_in_step_2(self, *args, **kwargs):
-        if self.iteration == 1:
-            signal.raise_signal(signal.SIGTERM)
-        return step_async(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "step_async", signalled_in_step_2)
+    signal_in_step(monkeypatch, 2, signal.SIGTERM)
     with pytest.raises(preemption.TrainingStopped, match="after iteration 2; no checkpoint was written") as stop:
         trainer.fit()
     assert stop.value.saved_iteration is None and stop.value.exit_code == 143
