@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from advent_fast.models import ASPPHead
-from bench_common import (DTYPES, Timer, autocast_to, convolution_machine, fmt, graph_replay_ms, peak_extra_mib,
-                          print_table_header, write_results)
+from bench_common import (DTYPES, Timer, autocast_fwd_bwd, autocast_to, convolution_machine, fmt, graph_replay_ms,
+                          peak_extra_mib, print_table_header, write_results)
 
 CLASSES = 19
 D_WIDTH = 64  # the discriminators' first width (model.discriminator_width)
@@ -123,13 +123,7 @@ def main(argv=None) -> int:
             for w in weights:
                 w.requires_grad_()
 
-            def run(fn=fn, x=x, upstream=upstream):
-                leaf = x.detach().requires_grad_()
-                with autocast:
-                    out = fn(leaf)
-                out.backward(upstream)
-                return leaf.grad
-
+            run = autocast_fwd_bwd(fn, x, upstream, autocast)
             ms = timer.median_ms(run, reps, warmup)
             graph = graph_replay_ms(run, timer, reps)
             best = graph or ms

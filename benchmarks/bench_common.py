@@ -87,6 +87,14 @@ def fwd_bwd(fn, logits, upstream):
     return run
 
 
+def autocast_fwd_bwd(fn, x, upstream, autocast):
+    """:func:`fwd_bwd` with ``fn`` under ``autocast`` (a layer timed as the fast path runs it)."""
+    def under_autocast(leaf):
+        with autocast:
+            return fn(leaf)
+    return fwd_bwd(under_autocast, x, upstream)
+
+
 def fmt(value, spec: str) -> str:
     """A table cell: ``value`` formatted, or "-" for a figure not measured (None)."""
     return "-" if value is None else format(value, spec)

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from advent_fast.models import use_space_to_batch
-from bench_common import (DTYPES, Timer, autocast_to, convolution_machine, fmt, graph_replay_ms, peak_extra_mib,
-                          print_table_header, write_results)
+from bench_common import (DTYPES, Timer, autocast_fwd_bwd, autocast_to, convolution_machine, fmt, graph_replay_ms,
+                          peak_extra_mib, print_table_header, write_results)
 
 IMPLS = ("dilated", "space to batch", "undilated")
 
@@ -98,13 +98,7 @@ def main(argv=None) -> int:
                 with torch.no_grad(), autocast:
                     return conv(x)
 
-            def run(conv=conv):
-                leaf = x.detach().requires_grad_()
-                with autocast:
-                    out = conv(leaf)
-                out.backward(upstream)
-                return leaf.grad
-
+            run = autocast_fwd_bwd(conv, x, upstream, autocast)
             fwd_ms = timer.median_ms(forward, reps, warmup)
             ms = timer.median_ms(run, reps, warmup)
             graph = graph_replay_ms(run, timer, reps)
