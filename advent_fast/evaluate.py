@@ -32,6 +32,7 @@ from advent_fast.backend import auto_precision
 from advent_fast.config import CHOICES
 from advent_fast.data import (
     CityscapesDataset,
+    DatasetError,
     GTA5Dataset,
     SegmentationDataset,
     SynthiaDataset,
@@ -47,6 +48,7 @@ from advent_fast.visualize import make_panel, panel_file_name, save_png
 __all__ = [
     "SnapshotNotReady",
     "add_running_arguments",
+    "argument_errors",
     "build_dataset",
     "evaluate_ensemble",
     "evaluate_model",
@@ -379,6 +381,17 @@ def add_running_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
     return run
 
 
+@contextlib.contextmanager
+def argument_errors(parser: argparse.ArgumentParser):
+    """What the command line names and cannot be used (a missing checkpoint, dataset folder or image, a
+    checkpoint of another model, an unreadable file) ends the command as argparse's own errors do: the
+    message after the usage, exit status 2, no traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError, DatasetError) as err:
+        parser.error(str(err))
+
+
 def inference_device(name: str) -> torch.device:
     """``--device``: auto is the GPU if there is one; cuDNN picks its fastest algorithms for the fixed sizes."""
     device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
@@ -423,7 +436,7 @@ def _parse_args(argv):
         parser.error("--save-vis is for --checkpoint runs")
     if args.timeout < 0:
         parser.error("--timeout must be >= 0")
-    return args
+    return parser, args
 
 
 def _write_json(path: str, payload: dict, nan_as_null: bool = True) -> None:
@@ -437,14 +450,16 @@ def _write_json(path: str, payload: dict, nan_as_null: bool = True) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = _parse_args(argv)
-    device = inference_device(args.device)
+    parser, args = _parse_args(argv)
+    with argument_errors(parser):
+        device = inference_device(args.device)
     datasets: Dict[int, SegmentationDataset] = {}
 
     def dataset_for(num_classes: int) -> SegmentationDataset:
         if num_classes not in datasets:
-            datasets[num_classes] = build_dataset(args.dataset, args.root, num_classes, args.split,
-                                                  args.input_size, args.label_size, args.list_path)
+            with argument_errors(parser):
+                datasets[num_classes] = build_dataset(args.dataset, args.root, num_classes, args.split,
+                                                      args.input_size, args.label_size, args.list_path)
         return datasets[num_classes]
 
     def run(models, weights, num_classes, **vis) -> dict:
@@ -459,7 +474,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.sweep:
         payload = _run_sweep(args, device, run, protocol)
     else:
-        models, num_classes = load_models(args.checkpoint, device, args.arch, args.num_classes)
+        with argument_errors(parser):
+            models, num_classes = load_models(args.checkpoint, device, args.arch, args.num_classes)
         weights = args.weights or [1.0 / len(models)] * len(models)
         vis_dir = args.vis_dir or os.path.join(os.path.dirname(os.path.abspath(args.json)) if args.json else ".", "vis")
         result = run(models, weights, num_classes, save_vis=args.save_vis, vis_dir=vis_dir if args.save_vis else None)

@@ -40,7 +40,8 @@ from tqdm import tqdm
 import advent_fast
 from advent_fast.data import CityscapesDataset, ImageFolderDataset, SegmentationDataset, ensure_embedded_data
 from advent_fast.data.classes import train_id_to_label_id
-from advent_fast.evaluate import add_running_arguments, inference_device, load_models, predict_logits
+from advent_fast.evaluate import (add_running_arguments, argument_errors, inference_device, load_models,
+                                  predict_logits)
 from advent_fast.visualize import colorize
 
 __all__ = ["FORMATS", "Predictions", "main", "predict_dataset", "write_entropy_ranking"]
@@ -215,23 +216,24 @@ def _parse_args(argv):
         parser.error("--easy-fraction needs --entropy-ranking")
     if args.easy_fraction is not None and not 0.0 < args.easy_fraction < 1.0:
         parser.error(f"--easy-fraction must be in (0, 1), got {args.easy_fraction}")
-    return args
+    return parser, args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    args = _parse_args(argv)
-    device = inference_device(args.device)
-    models, num_classes = load_models(args.checkpoint, device, args.arch, args.num_classes)
+    parser, args = _parse_args(argv)
     size = tuple(args.input_size) if args.input_size else None
-    if args.images:
-        dataset = ImageFolderDataset(args.images, size or INPUT_SIZE, num_classes)
-    elif args.root:
-        dataset = CityscapesDataset(args.root, args.split, size or INPUT_SIZE, None, num_classes, labels=False,
-                                    list_path=args.list_path)
-    else:
-        embedded = ensure_embedded_data()
-        dataset = CityscapesDataset(embedded.target_root, "val", size or embedded.target_size, None, num_classes,
-                                    labels=False)
+    with argument_errors(parser):
+        device = inference_device(args.device)
+        models, num_classes = load_models(args.checkpoint, device, args.arch, args.num_classes)
+        if args.images:
+            dataset = ImageFolderDataset(args.images, size or INPUT_SIZE, num_classes)
+        elif args.root:
+            dataset = CityscapesDataset(args.root, args.split, size or INPUT_SIZE, None, num_classes, labels=False,
+                                        list_path=args.list_path)
+        else:
+            embedded = ensure_embedded_data()
+            dataset = CityscapesDataset(embedded.target_root, "val", size or embedded.target_size, None,
+                                        num_classes, labels=False)
     weights = args.weights or [1.0 / len(models)] * len(models)
     predictions = predict_dataset(models, weights, dataset, num_classes, args.out_dir, args.formats, device,
                                   args.batch_size, args.workers, args.precision, progress=not args.quiet)

@@ -407,6 +407,7 @@ def build_datasets(config: Config, ctx: dist_utils.DistContext) -> Datasets:
 
 def build_generator(config: Config) -> torch.nn.Module:
     from .models import build_model, load_init_weights, load_model_state
+    from .models.weights import read_weights
 
     m = config.model
     options = {} if m.width is None else {"width": m.width}
@@ -415,7 +416,7 @@ def build_generator(config: Config) -> torch.nn.Module:
     if m.init_weights is not None:
         if not os.path.isfile(m.init_weights):
             raise FileNotFoundError(f"model.init_weights not found: {m.init_weights}")
-        raw = torch.load(m.init_weights, map_location="cpu", weights_only=True)
+        raw = read_weights(m.init_weights, "model.init_weights")
         if isinstance(raw, dict) and "format" in raw:  # a project checkpoint: warm start
             ckpt_io.check_meta(raw, model.meta(), m.init_weights)
             load_model_state(model, raw["model"])

@@ -90,7 +90,7 @@ def panel_file_name(item_name: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     # Imported here: advent_fast.evaluate imports this module for its --save-vis panels.
-    from advent_fast.evaluate import build_dataset, inference_device, load_models, predict_logits
+    from advent_fast.evaluate import argument_errors, build_dataset, inference_device, load_models, predict_logits
 
     parser = argparse.ArgumentParser(prog="python -m advent_fast.visualize", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", action="append", required=True, help="repeat to compare models side by side")
@@ -113,9 +113,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     names = args.name or [os.path.splitext(os.path.basename(p))[0] for p in args.checkpoint]
     if len(names) != len(args.checkpoint):
         parser.error(f"{len(names)} --name for {len(args.checkpoint)} --checkpoint")
-    device = inference_device(args.device)
-    models, num_classes = load_models(args.checkpoint, device, args.arch, args.num_classes)
-    dataset = build_dataset(args.dataset, args.root, num_classes, args.split, args.input_size, args.label_size)
+    with argument_errors(parser):
+        device = inference_device(args.device)
+        models, num_classes = load_models(args.checkpoint, device, args.arch, args.num_classes)
+        dataset = build_dataset(args.dataset, args.root, num_classes, args.split, args.input_size, args.label_size)
     indices = args.indices if args.indices is not None else range(min(args.num_images, len(dataset)))
     written = []
     for index in indices:

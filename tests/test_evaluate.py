@@ -187,6 +187,35 @@ def test_cli_single_ensemble_and_release_state_dict(val_root, checkpoints, tmp_p
         cli(val_root, "--checkpoint", checkpoints["a"], "--weights", "0.5", "0.5")
 
 
+def test_what_the_command_line_names_and_cannot_use_is_a_usage_error(val_root, checkpoints, tmp_path, capsys):
+    """A missing or unreadable checkpoint, dataset folder or image: the message after the usage, exit status 2, no
+    traceback (evaluate, predict and visualize share this)."""
+    from advent_fast import predict, visualize
+
+    (tmp_path / "config.yaml").write_text("train:\n  lr: 0.1\n")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    missing = str(tmp_path / "missing.pth")
+    make_snapshots(tmp_path / "snapshots", checkpoints)
+    cases = [
+        (lambda: cli(val_root, "--checkpoint", missing), f"checkpoint not found: {missing}"),
+        (lambda: cli(val_root, "--checkpoint", str(tmp_path / "config.yaml")),
+         "cannot read checkpoint " + str(tmp_path / "config.yaml") + ": not a file written by torch.save"),
+        (lambda: cli(val_root, "--checkpoint", str(tmp_path / "tensor.pt")),
+         f"{tmp_path / 'tensor.pt'} holds a Tensor, not a checkpoint"),
+        (lambda: cli(str(tmp_path / "nowhere"), "--checkpoint", checkpoints["a"]), "Cityscapes root not found"),
+        (lambda: cli(str(tmp_path / "nowhere"), "--sweep", str(tmp_path / "snapshots")), "Cityscapes root not found"),
+        (lambda: predict.main(["--checkpoint", checkpoints["a"], "--images", missing, "--out-dir", str(tmp_path)]),
+         f"image file or folder not found: {missing}"),
+        (lambda: visualize.main(["--checkpoint", missing, "--out-dir", str(tmp_path)]), "checkpoint not found"),
+    ]
+    for command, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            command()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "error: " + message in err and "Traceback" not in err, err
+
+
 def test_cli_save_vis_writes_panels(val_root, checkpoints, tmp_path):
     cli(val_root, "--checkpoint", checkpoints["a"], "--save-vis", "2", "--vis-dir", str(tmp_path / "vis"))
     files = sorted(os.listdir(tmp_path / "vis"))

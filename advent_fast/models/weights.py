@@ -5,6 +5,7 @@ Nothing here downloads: missing files raise FileNotFoundError saying where to ge
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Optional, Union
 
@@ -67,7 +68,7 @@ def load_init_weights(model: SegmentationModel, path: Union[str, os.PathLike]) -
             f"init weights not found: {path}. For {model.arch} get {_INIT_SOURCES[model.arch]} "
             "(advent_fast never downloads)."
         )
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = read_weights(path, "init weights")
     layout, backbone = _backbone_from_init_file(raw)
     if layout not in _INIT_LAYOUTS[model.arch]:
         raise ValueError(f"{path} is a {layout} file; {model.arch} takes {' or '.join(_INIT_LAYOUTS[model.arch])}")
@@ -158,6 +159,23 @@ def model_from_checkpoint(
     return model, meta
 
 
+def read_weights(path: Union[str, os.PathLike], what: str, map_location="cpu") -> Mapping:
+    """torch.load of tensors and plain values only (weights_only); a file that is not one (truncated, another
+    format, pickled objects) is a ValueError naming ``what`` and the file."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; torch < 1.6 (the release's checkpoints) a pickle, protocol 2 and up
+    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):
+        raise ValueError(f"cannot read {what} {path}: not a file written by torch.save")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's message advises weights_only=False: not for this
+        detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+        raise ValueError(f"cannot read {what} {path}: not a file of tensors and plain values ({detail})") from exc
+    except Exception as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc}") from exc
+
+
 def _read(path_or_dict: Union[str, os.PathLike, Mapping], map_location) -> Mapping:
     if isinstance(path_or_dict, Mapping):
         return path_or_dict
@@ -166,7 +184,10 @@ def _read(path_or_dict: Union[str, os.PathLike, Mapping], map_location) -> Mappi
             f"checkpoint not found: {path_or_dict}. Released adapted models "
             f"(gta2cityscapes_advent.pth, ...) are at {_RELEASE_PAGE}."
         )
-    return torch.load(path_or_dict, map_location=map_location, weights_only=True)
+    ckpt = read_weights(path_or_dict, "checkpoint", map_location)
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{path_or_dict} holds a {type(ckpt).__name__}, not a checkpoint or state dict")
+    return ckpt
 
 
 def _split_checkpoint(ckpt: Mapping) -> tuple[dict, Mapping]:
