@@ -53,7 +53,8 @@ class DataConfig:
 class ModelConfig:
     arch: str = "deeplabv2_r101"
     multi_level: bool = True  # aux head on layer3 (ResNet only)
-    init_weights: Optional[str] = None  # ImageNet weights (e.g. DeepLab_resnet_pretrained_imagenet.pth)
+    # ImageNet weights (DeepLab_resnet_pretrained_imagenet.pth), or a whole model to start from (models.weights)
+    init_weights: Optional[str] = None
     freeze_bn: bool = False  # release quirk: False = BatchNorm in train mode (batch-1 statistics)
     param_groups: str = "release"  # release quirk: "release" (repeated backbone tensors) | "clean"
     discriminator_width: int = 64  # ndf of FCDiscriminator

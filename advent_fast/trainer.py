@@ -406,22 +406,14 @@ def build_datasets(config: Config, ctx: dist_utils.DistContext) -> Datasets:
 
 
 def build_generator(config: Config) -> torch.nn.Module:
-    from .models import build_model, load_init_weights, load_model_state
-    from .models.weights import read_weights
+    from .models import build_model, load_training_init
 
     m = config.model
     options = {} if m.width is None else {"width": m.width}
     model = build_model(m.arch, config.data.num_classes, multi_level=m.multi_level,
                         freeze_bn=m.freeze_bn, **options)
     if m.init_weights is not None:
-        if not os.path.isfile(m.init_weights):
-            raise FileNotFoundError(f"model.init_weights not found: {m.init_weights}")
-        raw = read_weights(m.init_weights, "model.init_weights")
-        if isinstance(raw, dict) and "format" in raw:  # a project checkpoint: warm start
-            ckpt_io.check_meta(raw, model.meta(), m.init_weights)
-            load_model_state(model, raw["model"])
-        else:
-            load_init_weights(model, m.init_weights)
+        load_training_init(model, m.init_weights)
     return model
 
 

@@ -29,6 +29,7 @@ from advent_fast.models import (
     fold_frozen_batchnorm,
     load_init_weights,
     load_model_state,
+    load_training_init,
     model_from_checkpoint,
     save_checkpoint,
     shared_scaled_weights,
@@ -536,6 +537,36 @@ def test_init_weights_errors(meta_r101, tmp_path):
         load_init_weights(vgg, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="no ImageNet"):
         load_init_weights(DeepLabV2Small(19), tmp_path / "bad.pth")
+
+
+def test_training_init_takes_a_whole_model_or_an_imagenet_backbone(r101, tmp_path):
+    """model.init_weights: a released model or a release snapshot (plain state dicts), or this project's checkpoint,
+    sets every weight, heads included (a warm start, as the release's RESTORE_FROM of a whole model); a torchvision
+    ResNet-101, whose keys include the plain layout's signature but no heads, only the backbone."""
+    torch.save(r101.state_dict(), tmp_path / "gta2cityscapes_minent_ER.pth")
+    torch.save(checkpoint_dict(r101), tmp_path / "model_120000.pt")
+    for name in ("gta2cityscapes_minent_ER.pth", "model_120000.pt"):
+        torch.manual_seed(1)
+        model = DeepLabV2ResNet101(19)
+        load_training_init(model, tmp_path / name)
+        assert_same_tensors(model.state_dict(), r101.state_dict())
+
+    torchvision_style = {k: v * 2 for k, v in backbone_items(r101).items() if not k.endswith("num_batches_tracked")}
+    torchvision_style |= {"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}
+    torch.save(torchvision_style, tmp_path / "resnet101.pth")
+    torch.manual_seed(1)
+    model = DeepLabV2ResNet101(19)
+    heads = head_items(model)
+    load_training_init(model, tmp_path / "resnet101.pth")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in torchvision_style.items() if not k.startswith("fc."))
+    assert_same_tensors(head_items(model), heads)
+
+    with torch.device("meta"):
+        sixteen = DeepLabV2ResNet101(16)
+    with pytest.raises(ValueError, match=r"do not fit this run: num_classes=19 \(this run: 16\)"):
+        load_training_init(sixteen, tmp_path / "gta2cityscapes_minent_ER.pth")
+    with pytest.raises(FileNotFoundError, match="DeepLab_resnet_pretrained_imagenet.pth"):
+        load_training_init(sixteen, tmp_path / "missing.pth")
 
 
 def test_release_plain_state_dict_loads_strictly(r101, tmp_path):

@@ -1281,7 +1281,7 @@ def test_bad_input_fails_with_a_clear_message(tiny_data, tmp_path, capsys):
           match="missing.pth")
     (tmp_path / "not_weights.yaml").write_text("train:\n  lr: 0.1\n")
     fails(base, "--init-weights", str(tmp_path / "not_weights.yaml"), "--run-dir", str(tmp_path / "d2"),
-          match="cannot read model.init_weights")
+          match="cannot read init weights")
     fails(base + ["train.mode=advent_plus"], match="train.mode")
     if not torch.cuda.is_available():
         fails(base, "--device", "cuda", "--run-dir", str(tmp_path / "f"), match="no CUDA device is available")

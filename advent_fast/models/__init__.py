@@ -22,6 +22,7 @@ from .weights import (
     checkpoint_dict,
     load_init_weights,
     load_model_state,
+    load_training_init,
     model_from_checkpoint,
     save_checkpoint,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "fold_frozen_batchnorm",
     "load_init_weights",
     "load_model_state",
+    "load_training_init",
     "model_from_checkpoint",
     "save_checkpoint",
     "shared_scaled_weights",

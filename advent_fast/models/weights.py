@@ -51,7 +51,26 @@ _TORCHVISION_VGG_INDEX = {i: i for i in range(23)} | {i: i - 1 for i in range(24
 _OPTIONAL_SUFFIX = ".num_batches_tracked"
 
 
-def load_init_weights(model: SegmentationModel, path: Union[str, os.PathLike]) -> list[str]:
+def load_training_init(model: SegmentationModel, path: Union[str, os.PathLike]) -> None:
+    """``model.init_weights``: the whole model from this project's checkpoint or snapshot, or from a plain state
+    dict of it (the release's snapshots and released models), heads included: a warm start, as the release's
+    ``RESTORE_FROM`` of a full model; anything else is an ImageNet backbone (:func:`load_init_weights`)."""
+    if not os.path.isfile(path):
+        hint = f"For {model.arch} get {_INIT_SOURCES[model.arch]} " if model.arch in _INIT_SOURCES else ""
+        raise FileNotFoundError(f"init weights not found: {path}. {hint}(advent_fast never downloads).")
+    raw = read_weights(path, "init weights")
+    if isinstance(raw, Mapping) and ("format" in raw or _plain_arch(raw) is not None):
+        meta, state = _split_checkpoint(raw)
+        wrong = [f"{k}={meta[k]!r} (this run: {v!r})" for k, v in model.meta().items() if meta.get(k, v) != v]
+        if wrong:
+            raise ValueError(f"init weights {path} do not fit this run: {', '.join(wrong)}")
+        load_model_state(model, state)
+    else:
+        load_init_weights(model, path, raw)
+
+
+def load_init_weights(model: SegmentationModel, path: Union[str, os.PathLike],
+                      raw: Optional[Mapping] = None) -> list[str]:
     """Load an ImageNet backbone into ``model``; the heads (and VGG's fc6/fc7) stay random.
 
     Accepts the Caffe-converted DeepLab file (keys prefixed ``Scale.``, its own classifier under
@@ -59,7 +78,7 @@ def load_init_weights(model: SegmentationModel, path: Union[str, os.PathLike]) -
     on the 3x3 conv but the shapes are the same) or a torchvision VGG-16 state dict (its
     ``classifier`` skipped). Note torchvision weights expect RGB inputs in [0, 1] normalised by
     the ImageNet mean/std, the Caffe file BGR 0..255 minus the Caffe mean. Returns the names of
-    the model entries that were set.
+    the model entries that were set. ``raw``: the file's contents, when already read.
     """
     if model.arch not in _INIT_SOURCES:
         raise ValueError(f"{model.arch} has no ImageNet initialisation; it trains from its random init")
@@ -68,7 +87,9 @@ def load_init_weights(model: SegmentationModel, path: Union[str, os.PathLike]) -
             f"init weights not found: {path}. For {model.arch} get {_INIT_SOURCES[model.arch]} "
             "(advent_fast never downloads)."
         )
-    raw = read_weights(path, "init weights")
+    raw = read_weights(path, "init weights") if raw is None else raw
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"init weights {path} hold a {type(raw).__name__}, not a state dict")
     layout, backbone = _backbone_from_init_file(raw)
     if layout not in _INIT_LAYOUTS[model.arch]:
         raise ValueError(f"{path} is a {layout} file; {model.arch} takes {' or '.join(_INIT_LAYOUTS[model.arch])}")
@@ -188,6 +209,13 @@ def _read(path_or_dict: Union[str, os.PathLike, Mapping], map_location) -> Mappi
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path_or_dict} holds a {type(ckpt).__name__}, not a checkpoint or state dict")
     return ckpt
+
+
+def _plain_arch(state: Mapping) -> Optional[str]:
+    """The arch of a plain state dict of a whole model (its signature key and main head present), else None: a
+    torchvision ResNet-101 shares the signature key, not the head."""
+    return next((a for a, (signature, head, _) in _PLAIN_LAYOUTS.items() if signature in state and head in state),
+                None)
 
 
 def _split_checkpoint(ckpt: Mapping) -> tuple[dict, Mapping]:
