@@ -273,11 +273,26 @@ def load_config(name_or_path: Optional[str] = DEFAULT_PRESET, overrides: Sequenc
                 updates: Optional[Dict[str, Any]] = None) -> Config:
     """Defaults <- a preset or YAML file <- ``section.key=value`` overrides <- ``updates`` (a
     nested dict: the dedicated command-line flags win), then validated."""
+    from . import release_config  # it raises this module's ConfigError
+
     config = Config()
     if name_or_path is not None:
         path = preset_path(name_or_path)
         with open(path) as f:
-            merge(config, parse_yaml(f.read()) or {}, source=path)
+            values = parse_yaml(f.read()) or {}
+        if release_config.is_release_config(values):  # the release's experiment file (advent.yml, ...)
+            preset, settings = release_config.from_release(values, path)
+            load_preset = preset_path(preset)
+            with open(load_preset) as f:
+                merge(config, parse_yaml(f.read()), source=load_preset)
+            for release_key, name, value in settings:
+                section, key = name.split(".")
+                try:
+                    merge(config, {section: {key: value}})
+                except ConfigError as err:
+                    raise ConfigError(f"{err} (from the release's {release_key} in {path})") from None
+        else:
+            merge(config, values, source=path)
     for assignment in overrides:
         set_value(config, assignment)
     if updates:

@@ -37,7 +37,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                "      --set train.source_batch_size=4 --set train.target_batch_size=4",
     )
     p.add_argument("--config", default=None, metavar="PRESET|FILE",
-                   help=f"a preset ({', '.join(list_presets())}) or a YAML file (default: {DEFAULT_PRESET})")
+                   help=f"a preset ({', '.join(list_presets())}), a YAML file, or the release's experiment file "
+                        f"(advent/scripts/configs/advent.yml) (default: {DEFAULT_PRESET})")
     p.add_argument("--mode", choices=MODES, help="train.mode")
     p.add_argument("--source-root", metavar="DIR", help="data.source_root (GTA5, SYNTHIA or Cityscapes root)")
     p.add_argument("--target-root", metavar="DIR", help="data.target_root (Cityscapes root)")
