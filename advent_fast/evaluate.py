@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from advent_fast import reference
+from advent_fast import reference, release_config
 from advent_fast.backend import auto_precision
-from advent_fast.config import CHOICES
+from advent_fast.config import CHOICES, parse_yaml
 from advent_fast.data import (
     CityscapesDataset,
     DatasetError,
@@ -407,6 +407,10 @@ def inference_device(name: str) -> torch.device:
 def _parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m advent_fast.evaluate", description=__doc__.split("\n")[0])
     what = parser.add_argument_group("what to evaluate")
+    what.add_argument("--config", metavar="FILE",
+                      help="the release's experiment file (advent/scripts/configs/*.yml): what its test.py evaluates "
+                           "(TEST.MODE single: the TEST.RESTORE_FROM ensemble; best: the snapshot sweep); options "
+                           "given here win")
     what.add_argument("--checkpoint", action="append", default=[], help="a checkpoint; repeat for an ensemble")
     what.add_argument("--weights", type=float, nargs="+", help="ensemble weights, one per --checkpoint")
     what.add_argument("--sweep", metavar="DIR", help="evaluate every snapshot in DIR and report the best")
@@ -428,6 +432,8 @@ def _parse_args(argv):
     run.add_argument("--save-vis", type=int, default=0, metavar="N", help="save panels of the first N images")
     run.add_argument("--vis-dir", help="folder for --save-vis panels (default: beside --json, or ./vis)")
     args = parser.parse_args(argv)
+    if args.config:
+        _apply_release_config(parser, args)
     if bool(args.sweep) == bool(args.checkpoint):
         parser.error("give --checkpoint (once, or repeated for an ensemble) or --sweep DIR")
     if args.weights is not None and len(args.weights) != len(args.checkpoint):
@@ -437,6 +443,22 @@ def _parse_args(argv):
     if args.timeout < 0:
         parser.error("--timeout must be >= 0")
     return parser, args
+
+
+def _apply_release_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--config: the release experiment file's options, where the command line leaves them at their defaults."""
+    with argument_errors(parser):
+        with open(args.config) as f:
+            values = parse_yaml(f.read())
+        if not release_config.is_release_config(values):
+            raise ValueError(f"{args.config} is not the release's experiment file (upper-case keys: SOURCE, TEST, "
+                             f"...); this project's training configs are not evaluation settings")
+        options = release_config.evaluation_options(values, args.config)
+    for name, value in options.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+    if args.root is None:  # the release's default is its own checkout's data/Cityscapes
+        parser.error(f"--root: {args.config} has no DATA_DIRECTORY_TARGET")
 
 
 def _write_json(path: str, payload: dict, nan_as_null: bool = True) -> None:

@@ -1,14 +1,16 @@
 """The ADVENT release's experiment files (``advent/scripts/configs/*.yml``) read as this project's config.
 
     python -m advent_fast.train --config advent/scripts/configs/advent.yml --source-root DATA/GTA5 ...
+    python -m advent_fast.evaluate --config advent/scripts/configs/advent_pretrained.yml --root DATA/Cityscapes
 
 A YAML file whose top-level keys are upper case (``SOURCE``, ``TRAIN``, ...) is one. The release's defaults
 (its ``advent/domain_adaptation/config.py``) are the paper presets' (``SOURCE: GTA`` -> gta2cityscapes_r101,
 ``SYNTHIA`` -> synthia2cityscapes_r101), and each key the file sets becomes the setting of this project that
 :data:`SETTINGS` names. As in the release, a key it does not know is an error, and so is a value this project
 cannot honour (another ignore label or image mean, a model other than DeepLabv2, a GPU id). Keys with nothing
-to do here are accepted and left alone (:data:`NO_EFFECT`). Paths are taken as written: relative ones from the
-working directory, as the release takes them.
+to do in training are accepted and left alone (:data:`NO_EFFECT`); the evaluation reads its TEST section
+(:func:`evaluation_options`). Paths are taken as written: relative ones from the working directory, as the
+release takes them.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any, Callable, Dict, List, Tuple
 from .config import ConfigError
 from .data.datasets import CAFFE_MEAN_BGR
 
-__all__ = ["from_release", "is_release_config"]
+__all__ = ["evaluation_options", "from_release", "is_release_config"]
 
 PRESETS = {"GTA": "gta2cityscapes_r101", "SYNTHIA": "synthia2cityscapes_r101"}
 DA_METHODS = {"AdvEnt": "advent", "MinEnt": "minent"}
@@ -70,10 +72,9 @@ CONVERSIONS: Dict[str, Callable[[Any], Any]] = {
     "TRAIN.INPUT_SIZE_TARGET": _as_list,
     "TEST.OUTPUT_SIZE_TARGET": _as_list,
 }
-# Keys read together with others (below), and keys that change nothing here: the class-info files (the label
-# tables are built in), the log root (TensorBoard writes into the run folder), the evaluation's own settings
-# (python -m advent_fast.evaluate takes them as options: --checkpoint / --weights for RESTORE_FROM and
-# MODEL_WEIGHT, --sweep for MODE best, --input-size, --label-size, --split).
+# Keys read together with others (below), and keys that change nothing in training: the class-info files (the
+# label tables are built in), the log root (TensorBoard writes into the run folder), the evaluation's own
+# settings (python -m advent_fast.evaluate --config reads them: evaluation_options).
 COMBINED = {"SOURCE", "TARGET", "DATA_LIST_SOURCE", "DATA_LIST_TARGET", "EXP_NAME", "EXP_ROOT", "EXP_ROOT_SNAPSHOT",
             "GPU_ID", "TRAIN.SET_SOURCE", "TRAIN.SET_TARGET", "TRAIN.IGNORE_LABEL", "TRAIN.MODEL", "TRAIN.IMG_MEAN",
             "TRAIN.DA_METHOD", "TRAIN.SNAPSHOT_DIR", "TEST.SET_TARGET", "TEST.IMG_MEAN"}
@@ -120,18 +121,31 @@ def _check_mean(flat: Dict[str, Any], key: str, path: str) -> None:
                           f"Caffe mean {list(CAFFE_MEAN_BGR)} (BGR)")
 
 
-def from_release(values: Dict[str, Any], path: str) -> Tuple[str, List[Tuple[str, str, Any]]]:
-    """(the preset the file's defaults are, [(release key, section.key, value)]) of a release experiment file."""
+def _experiment(values: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """The file's keys, flat, checked as far as training and evaluation read them alike."""
     flat = _flatten(values, path)
-    source = flat.get("SOURCE", "GTA")
     _require(flat, "SOURCE", PRESETS, path, f"one of {', '.join(PRESETS)}")
     _require(flat, "TARGET", ("Cityscapes",), path, "the release adapts to Cityscapes only")
     _require(flat, "GPU_ID", (0,), path, "choose the GPU with CUDA_VISIBLE_DEVICES (and --device cuda)")
+    for key in ("TRAIN.IMG_MEAN", "TEST.IMG_MEAN"):
+        _check_mean(flat, key, path)
+    return flat
+
+
+def _snapshot_folder(flat: Dict[str, Any]) -> str:
+    """The release's EXP_ROOT_SNAPSHOT/EXP_NAME (its EXP_ROOT relative to the working directory)."""
+    root = flat.get("EXP_ROOT_SNAPSHOT") or os.path.join(flat.get("EXP_ROOT") or "experiments", "snapshots")
+    name = flat.get("EXP_NAME") or (f"{flat.get('SOURCE', 'GTA')}2{flat.get('TARGET', 'Cityscapes')}_"
+                                    f"{flat.get('TRAIN.MODEL', 'DeepLabv2')}_{flat.get('TRAIN.DA_METHOD', 'AdvEnt')}")
+    return os.path.join(str(root), str(name))
+
+
+def from_release(values: Dict[str, Any], path: str) -> Tuple[str, List[Tuple[str, str, Any]]]:
+    """Training: (the preset the file's defaults are, [(release key, section.key, value)])."""
+    flat = _experiment(values, path)
     _require(flat, "TRAIN.IGNORE_LABEL", (255,), path, "the datasets map every other label id to 255")
     _require(flat, "TRAIN.MODEL", ("DeepLabv2",), path, "the release trains DeepLabv2 (ResNet-101) only")
     _require(flat, "TRAIN.DA_METHOD", DA_METHODS, path, f"one of {', '.join(DA_METHODS)}")
-    for key in ("TRAIN.IMG_MEAN", "TEST.IMG_MEAN"):
-        _check_mean(flat, key, path)
     # The release reads the Cityscapes images of leftImg8bit/SET; this project those of train (target) and val.
     _require(flat, "TRAIN.SET_TARGET", ("train",), path, "the target images are Cityscapes' train split here (a "
              "list file, DATA_LIST_TARGET, picks among them)")
@@ -158,8 +172,43 @@ def from_release(values: Dict[str, Any], path: str) -> Tuple[str, List[Tuple[str
     if flat.get("TRAIN.SNAPSHOT_DIR"):
         settings.append(("TRAIN.SNAPSHOT_DIR", "run.dir", flat["TRAIN.SNAPSHOT_DIR"]))
     elif any(flat.get(k) for k in ("EXP_NAME", "EXP_ROOT", "EXP_ROOT_SNAPSHOT")):
-        root = flat.get("EXP_ROOT_SNAPSHOT") or os.path.join(flat.get("EXP_ROOT") or "experiments", "snapshots")
-        name = flat.get("EXP_NAME") or (f"{source}2Cityscapes_{flat.get('TRAIN.MODEL', 'DeepLabv2')}_"
-                                        f"{flat.get('TRAIN.DA_METHOD', 'AdvEnt')}")
-        settings.append(("EXP_NAME", "run.dir", os.path.join(str(root), str(name))))
-    return PRESETS[source], settings
+        settings.append(("EXP_NAME", "run.dir", _snapshot_folder(flat)))
+    return PRESETS[flat.get("SOURCE", "GTA")], settings
+
+
+def evaluation_options(values: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """``python -m advent_fast.evaluate --config FILE``: its options (argparse names) for what the release's
+    test.py does with the file. ``TEST.MODE: single`` evaluates the ``TEST.RESTORE_FROM`` models, an ensemble
+    weighted by ``TEST.MODEL_WEIGHT``; ``best`` (the release's default) sweeps ``TEST.SNAPSHOT_DIR`` (else
+    EXP_ROOT_SNAPSHOT/EXP_NAME) up to ``TEST.SNAPSHOT_MAXITER``, waiting for each snapshot with ``TEST.WAIT_MODEL``
+    (every snapshot in the folder is evaluated, whatever ``TEST.SNAPSHOT_STEP``)."""
+    flat = _experiment(values, path)
+    _require(flat, "TEST.MODE", ("single", "best"), path, "single or best")
+    models = list(flat.get("TEST.MODEL", ["DeepLabv2"]))
+    if any(model != "DeepLabv2" for model in models):
+        raise ConfigError(f"release config key 'TEST.MODEL' in {path} is {models!r}; the release evaluates "
+                          f"DeepLabv2 (ResNet-101) models only")
+    split = flat.get("TEST.SET_TARGET", "val")
+    options: Dict[str, Any] = {"dataset": "cityscapes", "split": split}
+    for key, option in (("DATA_DIRECTORY_TARGET", "root"), ("NUM_CLASSES", "num_classes"), ("NUM_WORKERS", "workers"),
+                        ("TEST.BATCH_SIZE_TARGET", "batch_size"), ("TEST.INPUT_SIZE_TARGET", "input_size"),
+                        ("TEST.OUTPUT_SIZE_TARGET", "label_size")):
+        if flat.get(key) not in (None, ""):
+            options[option] = _as_list(flat[key])
+    if flat.get("DATA_LIST_TARGET"):
+        options["list_path"] = str(flat["DATA_LIST_TARGET"]).format(split)
+    if flat.get("TEST.MODE", "best") == "single":
+        checkpoints, weights = list(flat.get("TEST.RESTORE_FROM", [""])), list(flat.get("TEST.MODEL_WEIGHT", [1.0]))
+        if "" in checkpoints or len(checkpoints) != len(models) or len(weights) != len(models):
+            raise ConfigError(f"release config keys in {path}: TEST.MODE single needs one TEST.RESTORE_FROM "
+                              f"checkpoint and one TEST.MODEL_WEIGHT a TEST.MODEL ({len(models)}), got {checkpoints!r} "
+                              f"and {weights!r}")
+        options.update(checkpoint=checkpoints, weights=[float(w) for w in weights])
+    else:
+        if len(models) != 1:
+            raise ConfigError(f"release config key 'TEST.MODEL' in {path}: TEST.MODE best takes one model, as in "
+                              f"the release")
+        folder = (list(flat.get("TEST.SNAPSHOT_DIR", [""])) or [""])[0] or _snapshot_folder(flat)
+        options.update(sweep=folder, until=int(flat.get("TEST.SNAPSHOT_MAXITER", 120_000)),
+                       timeout=math.inf if flat.get("TEST.WAIT_MODEL", True) else 0.0)
+    return options

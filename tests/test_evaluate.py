@@ -253,6 +253,52 @@ def test_cli_sweep_reports_every_snapshot_and_the_best_and_caches(val_root, chec
     assert [s["miou"] for s in again["snapshots"]] == pytest.approx(expected)
 
 
+def release_experiment(tmp_path, val_root, test_section, name="experiment.yml"):
+    """A release experiment file (advent/scripts/configs/*.yml) for the tiny val set, with this TEST section."""
+    text = (f"SOURCE: GTA\nTARGET: Cityscapes\nNUM_WORKERS: 0\nDATA_DIRECTORY_TARGET: {val_root}\nTEST:\n"
+            f"  INPUT_SIZE_TARGET: [{INPUT[0]}, {INPUT[1]}]\n  OUTPUT_SIZE_TARGET: [{LABELS[0]}, {LABELS[1]}]\n"
+            + "".join(f"  {line}\n" for line in test_section))
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+def test_the_release_experiment_file_evaluates_as_its_test_script(val_root, checkpoints, tmp_path):
+    """TEST.MODE single: the TEST.RESTORE_FROM models weighted by TEST.MODEL_WEIGHT; best: the sweep of
+    TEST.SNAPSHOT_DIR up to TEST.SNAPSHOT_MAXITER (without waiting: TEST.WAIT_MODEL False)."""
+    single = release_experiment(tmp_path, val_root, [
+        "MODE: single", "MODEL: [DeepLabv2, DeepLabv2]", f"RESTORE_FROM: ['{checkpoints['a']}', '{checkpoints['b']}']",
+        "MODEL_WEIGHT: [0.3, 0.7]"])
+    result = evaluate.main(["--config", single, "--quiet"])
+    np.testing.assert_allclose(result["iou"], reference_iou([tiny_model(1), tiny_model(2)], [0.3, 0.7], val_root),
+                               equal_nan=True)
+    assert result["weights"] == [0.3, 0.7]
+    assert evaluate.main(["--config", single, "--quiet", "--weights", "0.5", "0.5"])["weights"] == [0.5, 0.5]
+
+    folder = tmp_path / "snapshots"
+    make_snapshots(folder, checkpoints)
+    best = release_experiment(tmp_path, val_root, [
+        "MODE: best", f"SNAPSHOT_DIR: ['{folder}']", "SNAPSHOT_MAXITER: 200", "WAIT_MODEL: False"], "best.yml")
+    swept = evaluate.main(["--config", best, "--quiet", "--cache", "none"])
+    assert [s["iteration"] for s in swept["snapshots"]] == [100, 200]
+    expected = [np.nanmean(reference_iou([tiny_model(seed)], [1.0], val_root)) * 100 for seed in (1, 2)]
+    assert [s["miou"] for s in swept["snapshots"]] == pytest.approx(expected)
+
+
+def test_a_release_experiment_file_needs_the_target_root_and_its_own_format(val_root, checkpoints, tmp_path, capsys):
+    no_root = tmp_path / "no_root.yml"
+    no_root.write_text(f"SOURCE: GTA\nTEST:\n  MODE: single\n  RESTORE_FROM: ['{checkpoints['a']}']\n")
+    ours = tmp_path / "ours.yml"
+    ours.write_text("train:\n  lr: 0.1\n")
+    two = release_experiment(tmp_path, val_root, ["MODE: best", "MODEL: [DeepLabv2, DeepLabv2]"], "two.yml")
+    for path, message in ((no_root, "--root: " + str(no_root) + " has no DATA_DIRECTORY_TARGET"),
+                          (ours, "is not the release's experiment file"),
+                          (two, "TEST.MODE best takes one model")):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(["--config", str(path), "--quiet"])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 def test_snapshot_listing_reads_the_whole_iteration_number_and_skips_discriminators(tmp_path):
     names = ["model_2000.pth", "model_012000.pt", "120000.pth", "9.pth", "GTA5_4000.pth",
              "model_2000_D_main.pth", "GTA5_2000_D1.pth", "GTA5_2000_D.pth", ".model_100.pth", "notes.txt"]
