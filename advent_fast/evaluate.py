@@ -432,8 +432,12 @@ def _parse_args(argv):
     run.add_argument("--save-vis", type=int, default=0, metavar="N", help="save panels of the first N images")
     run.add_argument("--vis-dir", help="folder for --save-vis panels (default: beside --json, or ./vis)")
     args = parser.parse_args(argv)
-    if args.config:
-        _apply_release_config(parser, args)
+    if args.config:  # the file's options become the defaults, and the command line is read again: it wins
+        checkpoints = _release_defaults(parser, args.config)
+        args = parser.parse_args(argv)
+        args.checkpoint = args.checkpoint or checkpoints  # appended to, a default list would merge the two
+        if args.root is None:  # the release's default is its own checkout's data/Cityscapes
+            parser.error(f"--root: {args.config} has no DATA_DIRECTORY_TARGET")
     if bool(args.sweep) == bool(args.checkpoint):
         parser.error("give --checkpoint (once, or repeated for an ensemble) or --sweep DIR")
     if args.weights is not None and len(args.weights) != len(args.checkpoint):
@@ -445,20 +449,18 @@ def _parse_args(argv):
     return parser, args
 
 
-def _apply_release_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--config: the release experiment file's options, where the command line leaves them at their defaults."""
+def _release_defaults(parser: argparse.ArgumentParser, path: str) -> List[str]:
+    """--config: the release experiment file's options as the parser's defaults; returns its checkpoints."""
     with argument_errors(parser):
-        with open(args.config) as f:
+        with open(path) as f:
             values = parse_yaml(f.read())
         if not release_config.is_release_config(values):
-            raise ValueError(f"{args.config} is not the release's experiment file (upper-case keys: SOURCE, TEST, "
-                             f"...); this project's training configs are not evaluation settings")
-        options = release_config.evaluation_options(values, args.config)
-    for name, value in options.items():
-        if getattr(args, name) == parser.get_default(name):
-            setattr(args, name, value)
-    if args.root is None:  # the release's default is its own checkout's data/Cityscapes
-        parser.error(f"--root: {args.config} has no DATA_DIRECTORY_TARGET")
+            raise ValueError(f"{path} is not the release's experiment file (upper-case keys: SOURCE, TEST, ...); "
+                             f"this project's training configs are not evaluation settings")
+        options = release_config.evaluation_options(values, path)
+    checkpoints = options.pop("checkpoint", [])
+    parser.set_defaults(**options)
+    return checkpoints
 
 
 def _write_json(path: str, payload: dict, nan_as_null: bool = True) -> None:

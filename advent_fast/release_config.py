@@ -132,8 +132,11 @@ def _experiment(values: Dict[str, Any], path: str) -> Dict[str, Any]:
     return flat
 
 
-def _snapshot_folder(flat: Dict[str, Any]) -> str:
-    """The release's EXP_ROOT_SNAPSHOT/EXP_NAME (its EXP_ROOT relative to the working directory)."""
+def _run_folder(flat: Dict[str, Any]) -> str:
+    """Where the release writes a run's snapshots: TRAIN.SNAPSHOT_DIR, else EXP_ROOT_SNAPSHOT/EXP_NAME (EXP_ROOT
+    relative to the working directory). A run trained here from the file keeps its snapshots in its snapshots/."""
+    if flat.get("TRAIN.SNAPSHOT_DIR"):
+        return str(flat["TRAIN.SNAPSHOT_DIR"])
     root = flat.get("EXP_ROOT_SNAPSHOT") or os.path.join(flat.get("EXP_ROOT") or "experiments", "snapshots")
     name = flat.get("EXP_NAME") or (f"{flat.get('SOURCE', 'GTA')}2{flat.get('TARGET', 'Cityscapes')}_"
                                     f"{flat.get('TRAIN.MODEL', 'DeepLabv2')}_{flat.get('TRAIN.DA_METHOD', 'AdvEnt')}")
@@ -168,20 +171,17 @@ def from_release(values: Dict[str, Any], path: str) -> Tuple[str, List[Tuple[str
         elif flat.get(set_key, default_set) != default_set:
             raise ConfigError(f"release config key '{set_key}' in {path} is {flat[set_key]!r}: give its list file "
                               f"({key}, with {{}} for the set's name)")
-    # The run folder: TRAIN.SNAPSHOT_DIR, else the release's EXP_ROOT_SNAPSHOT/EXP_NAME, when the file names any.
-    if flat.get("TRAIN.SNAPSHOT_DIR"):
-        settings.append(("TRAIN.SNAPSHOT_DIR", "run.dir", flat["TRAIN.SNAPSHOT_DIR"]))
-    elif any(flat.get(k) for k in ("EXP_NAME", "EXP_ROOT", "EXP_ROOT_SNAPSHOT")):
-        settings.append(("EXP_NAME", "run.dir", _snapshot_folder(flat)))
+    settings.append(("TRAIN.SNAPSHOT_DIR", "run.dir", _run_folder(flat)))  # the release's, where test.py looks
     return PRESETS[flat.get("SOURCE", "GTA")], settings
 
 
 def evaluation_options(values: Dict[str, Any], path: str) -> Dict[str, Any]:
     """``python -m advent_fast.evaluate --config FILE``: its options (argparse names) for what the release's
     test.py does with the file. ``TEST.MODE: single`` evaluates the ``TEST.RESTORE_FROM`` models, an ensemble
-    weighted by ``TEST.MODEL_WEIGHT``; ``best`` (the release's default) sweeps ``TEST.SNAPSHOT_DIR`` (else
-    EXP_ROOT_SNAPSHOT/EXP_NAME) up to ``TEST.SNAPSHOT_MAXITER``, waiting for each snapshot with ``TEST.WAIT_MODEL``
-    (every snapshot in the folder is evaluated, whatever ``TEST.SNAPSHOT_STEP``)."""
+    weighted by ``TEST.MODEL_WEIGHT``; ``best`` (the release's default) sweeps ``TEST.SNAPSHOT_DIR`` (its snapshots/
+    when it is a run folder of this project; without it, the snapshots/ of the run the file trains here) up to
+    ``TEST.SNAPSHOT_MAXITER``, waiting for each snapshot with ``TEST.WAIT_MODEL`` (every snapshot in the folder is
+    evaluated, whatever ``TEST.SNAPSHOT_STEP``)."""
     flat = _experiment(values, path)
     _require(flat, "TEST.MODE", ("single", "best"), path, "single or best")
     models = list(flat.get("TEST.MODEL", ["DeepLabv2"]))
@@ -208,7 +208,9 @@ def evaluation_options(values: Dict[str, Any], path: str) -> Dict[str, Any]:
         if len(models) != 1:
             raise ConfigError(f"release config key 'TEST.MODEL' in {path}: TEST.MODE best takes one model, as in "
                               f"the release")
-        folder = (list(flat.get("TEST.SNAPSHOT_DIR", [""])) or [""])[0] or _snapshot_folder(flat)
+        folder = (list(flat.get("TEST.SNAPSHOT_DIR", [""])) or [""])[0]
+        if not folder or os.path.isdir(os.path.join(folder, "snapshots")):  # a run folder of this project
+            folder = os.path.join(folder or _run_folder(flat), "snapshots")
         options.update(sweep=folder, until=int(flat.get("TEST.SNAPSHOT_MAXITER", 120_000)),
                        timeout=math.inf if flat.get("TEST.WAIT_MODEL", True) else 0.0)
     return options

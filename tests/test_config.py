@@ -225,10 +225,11 @@ def release_file(tmp_path, text, name="experiment.yml"):
 def test_the_release_defaults_are_the_paper_preset(tmp_path):
     preset = load_config("gta2cityscapes_r101").to_dict()
     release = load_config(release_file(tmp_path, RELEASE_DEFAULTS)).to_dict()
-    # loader processes and how often TensorBoard draws images: the release's 4 and 100, the preset's own
-    assert (release["data"].pop("num_workers"), release["run"].pop("image_every")) == (4, 100)
-    preset["data"].pop("num_workers")
-    preset["run"].pop("image_every")
+    # loader processes, how often TensorBoard draws images, the run folder: the release's, the preset's own
+    assert (release["data"].pop("num_workers"), release["run"].pop("image_every"), release["run"].pop("dir")) == (
+        4, 100, os.path.join("experiments", "snapshots", "GTA2Cityscapes_DeepLabv2_AdvEnt"))
+    for section, key in (("data", "num_workers"), ("run", "image_every"), ("run", "dir")):
+        preset[section].pop(key)
     assert release == preset
 
     minent = load_config(release_file(tmp_path, RELEASE_MINENT, "minent.yml"))
@@ -308,7 +309,7 @@ def test_release_list_files_sets_and_run_folders(tmp_path):
     assert (c.data.source, c.data.num_classes, c.data.source_size) == ("synthia", 16, [1280, 760])
     assert (c.data.source_list, c.data.target_list, c.data.val_list) == (
         "lists/synthia_rand.txt", "lists/cityscapes_train.txt", "lists/cityscapes_val.txt")
-    assert c.run.dir is None  # this project's default run folder unless the file names one
+    assert c.run.dir == os.path.join("experiments", "snapshots", "SYNTHIA2Cityscapes_DeepLabv2_AdvEnt")  # release's
     named = load_config(release_file(tmp_path, release_text({"EXP_NAME": "my_experiment"})))
     assert named.run.dir == os.path.join("experiments", "snapshots", "my_experiment")
     derived = load_config(release_file(tmp_path, release_text({"EXP_ROOT": "exp", "TRAIN.DA_METHOD": "MinEnt"})))

@@ -253,9 +253,10 @@ def test_cli_sweep_reports_every_snapshot_and_the_best_and_caches(val_root, chec
     assert [s["miou"] for s in again["snapshots"]] == pytest.approx(expected)
 
 
-def release_experiment(tmp_path, val_root, test_section, name="experiment.yml"):
+def release_experiment(tmp_path, val_root, test_section, name="experiment.yml", top=()):
     """A release experiment file (advent/scripts/configs/*.yml) for the tiny val set, with this TEST section."""
-    text = (f"SOURCE: GTA\nTARGET: Cityscapes\nNUM_WORKERS: 0\nDATA_DIRECTORY_TARGET: {val_root}\nTEST:\n"
+    text = (f"SOURCE: GTA\nTARGET: Cityscapes\nNUM_WORKERS: 0\nDATA_DIRECTORY_TARGET: {val_root}\n"
+            + "".join(f"{line}\n" for line in top) + "TEST:\n"
             f"  INPUT_SIZE_TARGET: [{INPUT[0]}, {INPUT[1]}]\n  OUTPUT_SIZE_TARGET: [{LABELS[0]}, {LABELS[1]}]\n"
             + "".join(f"  {line}\n" for line in test_section))
     (tmp_path / name).write_text(text)
@@ -282,6 +283,28 @@ def test_the_release_experiment_file_evaluates_as_its_test_script(val_root, chec
     assert [s["iteration"] for s in swept["snapshots"]] == [100, 200]
     expected = [np.nanmean(reference_iou([tiny_model(seed)], [1.0], val_root)) * 100 for seed in (1, 2)]
     assert [s["miou"] for s in swept["snapshots"]] == pytest.approx(expected)
+
+    # Without TEST.SNAPSHOT_DIR: the snapshots of the run this file trains (EXP_ROOT_SNAPSHOT/EXP_NAME/snapshots);
+    # a TEST.SNAPSHOT_DIR that is a run folder of this project: its snapshots/.
+    run = tmp_path / "experiments" / "GTA2Cityscapes_run"
+    make_snapshots(run / "snapshots", checkpoints)
+    for name, test_section, top in (
+            ("derived.yml", [], [f"EXP_ROOT_SNAPSHOT: {run.parent}", "EXP_NAME: GTA2Cityscapes_run"]),
+            ("run_folder.yml", [f"SNAPSHOT_DIR: ['{run}']"], [])):
+        path = release_experiment(tmp_path, val_root, ["MODE: best", "SNAPSHOT_MAXITER: 200", "WAIT_MODEL: False",
+                                                       *test_section], name, top)
+        found = evaluate.main(["--config", path, "--quiet", "--cache", "none"])
+        assert [s["checkpoint"] for s in found["snapshots"]] == [
+            str(run / "snapshots" / f"model_{i}.pth") for i in (100, 200)], name
+
+
+def test_options_on_the_command_line_win_over_the_release_experiment_file(val_root, tmp_path):
+    path = release_experiment(tmp_path, val_root, ["MODE: best", "SNAPSHOT_DIR: ['snaps']", "SNAPSHOT_MAXITER: 400"])
+    _, args = evaluate._parse_args(["--config", path])
+    assert (args.sweep, args.until, args.timeout, args.workers, args.input_size) == ("snaps", 400, math.inf, 0,
+                                                                                     list(INPUT))
+    _, args = evaluate._parse_args(["--config", path, "--timeout", "0", "--workers", "2", "--sweep", "other"])
+    assert (args.sweep, args.timeout, args.workers) == ("other", 0.0, 2)  # even the parser's own default, given
 
 
 def test_a_release_experiment_file_needs_the_target_root_and_its_own_format(val_root, checkpoints, tmp_path, capsys):
