@@ -62,6 +62,11 @@ def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value  # anything else: the type check names it
 
 
+def _items(value: Any) -> List[Any]:
+    """The release's tuples of TEST (one entry a model), also when the file gives one value alone."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 # The release's values where this project's differ in form: '' for a path not given, tuples for sizes.
 CONVERSIONS: Dict[str, Callable[[Any], Any]] = {
     "DATA_DIRECTORY_SOURCE": lambda v: v or None,
@@ -184,7 +189,7 @@ def evaluation_options(values: Dict[str, Any], path: str) -> Dict[str, Any]:
     evaluated, whatever ``TEST.SNAPSHOT_STEP``)."""
     flat = _experiment(values, path)
     _require(flat, "TEST.MODE", ("single", "best"), path, "single or best")
-    models = list(flat.get("TEST.MODEL", ["DeepLabv2"]))
+    models = _items(flat.get("TEST.MODEL", ["DeepLabv2"]))
     if any(model != "DeepLabv2" for model in models):
         raise ConfigError(f"release config key 'TEST.MODEL' in {path} is {models!r}; the release evaluates "
                           f"DeepLabv2 (ResNet-101) models only")
@@ -193,12 +198,17 @@ def evaluation_options(values: Dict[str, Any], path: str) -> Dict[str, Any]:
     for key, option in (("DATA_DIRECTORY_TARGET", "root"), ("NUM_CLASSES", "num_classes"), ("NUM_WORKERS", "workers"),
                         ("TEST.BATCH_SIZE_TARGET", "batch_size"), ("TEST.INPUT_SIZE_TARGET", "input_size"),
                         ("TEST.OUTPUT_SIZE_TARGET", "label_size")):
-        if flat.get(key) not in (None, ""):
-            options[option] = _as_list(flat[key])
+        if flat.get(key) in (None, ""):
+            continue
+        options[option] = _as_list(flat[key])
+        size = options[option]
+        if key in ("TEST.INPUT_SIZE_TARGET", "TEST.OUTPUT_SIZE_TARGET") and not (
+                isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            raise ConfigError(f"release config key '{key}' in {path} must be [width, height], got {flat[key]!r}")
     if flat.get("DATA_LIST_TARGET"):
         options["list_path"] = str(flat["DATA_LIST_TARGET"]).format(split)
     if flat.get("TEST.MODE", "best") == "single":
-        checkpoints, weights = list(flat.get("TEST.RESTORE_FROM", [""])), list(flat.get("TEST.MODEL_WEIGHT", [1.0]))
+        checkpoints, weights = _items(flat.get("TEST.RESTORE_FROM", [""])), _items(flat.get("TEST.MODEL_WEIGHT", [1.0]))
         if "" in checkpoints or len(checkpoints) != len(models) or len(weights) != len(models):
             raise ConfigError(f"release config keys in {path}: TEST.MODE single needs one TEST.RESTORE_FROM "
                               f"checkpoint and one TEST.MODEL_WEIGHT a TEST.MODEL ({len(models)}), got {checkpoints!r} "
@@ -208,7 +218,7 @@ def evaluation_options(values: Dict[str, Any], path: str) -> Dict[str, Any]:
         if len(models) != 1:
             raise ConfigError(f"release config key 'TEST.MODEL' in {path}: TEST.MODE best takes one model, as in "
                               f"the release")
-        folder = (list(flat.get("TEST.SNAPSHOT_DIR", [""])) or [""])[0]
+        folder = (_items(flat.get("TEST.SNAPSHOT_DIR", [""])) or [""])[0]
         if not folder or os.path.isdir(os.path.join(folder, "snapshots")):  # a run folder of this project
             folder = os.path.join(folder or _run_folder(flat), "snapshots")
         options.update(sweep=folder, until=int(flat.get("TEST.SNAPSHOT_MAXITER", 120_000)),

@@ -305,6 +305,10 @@ def test_options_on_the_command_line_win_over_the_release_experiment_file(val_ro
                                                                                      list(INPUT))
     _, args = evaluate._parse_args(["--config", path, "--timeout", "0", "--workers", "2", "--sweep", "other"])
     assert (args.sweep, args.timeout, args.workers) == ("other", 0.0, 2)  # even the parser's own default, given
+    one = release_experiment(tmp_path, val_root, ["MODE: single", "MODEL: DeepLabv2", "RESTORE_FROM: a.pth",
+                                                  "BATCH_SIZE_TARGET: 3"], "one.yml")
+    _, args = evaluate._parse_args(["--config", one])
+    assert (args.checkpoint, args.weights, args.batch_size) == (["a.pth"], [1.0], 3)  # one value, not a list
 
 
 def test_a_release_experiment_file_needs_the_target_root_and_its_own_format(val_root, checkpoints, tmp_path, capsys):
@@ -313,9 +317,12 @@ def test_a_release_experiment_file_needs_the_target_root_and_its_own_format(val_
     ours = tmp_path / "ours.yml"
     ours.write_text("train:\n  lr: 0.1\n")
     two = release_experiment(tmp_path, val_root, ["MODE: best", "MODEL: [DeepLabv2, DeepLabv2]"], "two.yml")
+    size = tmp_path / "size.yml"
+    size.write_text(f"DATA_DIRECTORY_TARGET: {val_root}\nTEST:\n  INPUT_SIZE_TARGET: 512\n")
     for path, message in ((no_root, "--root: " + str(no_root) + " has no DATA_DIRECTORY_TARGET"),
                           (ours, "is not the release's experiment file"),
-                          (two, "TEST.MODE best takes one model")):
+                          (two, "TEST.MODE best takes one model"),
+                          (size, "'TEST.INPUT_SIZE_TARGET' in " + str(size) + " must be [width, height], got 512")):
         with pytest.raises(SystemExit) as exit_info:
             evaluate.main(["--config", str(path), "--quiet"])
         assert exit_info.value.code == 2
