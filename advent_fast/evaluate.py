@@ -3,6 +3,7 @@
     python -m advent_fast.evaluate --checkpoint model.pth --root DATA/Cityscapes
     python -m advent_fast.evaluate --checkpoint advent.pth --checkpoint minent_er.pth --weights 0.5 0.5
     python -m advent_fast.evaluate --sweep runs/exp/snapshots --timeout 600
+    python -m advent_fast.evaluate --config advent_pretrained.yml --root DATA/Cityscapes  # a release experiment file
 
 Protocol (release defaults): the image resized to 1024x512 (bicubic, in the dataset), the main head,
 its logits upsampled bilinearly (align_corners=True) to the label size (2048x1024), ensembles summing
