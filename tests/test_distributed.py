@@ -85,6 +85,14 @@ def _sync_rank(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
+def test_buckets_are_runs_of_one_dtype_up_to_the_bucket_size():
+    sizes = [(10, torch.float32), (20, torch.float32), (10, torch.float32), (5, torch.float64), (100, torch.float32),
+             (3, torch.float32)]
+    buckets = dist_utils._buckets([torch.zeros(n, dtype=dtype) for n, dtype in sizes], bucket_bytes=120)
+    # 40 + 80 bytes fill a bucket; a dtype change starts one; a larger tensor stands alone
+    assert [[t.numel() for t in bucket] for bucket in buckets] == [[10, 20], [10], [5], [100], [3]]
+
+
 def test_gradients_all_reduced_after_the_backward_are_the_mean_in_their_layout(tmp_path):
     """train.gradient_sync: after_backward's all-reduce and the start's broadcast, over 2 gloo processes:
     every gradient the mean of the ranks' in its own strides (channels_last, transposed), buckets split
