@@ -18,7 +18,7 @@ import math
 import os
 from typing import Any, Callable, Dict, List, Tuple
 
-from .config import ConfigError
+from .config import ConfigError, parse_yaml
 from .data.datasets import CAFFE_MEAN_BGR
 
 __all__ = ["evaluation_options", "from_release", "is_release_config"]
@@ -148,6 +148,16 @@ def _run_folder(flat: Dict[str, Any]) -> str:
     return os.path.join(str(root), str(name))
 
 
+def _last_snapshot(folder: str) -> float:
+    """The iteration of the last snapshot a run of this project writes into ``folder`` (its train.stop_iter, from
+    the run's config.yaml beside it), or infinity: a sweep waiting for later ones would wait forever."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.normpath(folder)), "config.yaml")) as f:
+            return int(parse_yaml(f.read())["train"]["stop_iter"])
+    except (OSError, TypeError, KeyError, ValueError):  # not (yet) a run of this project
+        return math.inf
+
+
 def from_release(values: Dict[str, Any], path: str) -> Tuple[str, List[Tuple[str, str, Any]]]:
     """Training: (the preset the file's defaults are, [(release key, section.key, value)])."""
     flat = _experiment(values, path)
@@ -185,8 +195,8 @@ def evaluation_options(values: Dict[str, Any], path: str) -> Dict[str, Any]:
     test.py does with the file. ``TEST.MODE: single`` evaluates the ``TEST.RESTORE_FROM`` models, an ensemble
     weighted by ``TEST.MODEL_WEIGHT``; ``best`` (the release's default) sweeps ``TEST.SNAPSHOT_DIR`` (its snapshots/
     when it is a run folder of this project; without it, the snapshots/ of the run the file trains here) up to
-    ``TEST.SNAPSHOT_MAXITER``, waiting for each snapshot with ``TEST.WAIT_MODEL`` (every snapshot in the folder is
-    evaluated, whatever ``TEST.SNAPSHOT_STEP``)."""
+    ``TEST.SNAPSHOT_MAXITER`` (or such a run's last snapshot), waiting for each snapshot with ``TEST.WAIT_MODEL``
+    (every snapshot in the folder is evaluated, whatever ``TEST.SNAPSHOT_STEP``)."""
     flat = _experiment(values, path)
     _require(flat, "TEST.MODE", ("single", "best"), path, "single or best")
     models = _items(flat.get("TEST.MODEL", ["DeepLabv2"]))
@@ -221,6 +231,6 @@ def evaluation_options(values: Dict[str, Any], path: str) -> Dict[str, Any]:
         folder = (_items(flat.get("TEST.SNAPSHOT_DIR", [""])) or [""])[0]
         if not folder or os.path.isdir(os.path.join(folder, "snapshots")):  # a run folder of this project
             folder = os.path.join(folder or _run_folder(flat), "snapshots")
-        options.update(sweep=folder, until=int(flat.get("TEST.SNAPSHOT_MAXITER", 120_000)),
+        options.update(sweep=folder, until=min(int(flat.get("TEST.SNAPSHOT_MAXITER", 120_000)), _last_snapshot(folder)),
                        timeout=math.inf if flat.get("TEST.WAIT_MODEL", True) else 0.0)
     return options

@@ -305,6 +305,14 @@ def test_options_on_the_command_line_win_over_the_release_experiment_file(val_ro
                                                                                      list(INPUT))
     _, args = evaluate._parse_args(["--config", path, "--timeout", "0", "--workers", "2", "--sweep", "other"])
     assert (args.sweep, args.timeout, args.workers) == ("other", 0.0, 2)  # even the parser's own default, given
+    # a run of this project stops at its train.stop_iter: waiting for the release's SNAPSHOT_MAXITER would not end
+    run = tmp_path / "exp" / "run"
+    (run / "snapshots").mkdir(parents=True)
+    (run / "config.yaml").write_text("train:\n  stop_iter: 90000\n")
+    derived = release_experiment(tmp_path, val_root, ["MODE: best"], "derived.yml",
+                                 [f"EXP_ROOT_SNAPSHOT: {run.parent}", "EXP_NAME: run"])
+    _, args = evaluate._parse_args(["--config", derived])
+    assert (args.sweep, args.until, args.timeout) == (str(run / "snapshots"), 90_000, math.inf)
     one = release_experiment(tmp_path, val_root, ["MODE: single", "MODEL: DeepLabv2", "RESTORE_FROM: a.pth",
                                                   "BATCH_SIZE_TARGET: 3"], "one.yml")
     _, args = evaluate._parse_args(["--config", one])
