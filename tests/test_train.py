@@ -1233,6 +1233,15 @@ def test_sampler_is_a_resumable_shardable_stream():
     ranks = [take(InfiniteSampler(5, 1234, 0, 2, DistContext(rank=r, world_size=2)), 7) for r in (0, 1)]
     assert [x for pair in zip(*ranks) for x in pair] == whole
     assert take(InfiniteSampler(5, 1234, 1, 2, DistContext()), 5) != whole[:5]  # target stream differs
+    # the training streams take their own orders, also over data sets of one size
+    assert len(set(trainer_mod.STREAMS.values())) == len(trainer_mod.STREAMS) == 2
+
+
+def test_loader_processes_default_to_none_on_a_cpu_and_four_on_a_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert trainer_mod.loader_workers(None, cpu) == 0  # they would take the compute threads' cores
+    assert trainer_mod.loader_workers(None, gpu) == 4
+    assert trainer_mod.loader_workers(3, cpu) == trainer_mod.loader_workers(3, gpu) == 3
 
 
 def test_synthia_to_cityscapes_trains_16_classes_with_their_prior(synthia_data, tiny_data, tmp_path):
