@@ -66,6 +66,7 @@ def test_merge_rejects_unknown_keys_and_wrong_types_by_name(updates, key):
     ("data.num_classes=16", "data.num_classes"),  # embedded / GTA5 labels are 19-class
     ("model.param_groups=release", "model.param_groups"),  # no release grouping for the small model
     ("model.width=0", "model.width"),
+    ("run.keep_snapshots=0", "run.keep_snapshots"),
     ("run.snapshot_every=0", "run.snapshot_every"),
     ("train.classifier_channels_multiple=0", "train.classifier_channels_multiple"),
     ("train.gradient_sync=nccl", "train.gradient_sync"),
@@ -104,6 +105,10 @@ def test_cross_key_checks():
         load_config("gta2cityscapes_r101", ["data.source=synthia"])
     with pytest.raises(ConfigError, match="model.multi_level"):
         load_config("gta2cityscapes_vgg16", ["model.multi_level=true"])
+    with pytest.raises(ConfigError, match="model.width"):  # the small model's only
+        load_config("gta2cityscapes_r101", ["model.width=8"])
+    with pytest.raises(ConfigError, match="train.stop_iter"):  # one step past the schedule's end
+        load_config("embedded", ["train.max_iters=100", "train.stop_iter=101"])
     with pytest.raises(ConfigError, match="no config file or preset"):
         load_config("no_such_preset")
 
