@@ -1232,6 +1232,10 @@ def test_sampler_is_a_resumable_shardable_stream():
     assert take(InfiniteSampler(5, 1234, 0, 2, DistContext(), start=6), 8) == whole[6:]
     ranks = [take(InfiniteSampler(5, 1234, 0, 2, DistContext(rank=r, world_size=2)), 7) for r in (0, 1)]
     assert [x for pair in zip(*ranks) for x in pair] == whole
+    # two images a process: each global batch of 4 is rank 0's two, then rank 1's
+    whole = take(InfiniteSampler(5, 1234, 0, 4, DistContext()), 12)
+    ranks = [take(InfiniteSampler(5, 1234, 0, 4, DistContext(rank=r, world_size=2)), 6) for r in (0, 1)]
+    assert [x for b in range(3) for rank in ranks for x in rank[2 * b: 2 * b + 2]] == whole
     assert take(InfiniteSampler(5, 1234, 1, 2, DistContext()), 5) != whole[:5]  # target stream differs
     # the training streams take their own orders, also over data sets of one size
     assert len(set(trainer_mod.STREAMS.values())) == len(trainer_mod.STREAMS) == 2
