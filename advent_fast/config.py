@@ -202,6 +202,12 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def read_yaml(path: str) -> Any:
+    """A YAML file's contents ({} for an empty one)."""
+    with open(path) as f:
+        return parse_yaml(f.read()) or {}
+
+
 def _check_value(name: str, annotation: Any, value: Any) -> Any:
     """The value converted to the field's type, or a ConfigError naming the key."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -278,13 +284,10 @@ def load_config(name_or_path: Optional[str] = DEFAULT_PRESET, overrides: Sequenc
     config = Config()
     if name_or_path is not None:
         path = preset_path(name_or_path)
-        with open(path) as f:
-            values = parse_yaml(f.read()) or {}
+        values = read_yaml(path)
         if release_config.is_release_config(values):  # the release's experiment file (advent.yml, ...)
             preset, settings = release_config.from_release(values, path)
-            load_preset = preset_path(preset)
-            with open(load_preset) as f:
-                merge(config, parse_yaml(f.read()), source=load_preset)
+            merge(config, read_yaml(preset_path(preset)), source=preset)
             for release_key, name, value in settings:
                 section, key = name.split(".")
                 try:

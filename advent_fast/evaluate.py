@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from advent_fast import reference, release_config
 from advent_fast.backend import auto_precision
-from advent_fast.config import CHOICES, parse_yaml
+from advent_fast.config import CHOICES, read_yaml
 from advent_fast.data import (
     CityscapesDataset,
     DatasetError,
@@ -453,8 +453,7 @@ def _parse_args(argv):
 def _release_defaults(parser: argparse.ArgumentParser, path: str) -> List[str]:
     """--config: the release experiment file's options as the parser's defaults; returns its checkpoints."""
     with argument_errors(parser):
-        with open(path) as f:
-            values = parse_yaml(f.read())
+        values = read_yaml(path)
         if not release_config.is_release_config(values):
             raise ValueError(f"{path} is not the release's experiment file (upper-case keys: SOURCE, TEST, ...); "
                              f"this project's training configs are not evaluation settings")

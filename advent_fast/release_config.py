@@ -18,7 +18,7 @@ import math
 import os
 from typing import Any, Callable, Dict, List, Tuple
 
-from .config import ConfigError, parse_yaml
+from .config import ConfigError, read_yaml
 from .data.datasets import CAFFE_MEAN_BGR
 
 __all__ = ["evaluation_options", "from_release", "is_release_config"]
@@ -151,9 +151,9 @@ def _run_folder(flat: Dict[str, Any]) -> str:
 def _last_snapshot(folder: str) -> float:
     """The iteration of the last snapshot a run of this project writes into ``folder`` (its train.stop_iter, from
     the run's config.yaml beside it), or infinity: a sweep waiting for later ones would wait forever."""
+    run_config = os.path.join(os.path.dirname(os.path.normpath(folder)), "config.yaml")
     try:
-        with open(os.path.join(os.path.dirname(os.path.normpath(folder)), "config.yaml")) as f:
-            return int(parse_yaml(f.read())["train"]["stop_iter"])
+        return int(read_yaml(run_config)["train"]["stop_iter"])
     except (OSError, TypeError, KeyError, ValueError):  # not (yet) a run of this project
         return math.inf
 

@@ -55,22 +55,19 @@ def load_training_init(model: SegmentationModel, path: Union[str, os.PathLike]) 
     """``model.init_weights``: the whole model from this project's checkpoint or snapshot, or from a plain state
     dict of it (the release's snapshots and released models), heads included: a warm start, as the release's
     ``RESTORE_FROM`` of a full model; anything else is an ImageNet backbone (:func:`load_init_weights`)."""
-    if not os.path.isfile(path):
-        hint = f"For {model.arch} get {_INIT_SOURCES[model.arch]} " if model.arch in _INIT_SOURCES else ""
-        raise FileNotFoundError(f"init weights not found: {path}. {hint}(advent_fast never downloads).")
-    raw = read_weights(path, "init weights")
-    if isinstance(raw, Mapping) and ("format" in raw or _plain_arch(raw) is not None):
+    raw = _read_init_file(model, path)
+    if "format" in raw or _plain_arch(raw) is not None:
         meta, state = _split_checkpoint(raw)
         wrong = [f"{k}={meta[k]!r} (this run: {v!r})" for k, v in model.meta().items() if meta.get(k, v) != v]
         if wrong:
             raise ValueError(f"init weights {path} do not fit this run: {', '.join(wrong)}")
         load_model_state(model, state)
     else:
-        load_init_weights(model, path, raw)
+        _require_imagenet_init(model)
+        _load_backbone(model, raw, path)
 
 
-def load_init_weights(model: SegmentationModel, path: Union[str, os.PathLike],
-                      raw: Optional[Mapping] = None) -> list[str]:
+def load_init_weights(model: SegmentationModel, path: Union[str, os.PathLike]) -> list[str]:
     """Load an ImageNet backbone into ``model``; the heads (and VGG's fc6/fc7) stay random.
 
     Accepts the Caffe-converted DeepLab file (keys prefixed ``Scale.``, its own classifier under
@@ -78,18 +75,27 @@ def load_init_weights(model: SegmentationModel, path: Union[str, os.PathLike],
     on the 3x3 conv but the shapes are the same) or a torchvision VGG-16 state dict (its
     ``classifier`` skipped). Note torchvision weights expect RGB inputs in [0, 1] normalised by
     the ImageNet mean/std, the Caffe file BGR 0..255 minus the Caffe mean. Returns the names of
-    the model entries that were set. ``raw``: the file's contents, when already read.
+    the model entries that were set.
     """
+    _require_imagenet_init(model)
+    return _load_backbone(model, _read_init_file(model, path), path)
+
+
+def _require_imagenet_init(model: SegmentationModel) -> None:
     if model.arch not in _INIT_SOURCES:
         raise ValueError(f"{model.arch} has no ImageNet initialisation; it trains from its random init")
+
+
+def _read_init_file(model: SegmentationModel, path: Union[str, os.PathLike]) -> Mapping:
+    """An init-weights file's contents; a missing one is an error saying where to get one."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"init weights not found: {path}. For {model.arch} get {_INIT_SOURCES[model.arch]} "
-            "(advent_fast never downloads)."
-        )
-    raw = read_weights(path, "init weights") if raw is None else raw
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"init weights {path} hold a {type(raw).__name__}, not a state dict")
+        hint = f"For {model.arch} get {_INIT_SOURCES[model.arch]} " if model.arch in _INIT_SOURCES else ""
+        raise FileNotFoundError(f"init weights not found: {path}. {hint}(advent_fast never downloads).")
+    return read_weights(path, "init weights")
+
+
+def _load_backbone(model: SegmentationModel, raw: Mapping, path: Union[str, os.PathLike]) -> list[str]:
+    """:func:`load_init_weights` of the file's contents ``raw``."""
     layout, backbone = _backbone_from_init_file(raw)
     if layout not in _INIT_LAYOUTS[model.arch]:
         raise ValueError(f"{path} is a {layout} file; {model.arch} takes {' or '.join(_INIT_LAYOUTS[model.arch])}")
@@ -181,20 +187,23 @@ def model_from_checkpoint(
 
 
 def read_weights(path: Union[str, os.PathLike], what: str, map_location="cpu") -> Mapping:
-    """torch.load of tensors and plain values only (weights_only); a file that is not one (truncated, another
-    format, pickled objects) is a ValueError naming ``what`` and the file."""
+    """torch.load of a mapping (a state dict or checkpoint) of tensors and plain values only (weights_only); a file
+    that is not one (truncated, another format, pickled objects, a lone tensor) is a ValueError naming the file."""
     with open(path, "rb") as f:
         head = f.read(4)
     # torch.save writes a zip archive; torch < 1.6 (the release's checkpoints) a pickle, protocol 2 and up
     if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):
         raise ValueError(f"cannot read {what} {path}: not a file written by torch.save")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        loaded = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's message advises weights_only=False: not for this
         detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
         raise ValueError(f"cannot read {what} {path}: not a file of tensors and plain values ({detail})") from exc
     except Exception as exc:
         raise ValueError(f"cannot read {what} {path}: {exc}") from exc
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a checkpoint or state dict")
+    return loaded
 
 
 def _read(path_or_dict: Union[str, os.PathLike, Mapping], map_location) -> Mapping:
@@ -205,10 +214,7 @@ def _read(path_or_dict: Union[str, os.PathLike, Mapping], map_location) -> Mappi
             f"checkpoint not found: {path_or_dict}. Released adapted models "
             f"(gta2cityscapes_advent.pth, ...) are at {_RELEASE_PAGE}."
         )
-    ckpt = read_weights(path_or_dict, "checkpoint", map_location)
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"{path_or_dict} holds a {type(ckpt).__name__}, not a checkpoint or state dict")
-    return ckpt
+    return read_weights(path_or_dict, "checkpoint", map_location)
 
 
 def _plain_arch(state: Mapping) -> Optional[str]:
