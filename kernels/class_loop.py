@@ -30,7 +30,6 @@ the pixel's gradient NaN (also where p_c = 0, as the general kernels' q_c - p_c 
 import triton
 import triton.language as tl
 
-from .entropy_ranking import NUM_PASSES, RADIX, add_histogram, digit_histogram, rank_key
 
 # Pixels per thread (a 16-byte load of fp32 or an 8-byte load of 16-bit logits) and warps per CTA.
 LOOP_VEC = 4
@@ -99,7 +98,6 @@ def _target_loop_fwd_kernel(
     emap_ptr,  # (N, S) float32 entropy map out, contiguous
     ent_part_ptr,  # (N, programs) float32 partial sums of E
     cls_part_ptr,  # (N, programs, BLOCK_C) float32 partial sums of p (0 in the padded columns)
-    hist_ptr,  # (N, NUM_PASSES, RADIX) int32 zeroed radix histograms: row 0 filled here (WANT_HIST)
     S,
     num_blocks,
     inv_log_c,
@@ -113,7 +111,6 @@ def _target_loop_fwd_kernel(
     WANT_EMAP: tl.constexpr,
     WANT_ENT_SUM: tl.constexpr,
     WANT_CLASS_SUM: tl.constexpr,
-    WANT_HIST: tl.constexpr,
     C: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ROWS: tl.constexpr,
@@ -128,7 +125,6 @@ def _target_loop_fwd_kernel(
     # holds whole rows (the [ROWS, VEC] blocks' layout), so an update is one add
     cls_acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     cols = tl.arange(0, BLOCK_C)[None, :]
-    hist_acc = tl.zeros([RADIX], dtype=tl.int32)
     # grid-stride over pixel blocks: one partial per program, whatever S
     for block in range(pid, num_blocks, num_programs):
         offs = _block_offsets(block, ROWS, VEC)
@@ -160,15 +156,11 @@ def _target_loop_fwd_kernel(
             tl.store(emap_ptr + n.to(tl.int64) * S + offs, ent, mask=ok)
         if WANT_ENT_SUM:
             ent_acc += tl.where(ok, ent, 0.0)
-        if WANT_HIST:  # radix pass 0 (histogram is 1-D)
-            hist_acc += digit_histogram(tl.reshape(rank_key(ent), [ROWS * VEC]), 0, tl.reshape(ok, [ROWS * VEC]))
     part = n * num_programs + pid
     if WANT_ENT_SUM:
         tl.store(ent_part_ptr + part, tl.sum(tl.sum(ent_acc, axis=1), axis=0))
     if WANT_CLASS_SUM:
         tl.store(cls_part_ptr + part * BLOCK_C + tl.arange(0, BLOCK_C), tl.sum(cls_acc, axis=0))
-    if WANT_HIST:
-        add_histogram(hist_ptr + n * (NUM_PASSES * RADIX), hist_acc)
 
 
 @triton.jit

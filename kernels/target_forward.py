@@ -6,9 +6,11 @@ Launches:
   1 finishing kernel (single program) when a loss is asked for: reduces the partials in a fixed order
     (deterministic, no float atomics) into the MinEnt mean, the class means m_nc and the class-prior
     hinge loss; with ranking, it replays the radix select into thresh and kept.
-  ranking (k > 0): the main kernel also histograms the entropies' top digit (radix pass 0) into a zeroed
-    buffer; 3 more radix passes and the kept-sum pass read the entropy map (a temporary unless asked for;
-    entropy_ranking.py); the last writes the keep mask the backward reads.
+  ranking (k > 0): the general kernel also histograms the entropies' top digit (radix pass 0) into a zeroed
+    buffer; the remaining radix passes and the kept-sum pass read the entropy map (a temporary unless asked
+    for; entropy_ranking.py); the last writes the keep mask the backward reads. The class-loop kernel leaves
+    pass 0 to the passes too: on an H200 (triton 3.6) its fused histogram of the reshaped [ROWS * VEC] block
+    counted keys that were not there (kept = k with fewer pixels kept).
 No host synchronisation: counts and scalars stay in device memory (safe under CUDA graph capture).
 """
 import math
@@ -189,20 +191,20 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     emap = empty_f32_if(want_emap or ranked, (N, S), device)
     ent_part = empty_f32_if(want_ent_sum, (N, programs), device)
     cls_part = empty_f32_if(want_cp, (N, programs, block_c), device)
-    hist = zeroed_histograms(N, device) if ranked else None
+    hist = None
     outputs = dict(WANT_INFO=want_info, WANT_EMAP=emap is not None, WANT_ENT_SUM=want_ent_sum,
-                   WANT_CLASS_SUM=want_cp, WANT_HIST=ranked)
-    args = (x, info, emap, ent_part, cls_part, hist, S)
+                   WANT_CLASS_SUM=want_cp)
     strides = (*x.stride(), *(info.stride() if want_info else (0, 0, 0)))
     if loop:
         class_loop._target_loop_fwd_kernel[(programs, N)](
-            *args, num_blocks, 1.0 / math.log(C), *strides, **outputs, C=C, BLOCK_C=block_c,
-            ROWS=loop_rows, VEC=loop_vec, num_warps=class_loop.LOOP_NUM_WARPS,
+            x, info, emap, ent_part, cls_part, S, num_blocks, 1.0 / math.log(C), *strides, **outputs, C=C,
+            BLOCK_C=block_c, ROWS=loop_rows, VEC=loop_vec, num_warps=class_loop.LOOP_NUM_WARPS,
             **ENTROPY_LAUNCH_OPTIONS)
     else:
+        hist = zeroed_histograms(N, device) if ranked else None
         _target_fwd_kernel[(programs, N)](
-            *args, C, num_blocks, 1.0 / math.log(C), *strides, **outputs, BLOCK_S=block_s, BLOCK_C=block_c,
-            num_warps=NUM_WARPS, **ENTROPY_LAUNCH_OPTIONS)
+            x, info, emap, ent_part, cls_part, hist, S, C, num_blocks, 1.0 / math.log(C), *strides, **outputs,
+            WANT_HIST=ranked, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=NUM_WARPS, **ENTROPY_LAUNCH_OPTIONS)
     return finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_emap, want_ent, want_cp, S,
                                  programs, block_s, block_c, NUM_WARPS, hist)
 

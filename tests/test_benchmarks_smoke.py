@@ -285,8 +285,9 @@ def test_bench_host(tmp_path):
     assert "host us" in stdout
     rows = {r["call"]: r for r in json.loads(out.read_text())["rows"]}
     assert len(rows) == 9 and all(r["host_us"] > 0 for r in rows.values())
-    # The Triton launches a call issues: forward, finishing kernel, backward (ranking: four more passes).
-    assert rows["MinEnt"]["launches"] == 3 and rows["MinEnt+ER (0.3)"]["launches"] == 7
+    # The Triton launches a call issues: forward, finishing kernel, backward (ranking after the class-loop
+    # forward: the four radix passes and the kept sum).
+    assert rows["MinEnt"]["launches"] == 3 and rows["MinEnt+ER (0.3)"]["launches"] == 8
     assert rows["self-information"]["launches"] == 2  # no scalar loss: no finishing kernel
 
 
@@ -477,6 +478,8 @@ def test_run_gpu_stages_ask_only_what_their_scripts_and_tests_take(tmp_path, mon
     for args in trainings:
         assert train.main([*args, "--print-config"]) == 0, args
     for args in pytests:
+        if "-n" in args:  # pytest-xdist's processes (the GPU machine gets it from .gpu-wheels): not needed here
+            del args[args.index("-n"):args.index("-n") + 2]
         proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{args} selects no test:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
