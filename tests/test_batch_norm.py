@@ -205,7 +205,7 @@ def test_fused_bottleneck_equals_the_release_one(monkeypatch):
     for a, b in zip(w1, w0):  # sums over the pixels, in another order
         close(a, b, 1e-4)
     for (name, a), b in zip(fused.state_dict().items(), plain.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     fused.eval()  # eval mode: nn.BatchNorm2d's own forward, running statistics untouched
     x = activations((1, 16, 9, 13), torch.float32, offset=0.0)
     torch.testing.assert_close(fused(x), plain.eval()(x), rtol=1e-5, atol=1e-5)

@@ -142,4 +142,4 @@ def test_tensors_on_another_gpu_than_the_current_one():
     expected = losses_and_grad(logits.detach().double().requires_grad_(True), False)
     for i, (out, out64) in enumerate(zip(fused, expected)):
         assert out.device == torch.device("cuda:1")
-        torch.testing.assert_close(out.double(), out64, rtol=1e-4, atol=1e-6, msg=f"output {i}")
+        torch.testing.assert_close(out.double(), out64, rtol=1e-4, atol=1e-6, msg=lambda m: f"output {i}: {m}")

@@ -103,7 +103,7 @@ def test_model_with_phases_gives_the_same_outputs_gradients_and_batchnorm_statis
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
     ref_buffers = dict(ref.named_buffers())
     for name, value in model.named_buffers():
-        torch.testing.assert_close(value, ref_buffers[name], rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(value, ref_buffers[name], rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("phases_first", [True, False])

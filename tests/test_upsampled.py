@@ -384,7 +384,7 @@ def test_target_fused_equals_separate(triton_backend):
         entropy_map=upsampled_target_losses(logits, size, self_information=False, entropy_map=True).entropy_map,
     )
     for name, value in alone.items():
-        torch.testing.assert_close(getattr(res, name), value, **VARIANTS_TOL, msg=name)
+        torch.testing.assert_close(getattr(res, name), value, **VARIANTS_TOL, msg=lambda m: f"{name}: {m}")
     torch.testing.assert_close(res.entropy_map, res.self_information.sum(1), rtol=1e-6, atol=1e-6)
     assert upsampled_target_losses(logits, size, self_information=False) == (None, None, None, None)
 
