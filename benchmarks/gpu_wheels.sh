@@ -11,5 +11,5 @@ DEST=${DEST:-.gpu-wheels}
 mkdir -p "$DEST"
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    -d "$DEST" "numpy<2.3" pyyaml tqdm pillow pytest
+    -d "$DEST" "numpy<2.3" pyyaml tqdm pillow pytest pytest-xdist
 du -sh "$DEST"
