@@ -68,11 +68,11 @@ def min_bytes(case: str, numel: int, elt: int) -> tuple[int, int]:
 def triton_bytes(case: str, numel: int, elt: int, pixels: int) -> int:
     """Bytes the Triton kernels move for forward + backward: the logits read by each and the gradient
     written; the self-information map written and its gradient read; ranking's float32 entropy map
-    (4 bytes a pixel) written, read by radix passes 1-4 (the forward kernel builds pass 0), and its
-    1-byte keep mask written and read."""
+    (4 bytes a pixel) written, read by the 4 radix passes and the kept-sum pass, and its 1-byte keep
+    mask written and read."""
     logits = numel * elt
     maps = 2 * logits if case in ("self_info", "target_fused") else 0
-    ranking = (4 + 4 * 4 + 1 + 1) * pixels if case == "minent_er" else 0
+    ranking = (4 + 5 * 4 + 1 + 1) * pixels if case == "minent_er" else 0
     return 3 * logits + maps + ranking
 
 

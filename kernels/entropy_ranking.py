@@ -13,9 +13,9 @@ so the whole select stays on the device with no state but the histograms. The la
 (N, S) uint8 keep mask that the backward reads: the same selection, at a quarter of the entropy map's bytes,
 so the map itself need not outlive the forward.
 
-Launches: 4 histogram passes and 1 kept-sum pass, each one kernel over the (N, S) entropy map. A forward
-kernel that computes the entropies can build pass 0's histogram itself (digit_histogram, add_histogram): then 3
-histogram passes remain.
+Launches: 4 histogram passes and 1 kept-sum pass, each one kernel over the (N, S) entropy map. (Pass 0 was
+once fused into the kernels that compute the entropies; on an H200 the class-loop kernel's fused histogram
+miscounted, so every pass runs here.)
 """
 import torch
 import triton
@@ -123,27 +123,20 @@ def _rank_pass_kernel(
         tl.store(kept_sum_ptr + n * num_programs + pid, tl.sum(acc, axis=0))
 
 
-def zeroed_histograms(num_images, device):
-    """The (N, NUM_PASSES, RADIX) int32 histogram buffer, zeroed: the passes add into it."""
-    return torch.zeros((num_images, NUM_PASSES, RADIX), dtype=torch.int32, device=device)
-
-
-def rank_entropy(emap, k, hist=None):
+def rank_entropy(emap, k):
     """Radix-select the k-th largest entropy of each image of the (N, S) float32 map `emap`.
 
-    hist: None, or the zeroed_histograms buffer whose pass-0 row the forward kernel has already filled.
     Returns (hist, kept_sum, keep): the (N, 4, 256) digit histograms (the finishing kernel replays them
     into thresh and kept), the (N, programs) partial sums of the kept E and the (N, S) uint8 keep mask.
     """
     num_images, num_pixels = emap.shape
     programs = programs_per_image(ceil_div(num_pixels, BLOCK_R), num_images)
-    first_pass = 0 if hist is None else 1
-    if hist is None:
-        hist = zeroed_histograms(num_images, emap.device)
+    # each pass adds its counts into its zeroed row
+    hist = torch.zeros((num_images, NUM_PASSES.value, RADIX.value), dtype=torch.int32, device=emap.device)
     kept_sum = torch.empty((num_images, programs), dtype=torch.float32, device=emap.device)
     keep = torch.empty((num_images, num_pixels), dtype=torch.uint8, device=emap.device)
     grid = (programs, num_images)
-    for pass_index in range(first_pass, NUM_PASSES.value + 1):
+    for pass_index in range(NUM_PASSES.value + 1):
         _rank_pass_kernel[grid](
             emap, hist, kept_sum, keep, num_pixels, k, PASS=pass_index, BLOCK=BLOCK_R, num_warps=NUM_WARPS
         )

@@ -6,11 +6,10 @@ Launches:
   1 finishing kernel (single program) when a loss is asked for: reduces the partials in a fixed order
     (deterministic, no float atomics) into the MinEnt mean, the class means m_nc and the class-prior
     hinge loss; with ranking, it replays the radix select into thresh and kept.
-  ranking (k > 0): the general kernel also histograms the entropies' top digit (radix pass 0) into a zeroed
-    buffer; the remaining radix passes and the kept-sum pass read the entropy map (a temporary unless asked
-    for; entropy_ranking.py); the last writes the keep mask the backward reads. The class-loop kernel leaves
-    pass 0 to the passes too: on an H200 (triton 3.6) its fused histogram of the reshaped [ROWS * VEC] block
-    counted keys that were not there (kept = k with fewer pixels kept).
+  ranking (k > 0): the 4 radix passes and the kept-sum pass read the entropy map (a temporary unless asked
+    for; entropy_ranking.py); the last writes the keep mask the backward reads. The main kernels do not fuse
+    pass 0: on an H200 (triton 3.6) the class-loop kernel's fused histogram counted keys that were not there
+    (kept = k with fewer pixels kept), where the passes' own kernel never miscounted.
 No host synchronisation: counts and scalars stay in device memory (safe under CUDA graph capture).
 """
 import math
@@ -19,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .entropy_ranking import (NUM_PASSES, RADIX, add_histogram, digit_histogram, radix_replay, rank_entropy, rank_key,
-                              zeroed_histograms)
+from .entropy_ranking import NUM_PASSES, RADIX, radix_replay, rank_entropy
 from . import class_loop
 from .softmax_entropy import (ENTROPY_LAUNCH_OPTIONS, NUM_WARPS, block_sizes, ceil_div, check_indexable,
                               programs_per_image, softmax_entropy)
@@ -33,7 +31,6 @@ def _target_fwd_kernel(
     emap_ptr,  # (N, S) float32 entropy map out, contiguous
     ent_part_ptr,  # (N, programs) float32 partial sums of E
     cls_part_ptr,  # (N, programs, BLOCK_C) float32 partial sums of p
-    hist_ptr,  # (N, NUM_PASSES, RADIX) int32 zeroed radix histograms: row 0 filled here (WANT_HIST)
     S,
     C,
     num_blocks,
@@ -48,7 +45,6 @@ def _target_fwd_kernel(
     WANT_EMAP: tl.constexpr,
     WANT_ENT_SUM: tl.constexpr,
     WANT_CLASS_SUM: tl.constexpr,
-    WANT_HIST: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -60,7 +56,6 @@ def _target_fwd_kernel(
     x_img = x_ptr + n.to(tl.int64) * stride_xn
     ent_acc = tl.zeros([BLOCK_S], dtype=tl.float32)
     cls_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    hist_acc = tl.zeros([RADIX], dtype=tl.int32)
     # grid-stride over pixel blocks: one partial per program, whatever S
     for block in range(pid, num_blocks, num_programs):
         offs_s = block * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -83,15 +78,11 @@ def _target_fwd_kernel(
             ent_acc += tl.where(s_valid, ent, 0.0)
         if WANT_CLASS_SUM:
             cls_acc += tl.sum(tl.where(s_valid[:, None], p, 0.0), axis=0)
-        if WANT_HIST:
-            hist_acc += digit_histogram(rank_key(ent), 0, s_valid)  # radix pass 0
     part = n * num_programs + pid
     if WANT_ENT_SUM:
         tl.store(ent_part_ptr + part, tl.sum(ent_acc, axis=0))
     if WANT_CLASS_SUM:
         tl.store(cls_part_ptr + part * BLOCK_C + offs_c, cls_acc)
-    if WANT_HIST:
-        add_histogram(hist_ptr + n * (NUM_PASSES * RADIX), hist_acc)
 
 
 @triton.jit
@@ -191,7 +182,6 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
     emap = empty_f32_if(want_emap or ranked, (N, S), device)
     ent_part = empty_f32_if(want_ent_sum, (N, programs), device)
     cls_part = empty_f32_if(want_cp, (N, programs, block_c), device)
-    hist = None
     outputs = dict(WANT_INFO=want_info, WANT_EMAP=emap is not None, WANT_ENT_SUM=want_ent_sum,
                    WANT_CLASS_SUM=want_cp)
     strides = (*x.stride(), *(info.stride() if want_info else (0, 0, 0)))
@@ -201,24 +191,21 @@ def target_forward(x, prior, k, mu, want_info, want_emap, want_ent, want_cp):
             BLOCK_C=block_c, ROWS=loop_rows, VEC=loop_vec, num_warps=class_loop.LOOP_NUM_WARPS,
             **ENTROPY_LAUNCH_OPTIONS)
     else:
-        hist = zeroed_histograms(N, device) if ranked else None
         _target_fwd_kernel[(programs, N)](
-            x, info, emap, ent_part, cls_part, hist, S, C, num_blocks, 1.0 / math.log(C), *strides, **outputs,
-            WANT_HIST=ranked, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=NUM_WARPS, **ENTROPY_LAUNCH_OPTIONS)
+            x, info, emap, ent_part, cls_part, S, C, num_blocks, 1.0 / math.log(C), *strides, **outputs,
+            BLOCK_S=block_s, BLOCK_C=block_c, num_warps=NUM_WARPS, **ENTROPY_LAUNCH_OPTIONS)
     return finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_emap, want_ent, want_cp, S,
-                                 programs, block_s, block_c, NUM_WARPS, hist)
+                                 programs, block_s, block_c, NUM_WARPS)
 
 
 def finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_emap, want_ent, want_cp,
-                          num_pixels, num_parts, block_p, block_c, num_warps, hist=None):
+                          num_pixels, num_parts, block_p, block_c, num_warps):
     """What follows a target forward's main kernel -> (info, emap, ent, cp, thresh, kept, cmean, keep).
 
     Ranking (want_ent and k > 0) runs its passes over emap, (N, num_pixels) once flattened (returned only
-    if want_emap: the backward reads the keep mask, a quarter of its bytes), from pass 1 if the main
-    kernel filled hist's pass-0 row (see rank_entropy); then the
-    finishing kernel reduces ent_part (N, num_parts) and cls_part (N, num_parts, block_c), the main
-    kernel's partial sums, reading block_p rows of block_c at a time. Outputs not asked for, info
-    included, come back as None.
+    if want_emap: the backward reads the keep mask, a quarter of its bytes); then the finishing kernel
+    reduces ent_part (N, num_parts) and cls_part (N, num_parts, block_c), the main kernel's partial sums,
+    reading block_p rows of block_c at a time. Outputs not asked for, info included, come back as None.
     """
     N, C = x.shape[:2]
     device = x.device
@@ -227,9 +214,10 @@ def finish_target_forward(x, info, emap, ent_part, cls_part, prior, k, mu, want_
     thresh, kept = empty_f32_if(ranked, (N,), device), empty_f32_if(ranked, (N,), device)
     cmean = empty_f32_if(want_cp, (N, C), device)
     keep = None
+    hist = None
     if want_ent or want_cp:
         if ranked:
-            hist, ent_part, keep = rank_entropy(emap.view(N, num_pixels), k, hist)
+            hist, ent_part, keep = rank_entropy(emap.view(N, num_pixels), k)
             keep = keep.view(emap.shape)
         _target_finish_kernel[(1,)](
             ent_part,

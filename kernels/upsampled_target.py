@@ -10,9 +10,7 @@ Launches:
   forward: 1 cell kernel: reads the low-res logits (small, cache-resident), writes the full-resolution
            self-information map (x.dtype) and/or entropy map (float32) once, per-program partial sums of
            E and of p; the finishing kernel of target_forward.py (1 program); ranking adds the 5 passes of
-           entropy_ranking.py over the entropy map (target_forward.py's kernel builds pass 0's histogram
-           itself, but a cell tile's rows are only BLOCK_CELLS * SPAN pixels wide, 32 at C = 19: a
-           histogram per row would add a shared-memory reduction per 32 pixels to save one read of the map).
+           entropy_ranking.py over the entropy map.
   backward: 1 cell kernel: reads grad_info (+ grad_emap, + the saved keep mask when ranking) once,
             writes the (4, N, h, w, C) float32 tap partials; combine_taps writes grad_x once.
 No host synchronisation: upstream scalar gradients, counts and class means are device tensors.

@@ -411,7 +411,7 @@ def test_ranking_threshold_is_topk_kth_value(k, values):
 @pytest.mark.parametrize("C", [16, 19])  # 4 and 2 pixels a thread in the class loop (with the info map)
 def test_ranking_k_equals_S_is_plain_mean(C, layout):
     """k = S keeps every pixel: the histograms count each pixel once (on an H200 the class-loop kernel's
-    fused pass 0 once counted keys that were not there, so that kept said S with fewer pixels kept)."""
+    fused radix pass 0, since removed, counted keys that were not there: kept said S with fewer pixels kept)."""
     x = layout_view(layout, C)
     ranked, plain = forward(x, k=S), forward(x, k=0)
     assert torch.equal(ranked["kept"], torch.full((N,), float(S), device=DEVICE))
@@ -500,8 +500,8 @@ LOOP_MODES = {
     if dtype == torch.float32 or mode in ("all", "all-ranked")], ids=str)
 def test_pixel_contiguous_logits_loop_over_the_classes(mode, C, dtype, layout, monkeypatch):
     """Every mode of the forward and backward takes the class-loop kernels on pixel-contiguous logits
-    and the general tile kernels on channels_last ones (ranking: radix pass 0 in the general main kernel,
-    in the passes after the class-loop one): both against float64, with masked classes and a one-hot
+    and the general tile kernels on channels_last ones (ranking: the radix passes after either): both
+    against float64, with masked classes and a one-hot
     pixel (exact 0 gradients), over several pixel blocks (a partial one last) at 4 and 2 pixels a thread,
     several blocks a program."""
     want, sources = LOOP_MODES[mode]
@@ -522,8 +522,7 @@ def test_pixel_contiguous_logits_loop_over_the_classes(mode, C, dtype, layout, m
     expected_main = (["_target_loop_fwd_kernel", "_target_loop_bwd_kernel"] if layout == "contiguous"
                      else ["_target_fwd_kernel", "_target_bwd_kernel"])
     assert [n for n in names if n in main] == expected_main
-    # the radix passes the main kernel left (1-3, or 0-3 after the class loop) and the kept sum
-    assert names.count("_rank_pass_kernel") == ((5 if layout == "contiguous" else 4) if k else 0)
+    assert names.count("_rank_pass_kernel") == (5 if k else 0)  # the 4 radix passes and the kept sum
 
     keep = out["keep"].bool() if k else None
     leaf = x.detach().double().requires_grad_()
