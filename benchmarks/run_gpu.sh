@@ -105,10 +105,10 @@ stage track_losses 200 "$PY" benchmarks/bench_train_step.py --quick --modes adve
 # device time of each (graph ms: the call replayed as a CUDA graph, no host work); the ranking's passes
 # after the class-loop kernel's fix.
 stage bench_entropy 75 "$PY" benchmarks/bench_entropy.py --no-compile --json "$LOGS/bench_entropy.json"
-# Issue 5: BatchNorm is the step's largest cost (13.5 of 44.0 GPU ms in the third run; the fused kernels 12.9
-# ms, 2.5x their 5.1 ms floor at copy bandwidth for 8 activation-sized passes over ResNet-101's 104 layers at
-# both images): the fused kernels' tile sizes, then the fused train-mode BatchNorm (+ ReLU) and folded BN shift
-# against ATen's and torch.compile's, ResNet-101's layers, bf16.
+# Issue 5: BatchNorm is the step's largest cost (13.5 of 44.0 GPU ms in the third run; the fused kernels' two
+# reductions at 3x their floor at copy bandwidth, the elementwise ones at 1.1x: docs/measurements.md): the fused
+# kernels' tile sizes, then the fused train-mode BatchNorm (+ ReLU) and folded BN shift against ATen's and
+# torch.compile's, ResNet-101's layers, bf16.
 stage tune_batchnorm 90 "$PY" benchmarks/tune_kernels.py --quick --families batchnorm --dtypes bf16 \
     --json "$LOGS/tune_batchnorm.json"
 stage bench_batchnorm 90 "$PY" benchmarks/bench_batchnorm.py --quick --json "$LOGS/bench_batchnorm.json"
