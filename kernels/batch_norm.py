@@ -7,7 +7,7 @@ and backward). Here the activations x are an (M, C) matrix, M = N * H * W rows o
 
 forward   pass 1 (_batch_norm_stats_kernel): per program a range of rows -> per channel mean and M2
                   (sum of squared deviations), from sums of the deviations from the range's first row
-                  block's mean (no cancellation, unlike a plain sum of squares);
+                  (no cancellation, unlike a plain sum of squares);
           _batch_norm_finish_stats_kernel: the partials merged (Chan's merge as sums; deterministic), then
                   mean, var = M2 / M, invstd = 1 / sqrt(var + eps), scale = weight * invstd; the
                   running statistics updated as ATen does (momentum, unbiased variance);
@@ -74,12 +74,10 @@ def _batch_norm_stats_kernel(x_ptr, mean_part_ptr, m2_part_ptr, M, C, rows_per_p
     col_ok = cols < C
     first = part * rows_per_part
     last = tl.minimum(first + rows_per_part, M)
-    # Sums of the deviations from a shift, the first row block's mean (so no cancellation as in a plain sum
-    # of squares), kept per tile element and reduced over the rows once, at the end: no cross-warp
-    # reduction per row block.
-    rows = first + tl.arange(0, BLOCK_M)
-    ok = (rows < last)[:, None] & col_ok[None, :]
-    shift = tl.sum(_tile(x_ptr, rows, cols, C, ok), axis=0) / tl.minimum(last - first, BLOCK_M).to(tl.float32)
+    # Sums of the deviations from a shift, the range's first row (one of the values: so no cancellation as in
+    # a plain sum of squares; loaded with the first tile, not before it), kept per tile element and reduced
+    # over the rows once, at the end: no cross-warp reduction per row block.
+    shift = tl.load(x_ptr + first * C + cols, mask=col_ok, other=0.0).to(tl.float32)  # first < last: no empty range
     sum_d = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     sum_d2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for start in range(first, last, BLOCK_M):

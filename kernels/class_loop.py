@@ -30,7 +30,6 @@ the pixel's gradient NaN (also where p_c = 0, as the general kernels' q_c - p_c 
 import triton
 import triton.language as tl
 
-
 # Pixels per thread (a 16-byte load of fp32 or an 8-byte load of 16-bit logits) and warps per CTA.
 LOOP_VEC = 4
 LOOP_NUM_WARPS = 4
