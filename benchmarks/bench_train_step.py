@@ -13,8 +13,11 @@ timed steps), host ms (the time the host spends in each ``step_async`` call: as 
 where the host waits for the device, as the release path's loss reads do, or where issuing the
 kernels is the bottleneck; much shorter where the device is), images per second (source + target),
 speed-ups against the same mode's release_fp32 and fast (the default) rows of the run (a lever pays where
-its x fast is above 1), peak memory (over the timed steps; for the whole step as one CUDA graph from the warm-up
-call that captures it, whose allocations every replay reuses), and on GPUs the GPU's busy ms per step (the union of the
+its x fast is above 1), the largest relative difference of the first step's losses from the fast row's (every
+variant's first step starts from the same weights on the same batch: a lever that computes something else
+than the default shows there, beyond its precision's rounding), peak memory (over the timed steps; for the
+whole step as one CUDA graph from the warm-up call that captures it, whose allocations every replay reuses),
+and on GPUs the GPU's busy ms per step (the union of the
 kernels' and copies' time spans from the profiler over a few steps) and that as a fraction of ms per
 step (timed without the profiler, which slows the host), and the kernels and copies per step (each
 one issued by the host: host ms / kernels is what one costs it). On every device, ops/step: the aten
@@ -405,6 +408,9 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
     ms = (time.perf_counter() - start) * 1e3 / steps
     if not torch.isfinite(torch.stack(losses)).all():
         raise RuntimeError(f"{variant}/{mode}: non-finite losses")
+    # every variant's first step starts from the same weights on the same batch: a lever that computes
+    # something else shows here, in the run that times it
+    first_losses = dict(zip(trainer.metric_names, losses[0].tolist()))
     settings = trainer.settings.describe()
     if trainer.captured is not None and trainer.captured.eager:  # train.cuda_graph null fell back
         settings += " (its capture failed: eager steps)"
@@ -412,7 +418,7 @@ def time_variant(preset, mode, variant, args, sizes, steps, warmup, device):
            "images_per_s": (trainer.config.train.source_batch_size
                             + (trainer.config.train.target_batch_size if trainer.plan.target else 0)) / ms * 1e3,
            "host_ms": host_s * 1e3 / steps, "warmup_s": warmup_s, "peak_mib": None, "gpu_ms": None,
-           "gpu_busy": None, "kernels_per_step": None, "ops_per_step": None}
+           "gpu_busy": None, "kernels_per_step": None, "ops_per_step": None, "first_losses": first_losses}
     if trainer.config.train.compile == "none":  # a compiled step runs its own kernels, without aten dispatch
         row["ops_per_step"] = compute_ops(step)
     if args.host_profile:
@@ -470,18 +476,28 @@ def release_memory(device):
 
 def format_row(row, rows) -> str:
     """A markdown row; the speed-ups against the same mode's release_fp32 and fast (the default) rows measured
-    in this run, if any: a lever pays where its x fast is above 1."""
+    in this run, if any (a lever pays where its x fast is above 1), and how far its first step's losses are
+    from the fast row's."""
     if "error" in row:
-        return f"| {row['mode']} | {row['variant']} | failed: {row['error']} ||||||||||||"
+        return f"| {row['mode']} | {row['variant']} | failed: {row['error']} |||||||||||||"
+
+    def baseline_row(name):
+        return next((r for r in rows if r["mode"] == row["mode"] and r["variant"] == name and "error" not in r), None)
 
     def speedup(baseline):
-        base = next((r for r in rows if r["mode"] == row["mode"] and r["variant"] == baseline
-                     and "error" not in r), None)
+        base = baseline_row(baseline)
         return base["ms_per_step"] / row["ms_per_step"] if base else None
+
+    fast = baseline_row("fast")
+    loss_diff = None
+    if fast is not None and fast is not row:
+        loss_diff = max(abs(value - fast["first_losses"][name]) / max(abs(fast["first_losses"][name]), 1e-8)
+                        for name, value in row["first_losses"].items())
 
     busy = None if row["gpu_busy"] is None else f"{100 * row['gpu_busy']:.0f}%"
     return (f"| {row['mode']} | {row['variant']} | {row['ms_per_step']:.1f} | {row['host_ms']:.1f} | "
             f"{row['images_per_s']:.1f} | {fmt(speedup('release_fp32'), '.2f')} | {fmt(speedup('fast'), '.2f')} | "
+            f"{fmt(loss_diff, '.1e')} | "
             f"{fmt(row['peak_mib'], ',.0f')} | "
             f"{fmt(row['gpu_ms'], '.1f')} | {fmt(busy, 's')} | {fmt(row['kernels_per_step'], ',.0f')} | "
             f"{fmt(row['ops_per_step'], ',')} | "
@@ -534,9 +550,9 @@ def main(argv=None):
                                       "warmup": warmup, "rows": rows, "track": tracked}, announce=final)
 
     if variants:
-        print("| mode | variant | ms/step | host ms | images/s | x release_fp32 | x fast | peak MiB | GPU ms "
-              "| GPU busy | kernels/step | ops/step | warm-up s | settings |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| mode | variant | ms/step | host ms | images/s | x release_fp32 | x fast | step-1 losses vs fast "
+              "| peak MiB | GPU ms | GPU busy | kernels/step | ops/step | warm-up s | settings |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for mode in args.modes:
         for variant in variants:
             try:

@@ -75,6 +75,9 @@ def test_bench_eval(tmp_path):
         assert r["peak_MiB"] is None
 
 
+ADVENT_LOSSES = {"seg_main", "seg_aux", "adv_main", "adv_aux", "d_main", "d_aux"}
+
+
 def test_bench_train_step(tmp_path):
     out = tmp_path / "bench_train_step.json"
     stdout = run_script("bench_train_step.py", "--device", "cpu", "--modes", "advent", "--variants", "release_fp32",
@@ -90,13 +93,33 @@ def test_bench_train_step(tmp_path):
         assert len(r["host_profile"]["top"]) == 3 and r["host_profile"]["top"][0]["self_ms"] > 0
     release, fast = result["rows"]
     assert "fast path, fp32" in fast["settings"]
+    # the first step of each from the same weights on the same batch: fp32 both on a CPU, so float rounding apart
+    assert release["first_losses"].keys() == fast["first_losses"].keys() == ADVENT_LOSSES
+    assert release["first_losses"] == pytest.approx(fast["first_losses"], rel=1e-4)
+    assert "step-1 losses vs fast" in stdout  # in the rows printed after the fast one
     assert 0 < fast["ops_per_step"] < release["ops_per_step"]  # fused losses and optimisers: fewer ops to issue
     tracked = {(r["variant"], r["loss"]): r for r in result["track"]}
-    losses = {"seg_main", "seg_aux", "adv_main", "adv_aux", "d_main", "d_aux"}
+    losses = ADVENT_LOSSES
     assert set(tracked) == {(v, loss) for v in ("release_fp32", "fast", "fast_fp32") for loss in losses}
     # On a CPU the fast path runs in fp32: the losses agree to float rounding; the release step with itself exactly.
     assert max(r["max_rel_diff"] for r in tracked.values()) < 1e-4
     assert all(r["max_rel_diff"] == 0 for (variant, _), r in tracked.items() if variant == "release_fp32")
+
+
+def test_bench_train_step_rows_say_how_far_a_levers_first_losses_are_from_the_default(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_train_step
+
+    def row(variant, ms, seg, adv):
+        return {"mode": "advent", "variant": variant, "ms_per_step": ms, "host_ms": ms, "images_per_s": 2e3 / ms,
+                "warmup_s": 1.0, "peak_mib": None, "gpu_ms": None, "gpu_busy": None, "kernels_per_step": None,
+                "ops_per_step": None, "settings": variant, "first_losses": {"seg_main": seg, "adv_main": adv}}
+
+    fast, lever = row("fast", 40.0, 2.0, 0.5), row("fast_lever", 32.0, 2.0, 0.75)
+    cells = [cell.strip() for cell in bench_train_step.format_row(lever, [fast, lever]).split("|")]
+    assert cells[7] == "1.25" and cells[8] == "5.0e-01"  # x fast; the largest relative difference: adv_main's
+    cells = [cell.strip() for cell in bench_train_step.format_row(fast, [fast, lever]).split("|")]
+    assert cells[7] == "1.00" and cells[8] == "-"
 
 
 def test_bench_train_step_tracks_losses_without_timing_when_given_no_variants(tmp_path):
