@@ -112,6 +112,9 @@ stage bench_entropy 75 "$PY" benchmarks/bench_entropy.py --no-compile --json "$L
 stage tune_batchnorm 90 "$PY" benchmarks/tune_kernels.py --quick --families batchnorm --dtypes bf16 \
     --json "$LOGS/tune_batchnorm.json"
 stage bench_batchnorm 90 "$PY" benchmarks/bench_batchnorm.py --quick --json "$LOGS/bench_batchnorm.json"
+# Tile sizes and warp counts of the general kernels and of the upsampling-fused ones (the cell family: their
+# source cross-entropy took 1.3 of the AdvEnt step's 2.1 ms of loss kernels in the third run; untuned guesses).
+stage tune_kernels 120 "$PY" benchmarks/tune_kernels.py --quick --families pixel cell --json "$LOGS/tune_kernels.json"
 # Issue 5: fp16 with its gradient scaler inside the graph (what auto takes on GPUs without bf16 tensor cores)
 # and what train.deterministic costs, against the default graph step in the same process.
 stage bench_train_step_variants 120 "$PY" benchmarks/bench_train_step.py --quick --modes advent \
@@ -126,8 +129,6 @@ RUN_DIR=/tmp/advent_fast_run.$$  # a new run each call (an existing run folder i
 stage train_embedded 60 "$PY" -m advent_fast.train --mode advent --run-dir "$RUN_DIR" \
     --set train.stop_iter=100 --set eval.every=0 --set run.snapshot_every=100 --set run.progress=false
 cp "$RUN_DIR/metrics.jsonl" "$LOGS/train_embedded_metrics.jsonl" 2>/dev/null
-# Tile sizes and warp counts of the general kernels (the defaults are untuned guesses until this has run).
-stage tune_kernels 120 "$PY" benchmarks/tune_kernels.py --quick --families pixel cell --json "$LOGS/tune_kernels.json"
 # torch.compile of G and D without the whole-step graph (compiling ResNet-101 takes a while).
 stage bench_train_step_compile 240 "$PY" benchmarks/bench_train_step.py --modes advent \
     --variants fast_compile fast_cudagraph --steps 10 --warmup 5 \
